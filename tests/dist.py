@@ -10,10 +10,13 @@ per-rank return values is returned otherwise.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
+import queue as queue_module
 import traceback
 
+import torch
 import torch.multiprocessing as mp
 
 DEFAULT_TIMEOUT_S = 300
@@ -28,7 +31,11 @@ def _worker(fn, rank, world_size, init_file, args, queue):
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
         try:
-            queue.put((rank, True, fn(rank, world_size, *args)))
+            # Serialised to bytes: tensors in a Queue travel as shared-memory handles that vanish
+            # when this process exits before the parent reads them.
+            buf = io.BytesIO()
+            torch.save(fn(rank, world_size, *args), buf)
+            queue.put((rank, True, buf.getvalue()))
         finally:
             dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - reported to the parent
@@ -52,12 +59,12 @@ def run_distributed(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT
             for _ in range(world_size):
                 rank, ok, value = queue.get(timeout=timeout)
                 if ok:
-                    results[rank] = value
+                    results[rank] = torch.load(io.BytesIO(value), weights_only=False)
                 else:
                     errors.append(f"rank {rank} failed:\n{value}")
                     break  # the other ranks are likely blocked in a collective
-        except Exception as e:  # queue.Empty on timeout
-            errors.append(f"timed out after {timeout}s waiting for ranks ({type(e).__name__})")
+        except queue_module.Empty:
+            errors.append(f"timed out after {timeout}s waiting for ranks")
         finally:
             for p in procs:
                 p.join(timeout=1 if errors else 30)

@@ -1,0 +1,152 @@
+"""Small typed configs, one per component, each validated in ``__post_init__``.
+
+Errors a user can cause are ``ValueError`` with one line naming the problem and the fix. Layout
+checks that involve both the model and the parallel layout live in :func:`validate_layout` and run
+before any process group is created.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+Normalization = Literal["LayerNorm", "RMSNorm"]
+PositionEmbedding = Literal["learned_absolute", "rope", "none"]
+Activation = Literal["gelu", "gelu_tanh", "swiglu"]
+Recompute = Optional[Literal["full", "selective"]]
+
+
+@dataclass
+class GPTConfig:
+    """Architecture of a GPT-2 or Llama-family decoder (Megatron-core's names where they exist).
+
+    GPT-2: learned positions, LayerNorm, GELU, biases, tied embeddings (the defaults).
+    Llama: ``position_embedding_type="rope"``, ``normalization="RMSNorm"``, ``activation="swiglu"``,
+    ``add_bias_linear=False``, ``num_query_groups`` < heads for GQA; Qwen2 adds ``add_qkv_bias``.
+    """
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    vocab_size: int
+    ffn_hidden_size: Optional[int] = None  # default 4 * hidden
+    num_query_groups: Optional[int] = None  # default = num_attention_heads (no GQA)
+    kv_channels: Optional[int] = None  # head dim; default hidden / heads
+    max_position_embeddings: int = 2048
+    position_embedding_type: PositionEmbedding = "learned_absolute"
+    rotary_base: float = 10000.0
+    normalization: Normalization = "LayerNorm"
+    norm_epsilon: float = 1e-5
+    activation: Activation = "gelu"
+    add_bias_linear: bool = True
+    add_qkv_bias: bool = False  # Qwen2: bias on linear_qkv only (implied by add_bias_linear)
+    tie_embeddings: bool = True  # share embedding.word_embeddings.weight with the output layer
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_method_std: float = 0.02
+    make_vocab_size_divisible_by: int = 128
+    recompute_granularity: Recompute = None
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 4 * self.hidden_size
+        if self.kv_channels is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden size {self.hidden_size} is not divisible by {self.num_attention_heads} "
+                    "attention heads: choose --num-attention-heads dividing --hidden-size (or set --kv-channels)"
+                )
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+        if self.num_query_groups < 1 or self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"{self.num_attention_heads} attention heads are not divisible by {self.num_query_groups} "
+                "query groups: choose --num-query-groups dividing --num-attention-heads"
+            )
+        if self.position_embedding_type == "rope" and self.kv_channels % 2:
+            raise ValueError(f"RoPE needs an even head dimension, got {self.kv_channels}: change --kv-channels")
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.recompute_granularity not in (None, "full", "selective"):
+            raise ValueError(
+                f"unknown recompute granularity {self.recompute_granularity!r}: use 'full' or 'selective'"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels
+
+    @property
+    def qkv_size(self) -> int:
+        """Rows of the fused QKV weight: queries of every head plus one k and one v per group."""
+        return (self.num_attention_heads + 2 * self.num_query_groups) * self.kv_channels
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.add_bias_linear or self.add_qkv_bias
+
+    def padded_vocab_size(self, tp_size: int) -> int:
+        """Vocabulary rounded up to a multiple of ``make_vocab_size_divisible_by * tp`` (Megatron)."""
+        multiple = self.make_vocab_size_divisible_by * tp_size
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+
+@dataclass
+class ParallelConfig:
+    """Tensor/pipeline/data-parallel layout; data-parallel size is derived from the world size."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
+            raise ValueError(
+                "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1, got "
+                f"{self.tensor_model_parallel_size} and {self.pipeline_model_parallel_size}"
+            )
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            self.sequence_parallel = False  # as Megatron: nothing to shard over
+
+    def data_parallel_size(self, world_size: int) -> int:
+        model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+        if world_size % model_parallel:
+            raise ValueError(
+                f"world size {world_size} is not a multiple of tensor x pipeline parallel size "
+                f"{self.tensor_model_parallel_size} x {self.pipeline_model_parallel_size} = {model_parallel}: "
+                "change --nproc-per-node or the parallel sizes"
+            )
+        return world_size // model_parallel
+
+
+def validate_layout(model: GPTConfig, parallel: ParallelConfig, world_size: Optional[int] = None) -> None:
+    """Check that ``parallel`` can shard ``model``; run before any process group work."""
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    if world_size is not None:
+        parallel.data_parallel_size(world_size)
+    if model.num_attention_heads % tp:
+        raise ValueError(
+            f"tensor parallel size {tp} does not divide {model.num_attention_heads} attention heads: "
+            "choose --tensor-model-parallel-size dividing --num-attention-heads"
+        )
+    if model.num_query_groups % tp:
+        raise ValueError(
+            f"tensor parallel size {tp} does not divide {model.num_query_groups} query groups: "
+            "choose --tensor-model-parallel-size dividing --num-query-groups"
+        )
+    if model.ffn_hidden_size % tp:
+        raise ValueError(
+            f"tensor parallel size {tp} does not divide FFN hidden size {model.ffn_hidden_size}: "
+            "choose --tensor-model-parallel-size dividing --ffn-hidden-size"
+        )
+    if pp > model.num_layers:
+        raise ValueError(
+            f"pipeline parallel size {pp} exceeds the {model.num_layers} layers: "
+            "use at most one stage per layer (--pipeline-model-parallel-size <= --num-layers)"
+        )

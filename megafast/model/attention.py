@@ -1,0 +1,98 @@
+"""Causal self-attention with grouped-query attention over tensor-parallel heads.
+
+Fused QKV layout (DESIGN.md): for each of the G query groups, its H/G query heads, then its k
+head, then its v head, each ``d`` rows. TP splits the rows contiguously, so each rank holds whole
+groups: G/p groups, H/p query heads.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megafast.config import GPTConfig
+from megafast.model import init
+from megafast.model.rotary import apply_rotary
+from megafast.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megafast.parallel.random import RNGStatesTracker, checkpointed
+from megafast.parallel.state import ParallelState
+
+try:  # optional backend, used on CUDA for fp16/bf16 when installed
+    from flash_attn import flash_attn_func
+except ImportError:  # pragma: no cover - not installable on the CPU machines
+    flash_attn_func = None
+
+
+class SelfAttention(nn.Module):
+    def __init__(
+        self,
+        config: GPTConfig,
+        state: ParallelState,
+        layer_number: int,
+        tracker: RNGStatesTracker,
+        seed: int,
+        **factory,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.tracker = tracker
+        tp = state.tp_size
+        self.heads = config.num_attention_heads // tp  # query heads on this rank
+        self.groups = config.num_query_groups // tp  # query groups on this rank
+        self.head_dim = config.head_dim
+        prefix = f"decoder.layers.{layer_number}.self_attention"
+        self.linear_qkv = ColumnParallelLinear(
+            config.hidden_size,
+            config.qkv_size,
+            tp_group=state.tp_group,
+            bias=config.qkv_bias,
+            sequence_parallel=state.sequence_parallel,
+            init_method=init.for_param(config, seed, f"{prefix}.linear_qkv.weight"),
+            **factory,
+        )
+        self.linear_proj = RowParallelLinear(
+            config.num_attention_heads * config.head_dim,
+            config.hidden_size,
+            tp_group=state.tp_group,
+            bias=config.add_bias_linear,
+            sequence_parallel=state.sequence_parallel,
+            init_method=init.for_param(config, seed, f"{prefix}.linear_proj.weight"),
+            **factory,
+        )
+
+    def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [b, H/p, s, d], k/v [b, G/p, s, d] -> [b, H/p, s, d], causal."""
+        dropout = self.config.attention_dropout if self.training else 0.0
+        # Heads are split across TP ranks: their dropout masks come from the per-rank stream.
+        with self.tracker.fork():
+            if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+                out = flash_attn_func(  # takes [b, s, heads, d] and GQA natively
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout, causal=True
+                )
+                return out.transpose(1, 2)
+            if self.groups != self.heads:  # each group's k/v serves its H/G consecutive query heads
+                k = k.repeat_interleave(self.heads // self.groups, dim=1)
+                v = v.repeat_interleave(self.heads // self.groups, dim=1)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """x [s, b, h] (or [s/p, b, h] with sequence parallelism) -> same shape."""
+        qkv = self.linear_qkv(x)  # [s, b, (H/p + 2G/p) d]
+        s, b, _ = qkv.shape
+        per_group = self.heads // self.groups
+        qkv = qkv.view(s, b, self.groups, per_group + 2, self.head_dim)
+        q = qkv[:, :, :, :per_group].reshape(s, b, self.heads, self.head_dim)  # [s, b, H/p, d]
+        k = qkv[:, :, :, per_group]  # [s, b, G/p, d]
+        v = qkv[:, :, :, per_group + 1]
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
+        if self.config.recompute_granularity == "selective" and self.training:
+            out = checkpointed(self.core_attention, self.tracker, q, k, v)
+        else:
+            out = self.core_attention(q, k, v)
+        out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim)  # [s, b, H/p * d]
+        return self.linear_proj(out)

@@ -1,0 +1,98 @@
+"""Pre-norm transformer layer (Megatron/Llama order) and its MLP.
+
+    x = x + dropout(attention(input_layernorm(x)))
+    x = x + dropout(mlp(pre_mlp_layernorm(x)))
+
+Activations are [s, b, h], or [s/p, b, h] with sequence parallelism (norms, dropout and residuals
+then run on this rank's sequence shard).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megafast.config import GPTConfig
+from megafast.model import init
+from megafast.model.attention import SelfAttention
+from megafast.model.norm import build_norm
+from megafast.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megafast.parallel.random import RNGStatesTracker
+from megafast.parallel.state import ParallelState
+
+
+class MLP(nn.Module):
+    """fc1 (column-parallel) -> activation -> fc2 (row-parallel).
+
+    SwiGLU: fc1's full weight is [gate; up] (2 * ffn rows) and each TP rank holds [gate_r; up_r]
+    (partition stride 2); act(x) = silu(gate) * up.
+    """
+
+    def __init__(self, config: GPTConfig, state: ParallelState, layer_number: int, seed: int, **factory) -> None:
+        super().__init__()
+        self.activation = config.activation
+        swiglu = config.activation == "swiglu"
+        prefix = f"decoder.layers.{layer_number}.mlp"
+        self.linear_fc1 = ColumnParallelLinear(
+            config.hidden_size,
+            config.ffn_hidden_size * (2 if swiglu else 1),
+            tp_group=state.tp_group,
+            bias=config.add_bias_linear,
+            sequence_parallel=state.sequence_parallel,
+            init_method=init.for_param(config, seed, f"{prefix}.linear_fc1.weight"),
+            partition_stride=2 if swiglu else 1,
+            **factory,
+        )
+        self.linear_fc2 = RowParallelLinear(
+            config.ffn_hidden_size,
+            config.hidden_size,
+            tp_group=state.tp_group,
+            bias=config.add_bias_linear,
+            sequence_parallel=state.sequence_parallel,
+            init_method=init.for_param(config, seed, f"{prefix}.linear_fc2.weight"),
+            **factory,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear_fc1(x)  # [s, b, ffn/p] (x2 for SwiGLU)
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+        return self.linear_fc2(h)
+
+
+class TransformerLayer(nn.Module):
+    def __init__(
+        self,
+        config: GPTConfig,
+        state: ParallelState,
+        layer_number: int,
+        tracker: RNGStatesTracker,
+        seed: int,
+        **factory,
+    ) -> None:
+        super().__init__()
+        self.hidden_dropout = config.hidden_dropout
+        self.tracker = tracker
+        self.sequence_parallel = state.sequence_parallel
+        self.input_layernorm = build_norm(config, state.sequence_parallel, **factory)
+        self.self_attention = SelfAttention(config, state, layer_number, tracker, seed, **factory)
+        self.pre_mlp_layernorm = build_norm(config, state.sequence_parallel, **factory)
+        self.mlp = MLP(config, state, layer_number, seed, **factory)
+
+    def dropout(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.hidden_dropout == 0.0:
+            return x
+        if self.sequence_parallel:  # each TP rank holds a different shard: independent masks
+            with self.tracker.fork():
+                return F.dropout(x, self.hidden_dropout, training=True)
+        return F.dropout(x, self.hidden_dropout, training=True)  # same mask on every TP rank
+
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        x = x + self.dropout(self.self_attention(self.input_layernorm(x), rope))
+        return x + self.dropout(self.mlp(self.pre_mlp_layernorm(x)))

@@ -1,0 +1,139 @@
+"""ParallelState: the tensor/pipeline/data-parallel process groups of one rank, passed explicitly.
+
+Rank order is Megatron's: tensor-parallel fastest, then data-parallel, then pipeline::
+
+    rank = pp_rank * dp * tp + dp_rank * tp + tp_rank
+
+A group attribute is ``None`` only when that dimension has size 1 (every collective on it is then
+the identity); no code here or elsewhere treats ``None`` as "the global group".
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megafast.config import ParallelConfig
+
+Group = Optional[dist.ProcessGroup]
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+@dataclass
+class ParallelState:
+    """This rank's coordinates and groups. Build with :meth:`from_env` (torchrun) or :meth:`create`."""
+
+    tp_size: int = 1
+    pp_size: int = 1
+    dp_size: int = 1
+    tp_rank: int = 0
+    pp_rank: int = 0
+    dp_rank: int = 0
+    sequence_parallel: bool = False
+    tp_group: Group = None
+    pp_group: Group = None
+    dp_group: Group = None
+    # Ranks sharing a tied embedding/output weight: first and last pipeline stage (pp > 1 only).
+    embedding_group: Group = None
+    # Every rank holding a different part of one model replica (tp x pp): for global grad norms.
+    model_parallel_group: Group = None
+    pp_ranks: list[int] = field(default_factory=lambda: [0])  # global ranks of this pipeline
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.pp_size * self.dp_size
+
+    @property
+    def rank(self) -> int:
+        return self.pp_rank * self.dp_size * self.tp_size + self.dp_rank * self.tp_size + self.tp_rank
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @classmethod
+    def single(cls) -> "ParallelState":
+        """One process, no parallelism, no process group needed."""
+        return cls()
+
+    @classmethod
+    def create(cls, config: ParallelConfig) -> "ParallelState":
+        """Split the initialised default process group into Megatron's tp/dp/pp groups.
+
+        Every rank must call this with the same config (``new_group`` is collective).
+        """
+        world, rank = dist.get_world_size(), dist.get_rank()
+        tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
+        dp = config.data_parallel_size(world)
+
+        def coord(r: int) -> tuple[int, int, int]:  # (pp_rank, dp_rank, tp_rank)
+            return r // (dp * tp), (r // tp) % dp, r % tp
+
+        def rank_of(p: int, d: int, t: int) -> int:
+            return p * dp * tp + d * tp + t
+
+        def own_group(groups: list[list[int]]) -> Group:
+            """Create every group (collective, same order on all ranks); return the one holding us."""
+            mine = None
+            for ranks in groups:
+                g = dist.new_group(ranks) if len(ranks) > 1 else None
+                if rank in ranks:
+                    mine = g
+            return mine
+
+        tp_groups = [[rank_of(p, d, t) for t in range(tp)] for p in range(pp) for d in range(dp)]
+        dp_groups = [[rank_of(p, d, t) for d in range(dp)] for p in range(pp) for t in range(tp)]
+        pp_groups = [[rank_of(p, d, t) for p in range(pp)] for d in range(dp) for t in range(tp)]
+        mp_groups = [[rank_of(p, d, t) for p in range(pp) for t in range(tp)] for d in range(dp)]
+        emb_groups = [[g[0], g[-1]] for g in pp_groups] if pp > 1 else [[r] for r in range(world)]
+
+        pp_rank, dp_rank, tp_rank = coord(rank)
+        return cls(
+            tp_size=tp,
+            pp_size=pp,
+            dp_size=dp,
+            tp_rank=tp_rank,
+            pp_rank=pp_rank,
+            dp_rank=dp_rank,
+            sequence_parallel=config.sequence_parallel,
+            tp_group=own_group(tp_groups),
+            dp_group=own_group(dp_groups),
+            pp_group=own_group(pp_groups),
+            model_parallel_group=own_group(mp_groups),
+            embedding_group=own_group(emb_groups),
+            pp_ranks=next(g for g in pp_groups if rank in g),
+        )
+
+    @classmethod
+    def from_env(
+        cls, config: ParallelConfig, backend: Optional[str] = None, timeout_minutes: float = 10.0
+    ) -> "ParallelState":
+        """Initialise the default process group from torchrun's environment, then :meth:`create`.
+
+        The layout is validated against WORLD_SIZE before any process group work starts.
+        """
+        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing and not dist.is_initialized():
+            raise ValueError(
+                f"torch.distributed environment variables {', '.join(missing)} are not set: "
+                "launch with torchrun (e.g. `torchrun --nproc-per-node N ...`)"
+            )
+        if not dist.is_initialized():
+            config.data_parallel_size(int(os.environ["WORLD_SIZE"]))
+            backend = backend or default_backend()
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+        return cls.create(config)
