@@ -79,8 +79,10 @@ class Decoder(nn.Module):
 class GPTModel(nn.Module):
     """One pipeline stage of a GPT/Llama model on this rank's TP shard.
 
-    ``layer_range`` defaults to an even split over the pipeline stages. ``seed`` fixes the
-    initial weights (identical at any TP/PP) and the tensor-parallel dropout stream.
+    ``layer_range`` defaults to an even split over the pipeline stages; ``pre_process`` (holds
+    the embedding) and ``post_process`` (final norm, output layer, loss) default to being the
+    first and last stage. ``seed`` fixes the initial weights (identical at any TP/PP) and the
+    tensor-parallel dropout stream.
     """
 
     def __init__(
@@ -90,6 +92,8 @@ class GPTModel(nn.Module):
         *,
         seed: int = 1234,
         layer_range: Optional[tuple[int, int]] = None,
+        pre_process: Optional[bool] = None,
+        post_process: Optional[bool] = None,
         params_dtype: torch.dtype = torch.float32,
         device: Optional[torch.device | str] = None,
     ) -> None:
@@ -104,7 +108,9 @@ class GPTModel(nn.Module):
         device = torch.device(device) if device is not None else None
         factory = dict(params_dtype=params_dtype, device=device)
         self.tracker = model_parallel_rng_tracker(seed, state.tp_rank, device or "cpu")
-        self.pre_process, self.post_process = state.is_first_stage, state.is_last_stage
+        # Defaults: this rank's pipeline stage; interleaved virtual chunks pass both explicitly.
+        self.pre_process = state.is_first_stage if pre_process is None else pre_process
+        self.post_process = state.is_last_stage if post_process is None else post_process
         start, end = layer_range or uniform_layer_range(config.num_layers, state.pp_size, state.pp_rank)
         if not 0 <= start < end <= config.num_layers:
             raise ValueError(f"layer range [{start}, {end}) is empty or outside the {config.num_layers} layers")
@@ -134,7 +140,7 @@ class GPTModel(nn.Module):
 
     def shared_embedding_parameters(self) -> list[nn.Parameter]:
         """Parameters whose gradient is summed over ``embedding_group`` (tied, pipelined)."""
-        if not self.config.tie_embeddings or self.state.pp_size == 1:
+        if not self.config.tie_embeddings or (self.pre_process and self.post_process):
             return []
         if self.pre_process:
             return [self.embedding.word_embeddings.weight]
