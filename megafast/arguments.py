@@ -1,0 +1,282 @@
+"""Megatron-compatible command line for pretrain_gpt.py, mapped onto the per-component configs.
+
+Flag names, defaults and meanings follow Megatron-LM's ``arguments.py`` so that a Megatron user's
+launch script runs with few changes. ``parse_args`` validates every cross-flag constraint that can
+be checked without a process group (world size, batch sizes, layers vs stages, files) and raises
+``SystemExit`` with one line naming the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Optional, Sequence
+
+from megafast.config import GPTConfig, ParallelConfig, validate_layout
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, required=True)
+    g.add_argument("--hidden-size", type=int, required=True)
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 * hidden size")
+    g.add_argument("--num-attention-heads", type=int, required=True)
+    g.add_argument("--kv-channels", type=int, default=None, help="head dimension; default hidden / heads")
+    g.add_argument("--group-query-attention", action="store_true")
+    g.add_argument("--num-query-groups", type=int, default=1)
+    g.add_argument("--max-position-embeddings", type=int, default=None, help="default --seq-length")
+    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope", "none"], default="learned_absolute")
+    g.add_argument("--rotary-base", type=float, default=10000.0)
+    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--openai-gelu", action="store_true", help="tanh-approximated GELU (GPT-2)")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--disable-bias-linear", action="store_true")
+    g.add_argument("--add-qkv-bias", action="store_true", help="bias on the QKV projection only (Qwen2)")
+    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
+                   help="accepted for compatibility; full recompute checkpoints every layer")
+    g.add_argument("--recompute-num-layers", type=int, default=None, help="accepted for compatibility")
+
+
+def _add_parallel(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    g.add_argument("--pipeline-partition", default="uniform",
+                   help="'uniform', 'parameters', or layers per stage such as 3,4,4,3")
+    g.add_argument("--pipeline-schedule", choices=["1f1b", "gpipe"], default="1f1b")
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--no-overlap-grad-reduce", dest="overlap_grad_reduce", action="store_false")
+    g.add_argument("--ddp-bucket-size-mb", type=float, default=25.0)
+    g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
+                   help="default: nccl with CUDA, gloo otherwise")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0)
+
+
+def _add_training(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--seq-length", type=int, required=True)
+    g.add_argument("--micro-batch-size", type=int, required=True)
+    g.add_argument("--global-batch-size", type=int, default=None, help="default micro batch x DP")
+    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--train-samples", type=int, default=None)
+    g.add_argument("--exit-interval", type=int, default=None)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--loss-scale", type=float, default=None, help="static fp16 loss scale; default dynamic")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0**32)
+    g.add_argument("--min-loss-scale", type=float, default=1.0)
+    g.add_argument("--loss-scale-window", type=int, default=1000)
+    g.add_argument("--hysteresis", type=int, default=2)
+    g.add_argument("--max-skipped-steps", type=int, default=10,
+                   help="stop after this many consecutive steps with non-finite loss or gradients")
+    g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default cuda when available")
+
+
+def _add_optimizer(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("optimizer and learning rate")
+    g.add_argument("--optimizer", choices=["adam", "lion"], default="adam")
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"],
+                   default="linear")
+    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-fraction", type=float, default=None)
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None)
+    g.add_argument("--lr-wsd-decay-style", choices=["linear", "cosine", "exponential", "minus_sqrt"],
+                   default="exponential")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+
+
+def _add_data(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data and tokenizer")
+    g.add_argument("--data-path", nargs="*", default=None, help="PREFIX, or WEIGHT PREFIX WEIGHT PREFIX ...")
+    g.add_argument("--split", default="969, 30, 1")
+    g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--mock-data", action="store_true", help="random tokens instead of --data-path")
+    g.add_argument("--eod-mask-loss", action="store_true")
+    g.add_argument("--tokenizer-type", default=None,
+                   choices=["SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer"])
+    g.add_argument("--tokenizer-model", default=None)
+    g.add_argument("--vocab-file", default=None)
+    g.add_argument("--merge-file", default=None)
+    g.add_argument("--vocab-size", type=int, default=None)
+
+
+def _add_checkpoint_and_logging(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--async-save", action="store_true")
+    g.add_argument("--max-checkpoints", type=int, default=None, help="keep only the newest K checkpoints")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true")
+    g = p.add_argument_group("logging and evaluation")
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=100)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--log-jsonl", default=None, help="one JSON object per logged iteration")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="device peak for MFU; default from the device (H100 bf16 989), CPU: measured")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Pretrain a GPT/Llama model with tensor, pipeline and data parallelism (Megatron flags).",
+        allow_abbrev=False,
+    )
+    for add in (_add_model, _add_parallel, _add_training, _add_optimizer, _add_data, _add_checkpoint_and_logging):
+        add(p)
+    return p
+
+
+def model_config(args: argparse.Namespace, vocab_size: int) -> GPTConfig:
+    activation = "swiglu" if args.swiglu else ("gelu_tanh" if args.openai_gelu else "gelu")
+    return GPTConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        vocab_size=vocab_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_query_groups=args.num_query_groups if args.group_query_attention else None,
+        kv_channels=args.kv_channels,
+        max_position_embeddings=args.max_position_embeddings,
+        position_embedding_type=args.position_embedding_type,
+        rotary_base=args.rotary_base,
+        normalization=args.normalization,
+        norm_epsilon=args.norm_epsilon,
+        activation=activation,
+        add_bias_linear=not args.disable_bias_linear,
+        add_qkv_bias=args.add_qkv_bias,
+        tie_embeddings=not args.untie_embeddings_and_output_weights,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        init_method_std=args.init_method_std,
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        recompute_granularity=args.recompute_granularity,
+    )
+
+
+def parallel_config(args: argparse.Namespace) -> ParallelConfig:
+    return ParallelConfig(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+    )
+
+
+def _fail(message: str) -> None:
+    raise SystemExit(f"error: {message}")
+
+
+def _check_data_files(args: argparse.Namespace) -> None:
+    if args.mock_data:
+        return
+    if not args.data_path:
+        _fail("no training data: give --data-path PREFIX (made by tools/preprocess_data.py) or --mock-data")
+    paths = args.data_path
+    if len(paths) > 1:
+        if len(paths) % 2:
+            _fail("--data-path with several datasets takes WEIGHT PREFIX pairs, e.g. --data-path 0.3 A 0.7 B")
+        prefixes = paths[1::2]
+    else:
+        prefixes = paths
+    for prefix in prefixes:
+        for ext in (".bin", ".idx"):
+            if not os.path.isfile(prefix + ext):
+                _fail(f"data file {prefix + ext} does not exist: check --data-path (give the prefix without .bin/.idx)")
+
+
+def validate_args(args: argparse.Namespace, world_size: int, vocab_size: Optional[int] = None) -> None:
+    """Cross-flag checks; sets derived values (dp size, global batch, virtual chunks, ...)."""
+    try:
+        pconf = parallel_config(args)
+        args.data_parallel_size = pconf.data_parallel_size(world_size)
+    except ValueError as e:
+        _fail(str(e))
+    dp = args.data_parallel_size
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    if args.micro_batch_size < 1 or args.global_batch_size % (args.micro_batch_size * dp):
+        _fail(
+            f"global batch size {args.global_batch_size} is not a multiple of micro batch size "
+            f"{args.micro_batch_size} x data-parallel size {dp}: change --global-batch-size or --micro-batch-size"
+        )
+    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+    if (args.train_iters is None) == (args.train_samples is None):
+        _fail("give exactly one of --train-iters and --train-samples")
+    if args.train_samples is not None:
+        args.train_iters = args.train_samples // args.global_batch_size
+    if args.train_iters < 1:
+        _fail(f"training would run {args.train_iters} iterations: raise --train-iters/--train-samples")
+    if args.lr is None:
+        _fail("--lr is required")
+    if args.bf16 and args.fp16:
+        _fail("--bf16 and --fp16 are exclusive: choose one")
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.position_embedding_type == "learned_absolute" and args.seq_length > args.max_position_embeddings:
+        _fail(
+            f"--seq-length {args.seq_length} exceeds --max-position-embeddings {args.max_position_embeddings} "
+            "of the learned position embeddings: raise --max-position-embeddings"
+        )
+    if args.sequence_parallel and args.seq_length % args.tensor_model_parallel_size:
+        _fail(
+            f"--seq-length {args.seq_length} is not divisible by the tensor parallel size "
+            f"{args.tensor_model_parallel_size}, which sequence parallelism needs"
+        )
+    pp = args.pipeline_model_parallel_size
+    args.num_model_chunks = 1
+    if args.num_layers_per_virtual_pipeline_stage is not None:
+        per = args.num_layers_per_virtual_pipeline_stage
+        if pp < 2:
+            _fail("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+        if per < 1 or args.num_layers % (per * pp):
+            _fail(
+                f"--num-layers {args.num_layers} is not divisible by --num-layers-per-virtual-pipeline-stage "
+                f"{per} x pipeline size {pp}"
+            )
+        args.num_model_chunks = args.num_layers // (per * pp)
+        if args.num_model_chunks > 1 and args.num_microbatches % pp:
+            _fail(
+                f"interleaved pipelining needs the number of microbatches ({args.num_microbatches}) to be a multiple "
+                f"of the pipeline size {pp}: change --global-batch-size"
+            )
+    if pp * args.num_model_chunks > args.num_layers:
+        _fail(f"{pp * args.num_model_chunks} pipeline stages exceed the {args.num_layers} layers: use fewer stages")
+    if args.save_interval is not None and args.save_interval < 1:
+        _fail("--save-interval must be >= 1")
+    if args.mock_data and vocab_size is None and args.vocab_size is None:
+        _fail("--mock-data needs --vocab-size (or a tokenizer)")
+    if vocab_size is not None and args.vocab_size is not None and args.vocab_size < vocab_size:
+        _fail(
+            f"the tokenizer has {vocab_size} tokens but --vocab-size is {args.vocab_size}: "
+            f"raise --vocab-size to at least {vocab_size} or drop it"
+        )
+    _check_data_files(args)
+    try:
+        config = model_config(args, vocab_size or args.vocab_size or 1)
+        validate_layout(config, pconf, world_size)
+    except ValueError as e:
+        _fail(str(e))
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)

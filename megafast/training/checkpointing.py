@@ -1,0 +1,659 @@
+"""Checkpoints in Megatron's layout, committed atomically, optionally written in the background.
+
+On disk (Megatron's ``get_checkpoint_name``: the ``_{pp:03d}`` suffix only when pp > 1)::
+
+    {save}/latest_checkpointed_iteration.txt                      the commit ("100"), written last
+    {save}/iter_0000100/mp_rank_{tp:02d}/model_optim_rng.pt           pp == 1
+    {save}/iter_0000100/mp_rank_{tp:02d}_{pp:03d}/model_optim_rng.pt  pp > 1
+    {save}/iter_0000100/mp_rank_.../distrib_optim_dp{dp:03d}.pt       DP-sharded optimizer only
+
+``model_optim_rng.pt`` is written by the data-parallel rank 0 of each (tp, pp) and holds
+``model`` (or ``model0``, ``model1``, ... for virtual pipeline chunks), ``optimizer`` (absent
+with a DP-sharded optimizer), ``opt_param_scheduler``, ``rng_state``, ``iteration``,
+``consumed_samples`` (``{"train": n, "valid": m}``), ``args`` (a dict), ``checkpoint_version``
+(3.0) and ``parallel_layout`` (the tp/pp/dp sizes it was saved with).
+
+RNG states differ on every rank, so ``rng_state`` is Megatron's list with one entry per DP rank
+(gathered over a gloo DP group at save time; entry ``d`` is restored on DP rank ``d``); each entry
+holds ``random_rng_state``, ``np_rng_state``, ``torch_rng_state``, ``cuda_rng_state`` (None
+without CUDA) and ``rng_tracker_states`` (a list: one ``tracker.get_states()`` per model chunk).
+With a DP-sharded optimizer every DP rank writes its own ``optimizer.state_dict()`` (its shard)
+to ``distrib_optim_dp{dp:03d}.pt`` and reads the same file back, so resuming needs the same layout.
+
+Commit protocol: every file is written to a temporary name, fsynced and renamed; all ranks then
+agree (a small all-reduce over a dedicated gloo group held by :class:`Checkpointer`) that their
+writes succeeded, and only then rank 0 writes the commit file the same way (and fsyncs the
+directory). :func:`load_checkpoint` reads only the committed iteration, so a half-written
+iteration directory is never loaded; saving that iteration again first removes it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import re
+import shutil
+import threading
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Callable, Optional, Protocol, Sequence, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megafast.parallel.state import ParallelState
+
+CHECKPOINT_VERSION = 3.0
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+MODEL_FILE = "model_optim_rng.pt"
+RELEASE = "release"
+_MP_DIR = re.compile(r"mp_rank_(\d{2,})(?:_(\d{3,}))?")
+_ITER_DIR = re.compile(r"iter_(\d{7,})")
+
+
+class Stateful(Protocol):
+    """An optimizer or LR scheduler: anything with ``state_dict`` / ``load_state_dict``."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
+
+
+Chunks = Union[nn.Module, Sequence[nn.Module]]
+
+
+@dataclass
+class LoadResult:
+    """What a resumed run continues from (all zero for ``finetune`` or a ``release`` checkpoint)."""
+
+    iteration: int
+    consumed_samples: int
+    consumed_valid_samples: int
+    args: dict[str, Any] = field(default_factory=dict)
+    path: str = ""  # the iteration directory that was read
+
+
+# --------------------------------------------------------------------------------------- paths
+
+
+def iteration_dir(root: str, iteration: int, release: bool = False) -> str:
+    """``{root}/iter_{iteration:07d}`` (``{root}/release`` for a release checkpoint)."""
+    return os.path.join(root, RELEASE if release else f"iter_{iteration:07d}")
+
+
+def mp_rank_dir(
+    root: str, iteration: int, tp_rank: int, pp_rank: int, pp_size: int, release: bool = False
+) -> str:
+    """Megatron's per-(tp, pp) directory: ``mp_rank_{tp:02d}``, ``mp_rank_{tp:02d}_{pp:03d}`` if pp > 1."""
+    name = f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return os.path.join(iteration_dir(root, iteration, release), name)
+
+
+def distrib_optim_name(dp_rank: int) -> str:
+    return f"distrib_optim_dp{dp_rank:03d}.pt"
+
+
+def read_latest_checkpoint(root: str) -> Optional[tuple[int, bool]]:
+    """The committed ``(iteration, is_release)`` of ``root``, or None when nothing was committed."""
+    path = os.path.join(root, TRACKER_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        text = f.read().strip()
+    if text == RELEASE:
+        return 0, True
+    if not text.isdigit():
+        raise ValueError(f"{path} holds {text[:40]!r}, expected an iteration number or 'release': fix it")
+    return int(text), False
+
+
+# ------------------------------------------------------------------------------ atomic writes
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` via a temporary sibling: write, flush, fsync, rename, fsync the directory."""
+    directory = os.path.dirname(path) or "."
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(directory)
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save(obj, path)`` that never leaves a partial file under ``path``."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+# ------------------------------------------------------------------------ state collection
+
+
+def _as_chunks(chunks: Chunks) -> list[nn.Module]:
+    """A list of model chunks with data-parallel wrappers (anything exposing ``.module``) removed."""
+    out = [chunks] if isinstance(chunks, nn.Module) else list(chunks)
+    if not out:
+        raise ValueError("no model chunks given")
+    unwrapped = []
+    for m in out:
+        while isinstance(getattr(m, "module", None), nn.Module):
+            m = m.module
+        unwrapped.append(m)
+    return unwrapped
+
+
+def _model_key(i: int, n: int) -> str:
+    return "model" if n == 1 else f"model{i}"
+
+
+def _snapshot(obj: Any, clone: bool) -> Any:
+    """Tensors moved to CPU (copied when ``clone``) inside rebuilt dicts/lists/tuples.
+
+    With ``clone`` the result shares nothing with training state: other leaves are deep-copied,
+    so the background writer sees the values of the moment of the call.
+    """
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        return t.to("cpu", copy=True) if clone else t.cpu()
+    if isinstance(obj, dict):
+        items = {k: _snapshot(v, clone) for k, v in obj.items()}
+        out = type(obj)(items) if isinstance(obj, OrderedDict) else items  # keeps nn.Module's OrderedDict
+        if hasattr(obj, "_metadata"):  # nn.Module.state_dict() versions, used by load_state_dict
+            out._metadata = copy.deepcopy(obj._metadata)
+        return out
+    if isinstance(obj, list):
+        return [_snapshot(v, clone) for v in obj]
+    if isinstance(obj, tuple):
+        items = [_snapshot(v, clone) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    return copy.deepcopy(obj) if clone else obj
+
+
+def _rng_state(chunks: list[nn.Module]) -> dict[str, Any]:
+    """This rank's RNG streams: python, numpy, torch CPU, CUDA, and each chunk's TP tracker."""
+    return {
+        "random_rng_state": random.getstate(),
+        "np_rng_state": np.random.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "cuda_rng_state": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "rng_tracker_states": [c.tracker.get_states() if hasattr(c, "tracker") else {} for c in chunks],
+    }
+
+
+def _restore_rng(entry: dict[str, Any], chunks: list[nn.Module], path: str) -> None:
+    trackers = entry["rng_tracker_states"]
+    if len(trackers) != len(chunks):
+        raise ValueError(f"{path} holds RNG states of {len(trackers)} chunks, the model has {len(chunks)}")
+    random.setstate(entry["random_rng_state"])
+    np.random.set_state(entry["np_rng_state"])
+    torch.set_rng_state(entry["torch_rng_state"])
+    if entry["cuda_rng_state"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(entry["cuda_rng_state"])
+    for chunk, states in zip(chunks, trackers):
+        if hasattr(chunk, "tracker"):
+            chunk.tracker.set_states(states)
+
+
+def _layout(state: ParallelState, distributed_optimizer: bool) -> dict[str, Any]:
+    return {
+        "tensor_model_parallel_size": state.tp_size,
+        "pipeline_model_parallel_size": state.pp_size,
+        "data_parallel_size": state.dp_size,
+        "distributed_optimizer": distributed_optimizer,
+    }
+
+
+# ----------------------------------------------------------------------------------- saving
+
+
+@dataclass
+class _PendingSave:
+    """This rank's files of one iteration, written here or by a background thread."""
+
+    iteration: int
+    files: list[tuple[Any, str]]
+    thread: Optional[threading.Thread] = None
+    error: Optional[BaseException] = None
+
+    def run(self) -> None:
+        try:
+            for obj, path in self.files:
+                atomic_torch_save(obj, path)
+        except BaseException as exc:  # noqa: BLE001 - reported to every rank by the status all-reduce
+            self.error = exc
+        self.files = []  # drop the snapshot as soon as it is on disk
+
+    @property
+    def done(self) -> bool:
+        return self.thread is None or not self.thread.is_alive()
+
+
+class Checkpointer:
+    """Saves checkpoints of one run into ``save_dir`` and commits each once every rank has written.
+
+    Construction is collective (it creates a gloo group over all ranks, and gloo DP groups for the
+    RNG gather), as are :meth:`save`, :meth:`maybe_finalize` and :meth:`finalize`: call them on
+    every rank at the same points. Without an initialised multi-rank process group it works alone.
+
+    With ``async_save`` :meth:`save` snapshots everything to CPU and returns while a thread
+    writes; call :meth:`maybe_finalize` every iteration (it commits once all ranks are done) and
+    :meth:`finalize` at the end. ``max_checkpoints`` keeps only the newest K committed iterations.
+    """
+
+    def __init__(
+        self,
+        save_dir: str,
+        state: ParallelState,
+        *,
+        async_save: bool = False,
+        max_checkpoints: Optional[int] = None,
+    ) -> None:
+        if max_checkpoints is not None and max_checkpoints < 1:
+            raise ValueError(f"max_checkpoints must be >= 1 (or None to keep all), got {max_checkpoints}")
+        self.save_dir = save_dir
+        self.state = state
+        self.async_save = async_save
+        self.max_checkpoints = max_checkpoints
+        self._pending: Optional[_PendingSave] = None
+        self._group: Optional[dist.ProcessGroup] = None  # None only when running as a single process
+        self._dp_group: Optional[dist.ProcessGroup] = None  # None when dp == 1
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            world = dist.get_world_size()
+            if world != state.world_size or dist.get_rank() != state.rank:
+                raise ValueError(
+                    f"ParallelState (rank {state.rank} of {state.world_size}) does not match the process "
+                    f"group (rank {dist.get_rank()} of {world}): build it with ParallelState.create"
+                )
+            self._group = dist.new_group(list(range(world)), backend="gloo")
+            tp, dp = state.tp_size, state.dp_size
+            for p in range(state.pp_size):
+                for t in range(tp):
+                    ranks = [p * dp * tp + d * tp + t for d in range(dp)]
+                    group = dist.new_group(ranks, backend="gloo") if dp > 1 else None
+                    if state.rank in ranks:
+                        self._dp_group = group
+
+    # -- collectives over the coordination group (identity when single-process)
+
+    def _barrier(self) -> None:
+        if self._group is not None:
+            dist.barrier(group=self._group)
+
+    def _all_status(self, mine: int) -> list[int]:
+        """Every rank's status code (0 pending, 1 ok, 2 failed), by a SUM all-reduce of one-hot slots."""
+        if self._group is None:
+            return [mine]
+        t = torch.zeros(self.state.world_size, dtype=torch.int32)
+        t[self.state.rank] = mine
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self._group)
+        return t.tolist()
+
+    def _gather_rng(self, mine: dict[str, Any]) -> Optional[list[dict[str, Any]]]:
+        """Every DP rank's RNG states on DP rank 0 (None elsewhere), indexed by DP rank."""
+        if self._dp_group is None:
+            return [mine]
+        st = self.state
+        dst = st.pp_rank * st.dp_size * st.tp_size + st.tp_rank
+        out: Optional[list[Any]] = [None] * st.dp_size if st.dp_rank == 0 else None
+        dist.gather_object(mine, out, dst=dst, group=self._dp_group)
+        return out
+
+    # -- saving
+
+    def save(
+        self,
+        iteration: int,
+        chunks: Chunks,
+        optimizer: Optional[Stateful],
+        scheduler: Optional[Stateful],
+        *,
+        consumed_samples: int,
+        args: dict[str, Any],
+        consumed_valid_samples: int = 0,
+        distributed_optimizer: bool = False,
+    ) -> None:
+        """Write iteration ``iteration`` (then commit it, unless ``async_save`` defers that).
+
+        ``distributed_optimizer``: ``optimizer.state_dict()`` is this DP rank's shard and goes to
+        ``distrib_optim_dp{dp:03d}.pt`` (written by every rank) instead of ``model_optim_rng.pt``.
+        A previous asynchronous save is finalized first.
+        """
+        if iteration < 0:
+            raise ValueError(f"iteration must be >= 0, got {iteration}")
+        if distributed_optimizer and optimizer is None:
+            raise ValueError("distributed_optimizer=True needs the optimizer whose shard to save")
+        self.finalize()
+        chunks = _as_chunks(chunks)
+        st = self.state
+        if st.rank == 0:
+            self._remove_stale(iteration)
+        self._barrier()  # nobody writes into a directory that is being removed
+        rng = self._gather_rng(_rng_state(chunks))
+        clone = self.async_save
+        directory = mp_rank_dir(self.save_dir, iteration, st.tp_rank, st.pp_rank, st.pp_size)
+        layout = _layout(st, distributed_optimizer)
+        files: list[tuple[Any, str]] = []
+        if st.dp_rank == 0:
+            ckpt: dict[str, Any] = {
+                _model_key(i, len(chunks)): _snapshot(c.state_dict(), clone) for i, c in enumerate(chunks)
+            }
+            if optimizer is not None and not distributed_optimizer:
+                ckpt["optimizer"] = _snapshot(optimizer.state_dict(), clone)
+            if scheduler is not None:
+                ckpt["opt_param_scheduler"] = _snapshot(scheduler.state_dict(), clone)
+            ckpt.update(
+                rng_state=_snapshot(rng, clone),
+                iteration=iteration,
+                consumed_samples={"train": int(consumed_samples), "valid": int(consumed_valid_samples)},
+                args=_snapshot(dict(args), clone),
+                checkpoint_version=CHECKPOINT_VERSION,
+                parallel_layout=layout,
+            )
+            files.append((ckpt, os.path.join(directory, MODEL_FILE)))
+        if distributed_optimizer:
+            shard = {"optimizer": _snapshot(optimizer.state_dict(), clone), "parallel_layout": layout}
+            files.append((shard, os.path.join(directory, distrib_optim_name(st.dp_rank))))
+        pending = _PendingSave(iteration, files)
+        self._pending = pending
+        if self.async_save:
+            pending.thread = threading.Thread(target=pending.run, name="checkpoint-writer", daemon=True)
+            pending.thread.start()
+        else:
+            pending.run()
+            self.finalize()
+
+    def maybe_finalize(self, blocking: bool = False) -> bool:
+        """Commit the pending save if every rank has finished writing it; True when none is pending.
+
+        Collective when a save is pending. Raises RuntimeError on every rank (and commits nothing)
+        when writing failed on any rank.
+        """
+        pending = self._pending
+        if pending is None:
+            return True
+        if blocking and pending.thread is not None:
+            pending.thread.join()
+        status = self._all_status(0 if not pending.done else 2 if pending.error is not None else 1)
+        if 0 in status:
+            return False
+        self._pending = None
+        where = iteration_dir(self.save_dir, pending.iteration)
+        failed = [r for r, s in enumerate(status) if s == 2]
+        if failed:
+            raise RuntimeError(
+                f"checkpoint {where} was not committed: writing failed on rank(s) {failed}"
+                + (f" ({type(pending.error).__name__}: {pending.error})" if pending.error is not None else "")
+            ) from pending.error
+        commit_error: Optional[BaseException] = None
+        if self.state.rank == 0:
+            try:
+                atomic_write_text(os.path.join(self.save_dir, TRACKER_FILE), str(pending.iteration))
+            except OSError as exc:
+                commit_error = exc
+            else:
+                self._delete_old_checkpoints(pending.iteration)
+        if 2 in self._all_status(2 if commit_error is not None else 1):
+            raise RuntimeError(
+                f"checkpoint {where} was written but rank 0 could not commit it to "
+                f"{os.path.join(self.save_dir, TRACKER_FILE)}" + (f": {commit_error}" if commit_error else "")
+            ) from commit_error
+        return True
+
+    def finalize(self) -> None:
+        """Wait for the pending save (if any) on every rank and commit it."""
+        self.maybe_finalize(blocking=True)
+
+    def close(self) -> None:
+        """Finalize, then release the coordination process groups."""
+        self.finalize()
+        for group in (self._dp_group, self._group):
+            if group is not None:
+                dist.destroy_process_group(group)
+        self._group = self._dp_group = None
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.close()
+
+    # -- housekeeping (rank 0 only)
+
+    def _committed_iteration(self) -> Optional[int]:
+        latest = read_latest_checkpoint(self.save_dir)
+        return None if latest is None or latest[1] else latest[0]
+
+    def _remove_stale(self, iteration: int) -> None:
+        """Remove ``iter_{iteration}`` left uncommitted by a crashed save, so it is rewritten cleanly."""
+        path = iteration_dir(self.save_dir, iteration)
+        committed = self._committed_iteration()
+        if os.path.isdir(path) and (committed is None or iteration > committed):
+            shutil.rmtree(path)
+
+    def _delete_old_checkpoints(self, committed: int) -> None:
+        """Keep the newest ``max_checkpoints`` committed iterations; never touch uncommitted newer ones."""
+        if self.max_checkpoints is None:
+            return
+        done = sorted(
+            int(m.group(1))
+            for name in os.listdir(self.save_dir)
+            if (m := _ITER_DIR.fullmatch(name)) and int(m.group(1)) <= committed
+        )
+        for it in done[: -self.max_checkpoints]:
+            try:
+                shutil.rmtree(iteration_dir(self.save_dir, it))
+            except OSError as exc:
+                warnings.warn(f"could not delete old checkpoint {iteration_dir(self.save_dir, it)}: {exc}")
+
+
+def save_checkpoint(
+    save_dir: str,
+    iteration: int,
+    chunks: Chunks,
+    optimizer: Optional[Stateful],
+    scheduler: Optional[Stateful],
+    state: ParallelState,
+    *,
+    consumed_samples: int,
+    args: dict[str, Any],
+    consumed_valid_samples: int = 0,
+    distributed_optimizer: bool = False,
+    async_save: bool = False,
+    max_checkpoints: Optional[int] = None,
+    checkpointer: Optional[Checkpointer] = None,
+) -> None:
+    """Save one checkpoint (collective) with ``checkpointer``, whose settings must match the arguments;
+    without one, a one-off Checkpointer commits before returning (so ``async_save`` needs one)."""
+    own = checkpointer is None
+    if own and async_save:
+        raise ValueError("async_save needs a Checkpointer that outlives the call: pass checkpointer=")
+    checkpointer = checkpointer or Checkpointer(save_dir, state, max_checkpoints=max_checkpoints)
+    if (checkpointer.save_dir, checkpointer.async_save, checkpointer.max_checkpoints) != (
+        save_dir, async_save, max_checkpoints
+    ):
+        raise ValueError("save_dir/async_save/max_checkpoints differ from the checkpointer's settings")
+    try:
+        checkpointer.save(
+            iteration, chunks, optimizer, scheduler, consumed_samples=consumed_samples, args=args,
+            consumed_valid_samples=consumed_valid_samples, distributed_optimizer=distributed_optimizer,
+        )
+    finally:
+        if own:
+            checkpointer.close()
+
+
+# ---------------------------------------------------------------------------------- loading
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as one short line."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+
+
+def _read(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint file {path} is missing: the checkpoint is incomplete")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a damaged file
+        raise ValueError(
+            f"cannot read checkpoint file {path} ({_reason(exc)}): it is truncated or corrupted; "
+            f"restore it or point {TRACKER_FILE} at an earlier iteration"
+        ) from exc
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint file {path} does not hold a dict: not a megafast/Megatron checkpoint")
+    return obj
+
+
+def _saved_tp_pp(directory: str) -> tuple[int, int]:
+    tps, pps = {-1}, {0}
+    for name in os.listdir(directory):
+        if m := _MP_DIR.fullmatch(name):
+            tps.add(int(m.group(1)))
+            pps.add(int(m.group(2) or 0))
+    if len(tps) == 1:
+        raise ValueError(f"{directory} holds no mp_rank_* directories: the checkpoint is incomplete")
+    return max(tps) + 1, max(pps) + 1
+
+
+def _load_into(target: Any, sd: Any, what: str, path: str, **kw: Any) -> None:
+    try:
+        target.load_state_dict(sd, **kw)
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"cannot load the {what} from {path}: {_reason(exc)}") from exc
+
+
+def load_checkpoint(
+    load_dir: str,
+    chunks: Chunks,
+    optimizer: Optional[Stateful],
+    scheduler: Optional[Stateful],
+    state: ParallelState,
+    *,
+    no_load_optim: bool = False,
+    no_load_rng: bool = False,
+    finetune: bool = False,
+    strict: bool = True,
+    distributed_optimizer: bool = False,
+    missing_ok: bool = False,
+) -> Optional[LoadResult]:
+    """Load the committed checkpoint of ``load_dir`` into this rank's chunks, optimizer and scheduler.
+
+    Returns None (start from scratch, as Megatron does) when ``load_dir`` has no commit file, or
+    does not exist and ``missing_ok`` (for ``--load`` equal to ``--save`` on a first run).
+    ``finetune`` or a ``release`` commit loads the model only and starts at iteration 0 with no
+    consumed samples. The tensor/pipeline layout must equal the saved one, and the data-parallel
+    size too when a DP-sharded optimizer or the RNG states are loaded. Errors are ValueError.
+    """
+    if not os.path.isdir(load_dir):
+        if missing_ok:
+            return None
+        raise ValueError(f"checkpoint directory {load_dir} does not exist: check --load")
+    latest = read_latest_checkpoint(load_dir)
+    if latest is None:
+        return None
+    iteration, release = latest
+    directory = iteration_dir(load_dir, iteration, release)
+    if not os.path.isdir(directory):
+        what = RELEASE if release else f"iteration {iteration}"
+        raise ValueError(
+            f"{os.path.join(load_dir, TRACKER_FILE)} commits {what} but {directory} "
+            "does not exist: it was moved or deleted; restore it or fix the commit file"
+        )
+    here = f"tp={state.tp_size}, pp={state.pp_size}, dp={state.dp_size}"
+    saved_tp, saved_pp = _saved_tp_pp(directory)
+    if (saved_tp, saved_pp) != (state.tp_size, state.pp_size):
+        raise ValueError(
+            f"checkpoint {directory} was saved with tp={saved_tp}, pp={saved_pp} but this run uses {here}: "
+            "use the same --tensor/--pipeline-model-parallel-size or reshard with tools/checkpoint/convert.py"
+        )
+    model_only = finetune or release
+    load_optim = not model_only and not no_load_optim
+    load_rng = not model_only and not no_load_rng
+    chunks = _as_chunks(chunks)
+    mp_dir = mp_rank_dir(load_dir, iteration, state.tp_rank, state.pp_rank, state.pp_size, release)
+    path = os.path.join(mp_dir, MODEL_FILE)
+    ckpt = _read(path)
+    layout = ckpt.get("parallel_layout", {})
+    saved_dp = layout.get("data_parallel_size", state.dp_size)
+    if saved_dp != state.dp_size and (load_rng or (load_optim and distributed_optimizer)):
+        raise ValueError(
+            f"checkpoint {directory} was saved with tp={saved_tp}, pp={saved_pp}, dp={saved_dp} but this run "
+            f"uses {here}: resume with as many ranks, or pass --no-load-rng (and --no-load-optim with "
+            "--use-distributed-optimizer) or --finetune"
+        )
+
+    keys = [_model_key(i, len(chunks)) for i in range(len(chunks))]
+    saved_keys = sorted(k for k in ckpt if re.fullmatch(r"model\d*", k))
+    if saved_keys != sorted(keys):
+        raise ValueError(
+            f"{path} holds model chunk(s) {saved_keys} but the model has {len(chunks)} chunk(s) {keys}: "
+            "use the same --num-layers-per-virtual-pipeline-stage as when saving"
+        )
+    for key, chunk in zip(keys, chunks):
+        if strict:
+            want, got = set(chunk.state_dict()), set(ckpt[key])
+            missing, unexpected = sorted(want - got), sorted(got - want)
+            if missing or unexpected:
+                raise ValueError(
+                    f"{path}: {key} does not match the model (missing keys {missing[:4]}, unexpected keys "
+                    f"{unexpected[:4]}): was it saved with another model configuration?"
+                )
+        _load_into(chunk, ckpt[key], key, path, strict=strict)
+
+    # Megatron loads the optimizer and the LR scheduler together unless --finetune/--no-load-optim.
+    if load_optim and optimizer is not None:
+        if distributed_optimizer:
+            if not layout.get("distributed_optimizer", False):
+                raise ValueError(
+                    f"{directory} was saved without --use-distributed-optimizer: "
+                    "resume without it or pass --no-load-optim"
+                )
+            shard_path = os.path.join(mp_dir, distrib_optim_name(state.dp_rank))
+            _load_into(optimizer, _read(shard_path)["optimizer"], "optimizer shard", shard_path)
+        elif "optimizer" not in ckpt:
+            why = "--use-distributed-optimizer" if layout.get("distributed_optimizer") else "no optimizer"
+            raise ValueError(f"{path} holds no 'optimizer' (saved with {why}): pass --no-load-optim")
+        else:
+            _load_into(optimizer, ckpt["optimizer"], "optimizer", path)
+    if load_optim and scheduler is not None:
+        if "opt_param_scheduler" not in ckpt:
+            raise ValueError(f"{path} holds no 'opt_param_scheduler': pass --no-load-optim")
+        _load_into(scheduler, ckpt["opt_param_scheduler"], "LR scheduler", path)
+
+    if load_rng:
+        rng = ckpt.get("rng_state")
+        if not isinstance(rng, list) or len(rng) <= state.dp_rank:
+            raise ValueError(f"{path} holds no RNG state for DP rank {state.dp_rank}: pass --no-load-rng")
+        _restore_rng(rng[state.dp_rank], chunks, path)
+
+    if model_only:
+        return LoadResult(0, 0, 0, ckpt.get("args", {}), directory)
+    if "iteration" not in ckpt or "consumed_samples" not in ckpt:
+        raise ValueError(f"{path} holds no iteration/consumed_samples: load it with --finetune")
+    consumed = ckpt["consumed_samples"]
+    args = ckpt.get("args", {})
+    return LoadResult(ckpt["iteration"], consumed["train"], consumed["valid"], args, directory)
