@@ -110,6 +110,7 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         self.tp_group = tp_group
         self.gather_output = gather_output
+        self.partition_stride = partition_stride
         self.sequence_parallel = sequence_parallel and group_size(tp_group) > 1
         tp = group_size(tp_group)
         self.output_size_per_partition = _divide(output_size, tp * partition_stride, "output size") * partition_stride
@@ -124,7 +125,12 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = column_parallel_linear(x, self.weight, self.bias, self.tp_group, self.sequence_parallel)
-        return gather_from_tensor_parallel_region(y, self.tp_group) if self.gather_output else y
+        if not self.gather_output:
+            return y
+        y = gather_from_tensor_parallel_region(y, self.tp_group)  # [.., rank 0's part, rank 1's part, ...]
+        if self.partition_stride > 1:  # back to the full layout [block 0; block 1; ...]
+            y = unshard(list(y.chunk(group_size(self.tp_group), dim=-1)), -1, self.partition_stride)
+        return y
 
 
 def column_parallel_linear(
