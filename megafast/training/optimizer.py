@@ -1,0 +1,485 @@
+"""The optimizer: fp32 master weights, loss scaling, global-norm clipping, optional ZeRO-1 sharding.
+
+:func:`build_optimizer` wraps AdamW (``torch.optim.AdamW``, fused on CUDA) or Lion around *master*
+tensors derived from the :class:`~megafast.training.data_parallel.DataParallel` layout:
+
+- plain: one master per parameter, the parameter itself when it is fp32, else an fp32 copy;
+- distributed (ZeRO-1): one master per piece of a parameter that falls in this DP rank's shard of
+  a bucket (a 1-D slice; a view of the parameter buffer when fp32, else an fp32 copy), so each
+  DP rank keeps master weights and optimizer states for ``1/dp`` of the model only.
+
+:meth:`MixedPrecisionOptimizer.step` on the DP-reduced ``main_grad`` s:
+
+1. sum the tied-embedding gradients over ``embedding_group`` (first + last stage) and the
+   sequence-parallel (replicated, sequence-sharded) parameters' gradients over TP;
+2. unscale (fp16): g <- g / S;
+3. global norm ``||g|| = sqrt(sum_p ||g_p||^2)`` over the whole model, each parameter once: TP
+   shards summed over TP, TP-replicated parameters counted on TP rank 0 only, stages summed over
+   PP, the last stage's tied output-layer copy skipped, ZeRO-1 shards summed over DP;
+4. if ``||g||`` is not finite on any rank: skip the step, lower the loss scale (fp16) and return
+   ``success=False``; else clip: g <- g * min(1, clip / (||g|| + 1e-6)) (Megatron's factor);
+5. update the masters, copy them into the model parameters (all-gathering over DP for ZeRO-1)
+   and zero the gradient buffers.
+
+Weight decay follows Megatron: none for biases and 1-D parameters (norm weights).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megafast.parallel.mappings import all_reduce, group_size
+from megafast.parallel.state import ParallelState
+from megafast.training.data_parallel import DataParallel
+
+STATE_FORMAT = "megafast.optimizer/1"
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimizer, mixed precision and loss-scaling settings (Megatron's flag names without ``--``).
+
+    ``clip_grad`` 0 disables clipping. ``loss_scale`` None means dynamic loss scaling (fp16 only:
+    start at ``initial_loss_scale``, halve after ``hysteresis`` consecutive overflowing steps,
+    double after ``loss_scale_window`` clean ones, never below ``min_loss_scale``).
+    ``max_skipped_steps``: raise once more consecutive steps than this were skipped for
+    non-finite gradients and the loss scale cannot fall further.
+    """
+
+    optimizer: Literal["adam", "lion"] = "adam"
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    lion_beta1: float = 0.9
+    lion_beta2: float = 0.99
+    clip_grad: float = 1.0
+    bf16: bool = False
+    fp16: bool = False
+    loss_scale: Optional[float] = None
+    initial_loss_scale: float = 2.0**32
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    use_distributed_optimizer: bool = False
+    max_skipped_steps: int = 10
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adam", "lion"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}: use --optimizer adam or lion")
+        if self.lr < 0 or not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"need 0 <= --min-lr <= --lr, got min_lr={self.min_lr}, lr={self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        for name in ("adam_beta1", "adam_beta2", "lion_beta1", "lion_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if self.adam_eps <= 0:
+            raise ValueError(f"--adam-eps must be > 0, got {self.adam_eps}")
+        if self.clip_grad < 0:
+            raise ValueError(f"--clip-grad must be >= 0 (0 disables clipping), got {self.clip_grad}")
+        if self.bf16 and self.fp16:
+            raise ValueError("--bf16 and --fp16 are mutually exclusive: choose one")
+        if self.loss_scale is not None and self.loss_scale <= 0:
+            raise ValueError(f"--loss-scale must be > 0 (omit it for dynamic scaling), got {self.loss_scale}")
+        if not 0 < self.min_loss_scale <= self.initial_loss_scale:
+            raise ValueError(
+                f"need 0 < --min-loss-scale <= --initial-loss-scale, got {self.min_loss_scale} "
+                f"and {self.initial_loss_scale}"
+            )
+        if self.loss_scale_window < 1 or self.hysteresis < 1:
+            raise ValueError(
+                f"--loss-scale-window and --hysteresis must be >= 1, got {self.loss_scale_window} and {self.hysteresis}"
+            )
+        if self.max_skipped_steps < 0:
+            raise ValueError(f"max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
+
+    @property
+    def dynamic_loss_scale(self) -> bool:
+        return self.fp16 and self.loss_scale is None
+
+
+class LossScaler:
+    """Loss scale S (Megatron's grad scaler): the loss is multiplied by S, gradients divided by it.
+
+    Static (bf16/fp32: S = 1; fp16 with ``--loss-scale``) or dynamic: an overflowing step
+    decrements a hysteresis counter and once it reaches 0 every overflowing step halves S (down to
+    ``min_scale``); ``window`` clean steps in a row double S and reset the counter.
+    """
+
+    def __init__(
+        self, scale: float, dynamic: bool, min_scale: float = 1.0, window: int = 1000, hysteresis: int = 2
+    ) -> None:
+        self.scale = float(scale)
+        self.dynamic = dynamic
+        self.min_scale = float(min_scale)
+        self.window = window
+        self.hysteresis = hysteresis
+        self.growth_tracker = 0
+        self.hysteresis_tracker = hysteresis
+
+    @classmethod
+    def from_config(cls, config: OptimizerConfig) -> "LossScaler":
+        if not config.fp16:
+            return cls(1.0, dynamic=False)
+        if config.loss_scale is not None:
+            return cls(config.loss_scale, dynamic=False)
+        return cls(
+            config.initial_loss_scale, True, config.min_loss_scale, config.loss_scale_window, config.hysteresis
+        )
+
+    @property
+    def at_minimum(self) -> bool:
+        """True when an overflow can no longer be cured by lowering the scale."""
+        return not self.dynamic or self.scale <= self.min_scale
+
+    def update(self, found_inf: bool) -> None:
+        if not self.dynamic:
+            return
+        if found_inf:
+            self.growth_tracker = 0
+            self.hysteresis_tracker -= 1
+            if self.hysteresis_tracker <= 0:
+                self.scale = max(self.scale * 0.5, self.min_scale)
+        else:
+            self.growth_tracker += 1
+            if self.growth_tracker == self.window:
+                self.growth_tracker = 0
+                self.hysteresis_tracker = self.hysteresis
+                self.scale *= 2.0
+
+    def state_dict(self) -> dict:
+        return {
+            "scale": self.scale,
+            "growth_tracker": self.growth_tracker,
+            "hysteresis_tracker": self.hysteresis_tracker,
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.scale = float(sd["scale"])
+        self.growth_tracker = int(sd["growth_tracker"])
+        self.hysteresis_tracker = int(sd["hysteresis_tracker"])
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al., 2023), decoupled weight decay::
+
+        c = beta1 * m + (1 - beta1) * g
+        p <- p - lr * (sign(c) + wd * p)
+        m <- beta2 * m + (1 - beta2) * g
+    """
+
+    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 - torch.optim signature
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                m = state["exp_avg"]
+                update = (m * beta1).add_(g, alpha=1 - beta1).sign_()
+                p.add_(update.add_(p, alpha=wd), alpha=-lr)
+                m.mul_(beta2).add_(g, alpha=1 - beta2)
+        return None
+
+
+@dataclass(eq=False)
+class MasterShard:
+    """One optimizer-owned tensor: elements ``[lo, hi)`` of ``param`` (flattened).
+
+    ``master`` is what the optimizer updates (fp32); ``grad`` the matching view of ``main_grad``.
+    ``alias`` means ``master`` shares storage with ``param`` (fp32 models): no copy back needed.
+    """
+
+    name: str
+    param: nn.Parameter
+    lo: int
+    hi: int
+    whole: bool  # [lo, hi) is the whole parameter and ``master`` has its shape
+    master: torch.Tensor
+    grad: torch.Tensor
+    alias: bool
+    decay: bool  # weight decay applies (not a bias or 1-D parameter)
+    in_norm: bool  # counted in the global grad norm on this rank
+
+    def param_view(self) -> torch.Tensor:
+        """The model-parameter elements this master is copied into."""
+        return self.param.detach() if self.whole else self.param.detach().view(-1)[self.lo : self.hi]
+
+
+@dataclass
+class StepResult:
+    success: bool  # False: non-finite gradients, the update was skipped
+    grad_norm: float  # global norm before clipping (unscaled; inf/nan when skipped)
+    loss_scale: float  # the scale that produced these gradients
+    skipped_in_a_row: int  # consecutive skipped steps, this one included
+    num_skipped: int  # skipped steps since the start of training
+
+
+def _param_names(chunks: Sequence[nn.Module]) -> dict[int, str]:
+    """Parameter names, prefixed with the chunk index when there are several chunks."""
+    prefix = [f"{c}." if len(chunks) > 1 else "" for c in range(len(chunks))]
+    return {id(p): prefix[c] + n for c, m in enumerate(chunks) for n, p in m.named_parameters()}
+
+
+def decays(name: str, param: nn.Parameter) -> bool:
+    """Megatron's rule: no weight decay for biases and 1-D parameters (norm weights)."""
+    return param.dim() > 1 and not name.endswith(".bias")
+
+
+class MixedPrecisionOptimizer:
+    """AdamW/Lion over fp32 masters with loss scaling, clipping and optional ZeRO-1 (see module doc)."""
+
+    def __init__(
+        self, chunks: Sequence[nn.Module], ddp: DataParallel, state: ParallelState, config: OptimizerConfig
+    ) -> None:
+        if config.use_distributed_optimizer != ddp.use_distributed_optimizer:
+            raise ValueError(
+                "use_distributed_optimizer differs between the optimizer config and DataParallel: set both"
+            )
+        if [id(c) for c in chunks] != [id(c) for c in ddp.chunks]:
+            raise ValueError("build the optimizer over the same model chunks as its DataParallel")
+        self.chunks = list(chunks)
+        self.ddp = ddp
+        self.state = state
+        self.config = config
+        self.scaler = LossScaler.from_config(config)
+        self.skipped_in_a_row = 0
+        self.num_skipped = 0
+        self.shards = self._build_shards()
+        self.shared_params = [
+            p for c in self.chunks for p in getattr(c, "shared_embedding_parameters", lambda: [])()
+        ]
+        self.sp_params = [p for p in ddp.params if getattr(p, "sequence_parallel", False)]
+        groups = [
+            {"params": [s.master for s in self.shards if s.decay], "weight_decay": config.weight_decay},
+            {"params": [s.master for s in self.shards if not s.decay], "weight_decay": 0.0},
+        ]
+        if config.optimizer == "adam":
+            on_cuda = any(s.master.is_cuda for s in self.shards)
+            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+                groups,
+                lr=config.lr,
+                betas=(config.adam_beta1, config.adam_beta2),
+                eps=config.adam_eps,
+                weight_decay=config.weight_decay,
+                fused=True if on_cuda else None,
+            )
+        else:
+            self.optimizer = Lion(groups, lr=config.lr, betas=(config.lion_beta1, config.lion_beta2))
+
+    def _build_shards(self) -> list[MasterShard]:
+        names = _param_names(self.chunks)
+        tp_rank = self.state.tp_rank if self.state.tp_size > 1 else 0
+
+        def make(p: nn.Parameter, lo: int, hi: int, whole: bool) -> MasterShard:
+            name = names[id(p)]
+            view = p.detach() if whole else p.detach().view(-1)[lo:hi]
+            alias = p.dtype == torch.float32
+            master = view if alias else view.to(torch.float32, copy=True)
+            grad = p.main_grad if whole else p.main_grad.view(-1)[lo:hi]
+            counted = (getattr(p, "tensor_model_parallel", False) or tp_rank == 0) and not getattr(
+                p, "shared_embedding", False
+            )
+            return MasterShard(name, p, lo, hi, whole, master, grad, alias, decays(name, p), counted)
+
+        shards = []
+        if not self.ddp.use_distributed_optimizer:
+            return [make(p, 0, p.numel(), True) for p in self.ddp.params]
+        for bucket in self.ddp.buckets:
+            lo, hi = bucket.shard_range(self.ddp.dp_rank, self.ddp.dp_size)
+            for p in bucket.params:
+                start, end = bucket.buffer.ranges[id(p)]
+                a, b = max(lo, start), min(hi, end)
+                if a < b:
+                    shards.append(make(p, a - start, b - start, False))
+        return shards
+
+    # ---------------------------------------------------------------------------- public API
+
+    @property
+    def loss_scale(self) -> float:
+        return self.scaler.scale
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss * S`` (S = 1 unless fp16): backward of this gives gradients scaled by S."""
+        return loss * self.scaler.scale if self.config.fp16 else loss
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def zero_grad(self) -> None:
+        self.ddp.zero_grad()
+
+    @torch.no_grad()
+    def step(self) -> StepResult:
+        """Reduce, check, clip and apply the gradients of one global batch (see module doc)."""
+        self.ddp.finish_grad_sync()
+        self._sync_model_parallel_grads()
+        grads = [s.grad for s in self.shards]
+        scale = self.scaler.scale
+        if self.config.fp16 and scale != 1.0:
+            torch._foreach_mul_(grads, 1.0 / scale)
+        grad_norm = self._global_grad_norm()
+
+        if not math.isfinite(grad_norm):
+            self.scaler.update(found_inf=True)
+            self.skipped_in_a_row += 1
+            self.num_skipped += 1
+            self.ddp.zero_grad()
+            if self.skipped_in_a_row > self.config.max_skipped_steps and self.scaler.at_minimum:
+                raise RuntimeError(
+                    f"gradients were non-finite (inf/nan) for {self.skipped_in_a_row} steps in a row "
+                    f"(loss scale {self.scaler.scale:g}): training diverged; lower --lr, check the data, "
+                    "or use --bf16 instead of --fp16"
+                )
+            return StepResult(False, grad_norm, scale, self.skipped_in_a_row, self.num_skipped)
+
+        clip = self.config.clip_grad
+        if clip > 0:
+            coef = clip / (grad_norm + 1e-6)
+            if coef < 1.0:
+                torch._foreach_mul_(grads, coef)
+        for s in self.shards:
+            s.master.grad = s.grad
+        self.optimizer.step()
+        for s in self.shards:
+            s.master.grad = None
+            if not s.alias:
+                s.param_view().copy_(s.master)
+        self.ddp.gather_params()
+        self.scaler.update(found_inf=False)
+        self.skipped_in_a_row = 0
+        self.ddp.zero_grad()
+        return StepResult(True, grad_norm, scale, 0, self.num_skipped)
+
+    def _sync_model_parallel_grads(self) -> None:
+        """Tied embeddings: sum over first+last stage. Sequence-parallel params: sum over TP."""
+        pairs = ((self.shared_params, self.state.embedding_group), (self.sp_params, self.state.tp_group))
+        for params, group in pairs:
+            if not params or group_size(group) == 1:
+                continue
+            summed = all_reduce(torch.cat([p.main_grad.view(-1) for p in params]), group)
+            for p, s in zip(params, summed.split([p.numel() for p in params])):
+                p.main_grad.copy_(s.view_as(p.main_grad))
+
+    def _global_grad_norm(self) -> float:
+        """sqrt of the sum of squares of every gradient element of the model, each counted once."""
+        counted = [s.grad for s in self.shards if s.in_norm]
+        device = self.ddp.buffers[0].grad_data.device if self.ddp.buffers else torch.device("cpu")
+        if counted:
+            norms = torch.stack(torch._foreach_norm(counted)).to(torch.float64)
+            total = (norms * norms).sum()
+        else:
+            total = torch.zeros((), dtype=torch.float64, device=device)
+        total = all_reduce(total, self.state.model_parallel_group)
+        if self.ddp.use_distributed_optimizer:
+            total = all_reduce(total, self.state.dp_group)
+        value = total.item()
+        return math.sqrt(value) if value >= 0 else float("nan")  # nan stays nan
+
+    # -------------------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict:
+        """This rank's optimizer state (tensors are references: serialise before stepping again).
+
+        Format ``megafast.optimizer/1``::
+
+            {"format", "optimizer": "adam"|"lion", "distributed": bool, "dp_rank", "dp_size",
+             "layout": [(param name, param shape, lo, hi), ...]   # one per master, in order
+             "torch_optimizer": torch.optim state_dict (master i = index i),
+             "master_params": [fp32 tensor, or None where the master is the fp32 model parameter],
+             "loss_scaler": {"scale", "growth_tracker", "hysteresis_tracker"},
+             "skipped_in_a_row", "num_skipped"}
+
+        Plain: identical on every DP rank. Distributed: each DP rank holds only its shards
+        (``lo:hi`` of the flattened parameter) and must get back its own dict, from an optimizer
+        built with the same layout (model, TP/PP/DP sizes, bucket size). Aliased fp32 masters
+        are the model parameters themselves and are restored by loading the model's state dict.
+        """
+        return {
+            "format": STATE_FORMAT,
+            "optimizer": self.config.optimizer,
+            "distributed": self.ddp.use_distributed_optimizer,
+            "dp_rank": self.ddp.dp_rank,
+            "dp_size": self.ddp.dp_size,
+            "layout": self._layout(),
+            "torch_optimizer": self.optimizer.state_dict(),
+            "master_params": [None if s.alias else s.master for s in self.shards],
+            "loss_scaler": self.scaler.state_dict(),
+            "skipped_in_a_row": self.skipped_in_a_row,
+            "num_skipped": self.num_skipped,
+        }
+
+    def _layout(self) -> list[tuple[str, tuple[int, ...], int, int]]:
+        return [(s.name, tuple(s.param.shape), s.lo, s.hi) for s in self.shards]
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore :meth:`state_dict` of an optimizer built the same way (load the model first)."""
+        if sd.get("format") != STATE_FORMAT:
+            raise ValueError(
+                f"not a megafast optimizer state (format {sd.get('format')!r}, want {STATE_FORMAT!r})"
+            )
+        mine = (self.config.optimizer, self.ddp.use_distributed_optimizer, self.ddp.dp_rank, self.ddp.dp_size)
+        theirs = (sd["optimizer"], sd["distributed"], sd["dp_rank"], sd["dp_size"])
+        if mine != theirs:
+            raise ValueError(
+                f"optimizer state was saved as (optimizer, distributed, dp_rank, dp_size)={theirs} but this "
+                f"optimizer is {mine}: resume with the same --optimizer, parallel layout and sharding"
+            )
+        if [tuple(x) for x in sd["layout"]] != [(n, tuple(s), lo, hi) for n, s, lo, hi in self._layout()]:
+            raise ValueError(
+                "optimizer state does not match this model's parameter layout: resume with the same model, "
+                "parallel sizes and --ddp-bucket-size"
+            )
+        self.optimizer.load_state_dict(sd["torch_optimizer"])
+        for s, m in zip(self.shards, sd["master_params"]):
+            if not s.alias:
+                s.master.copy_(m)
+        self.scaler.load_state_dict(sd["loss_scaler"])
+        self.skipped_in_a_row = int(sd["skipped_in_a_row"])
+        self.num_skipped = int(sd["num_skipped"])
+
+
+def build_optimizer(
+    chunks: Sequence[nn.Module], ddp: DataParallel, state: ParallelState, config: OptimizerConfig
+) -> MixedPrecisionOptimizer:
+    """The optimizer for ``chunks`` already wrapped by ``ddp`` (build ``ddp`` first)."""
+    return MixedPrecisionOptimizer(chunks, ddp, state, config)
+
+
+__all__ = [
+    "LossScaler",
+    "Lion",
+    "MixedPrecisionOptimizer",
+    "OptimizerConfig",
+    "StepResult",
+    "build_optimizer",
+    "decays",
+]
