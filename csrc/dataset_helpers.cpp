@@ -13,9 +13,12 @@ py::array_t<T> build_sample_idx(const py::array_t<int32_t, py::array::c_style>& 
                                 const py::array_t<int32_t, py::array::c_style>& document_index,
                                 int32_t seq_length, int32_t num_epochs, int64_t tokens_per_epoch,
                                 bool drop_last_partial_sequence, int32_t add_extra_token) {
-  if (seq_length <= 1) throw std::invalid_argument("build_sample_idx: seq_length must be > 1");
+  // Megatron asserts seq_length > 1 and tokens_per_epoch > 1, but its extension is compiled with
+  // NDEBUG, so seq_length == 1 and a one-token epoch work there; accept them the same way.
+  if (seq_length < 1) throw std::invalid_argument("build_sample_idx: seq_length must be >= 1");
   if (num_epochs <= 0) throw std::invalid_argument("build_sample_idx: num_epochs must be > 0");
-  if (tokens_per_epoch <= 1) throw std::invalid_argument("build_sample_idx: tokens_per_epoch must be > 1");
+  if (tokens_per_epoch < 1)
+    throw std::invalid_argument("build_sample_idx: tokens_per_epoch must be >= 1");
   if (add_extra_token != 0 && add_extra_token != 1)
     throw std::invalid_argument("build_sample_idx: add_extra_token must be 0 or 1");
   if (sizes.ndim() != 1 || document_index.ndim() != 1 || document_index.shape(0) == 0)

@@ -1,0 +1,149 @@
+"""Blend of several GPT datasets in fixed proportions (`--data-path 0.3 A 0.7 B`).
+
+Megatron-core 0.19.2's `BlendedDataset` with a size: the weights are normalised,
+`w_d = weight_d / sum(weights)`, and blended sample i is drawn greedily from the dataset furthest
+behind its share, `argmax_d w_d * max(i, 1) - n_d` (`n_d`: samples dataset d has given so far),
+which gives it that dataset's sample number `n_d` (see `helpers.build_blending_indices`). The two
+index arrays, int16[size] and int64[size], are cached like the GPT indices.
+
+Each contributing dataset must hold at least the samples the blend takes from it; the builder
+asks each for `ceil(ceil(size * w_d) * 1.005)` samples so that it does.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from megafast.data.gpt_dataset import GPTDataset
+from megafast.data.helpers import build_blending_indices
+from megafast.data.index_cache import Arrays, CacheSync, IndexCache, load_or_build
+
+INDEX_NAMES = ("dataset_index", "dataset_sample_index")
+_CACHE_FORMAT = "megafast-blend-indices-1"
+
+
+def normalize_weights(weights: Sequence[float]) -> list[float]:
+    """w / sum(w) in float64, exactly as Megatron's `normalize` computes it."""
+    w = np.asarray(weights, dtype=np.float64)
+    return (w / np.sum(w)).tolist()
+
+
+class BlendedDataset(torch.utils.data.Dataset):
+    """`size` samples drawn from `datasets` in proportion to `weights`.
+
+    Args:
+        datasets: the contributing datasets, all of one split.
+        weights: one positive weight per dataset (normalised here).
+        size: number of blended samples.
+        cache_dir: where the two index arrays are cached; None builds in memory.
+        sync: which rank builds the cache and the barrier the others wait on.
+
+    Item i is item `dataset_sample_index[i]` of dataset `dataset_index[i]`, with a `dataset_id`
+    entry (int64 scalar tensor) added, as Megatron's blend returns it.
+    """
+
+    def __init__(
+        self,
+        datasets: Sequence[GPTDataset],
+        weights: Sequence[float],
+        size: int,
+        cache_dir: str | None = None,
+        sync: CacheSync = CacheSync(),
+    ) -> None:
+        if not datasets or len(datasets) != len(weights):
+            raise ValueError(f"need one weight per dataset, got {len(weights)} for {len(datasets)}")
+        if len(datasets) >= np.iinfo(np.int16).max:
+            raise ValueError(f"at most {np.iinfo(np.int16).max - 1} datasets can be blended")
+        if not all(np.isfinite(w) and w > 0 for w in weights):
+            raise ValueError(f"blend weights must be finite and > 0, got {list(weights)}")
+        if len({d.split for d in datasets}) != 1:
+            raise ValueError("all blended datasets must come from the same split")
+        if size < 0:
+            raise ValueError(f"size must be >= 0, got {size}")
+        self.datasets = list(datasets)
+        self.split = datasets[0].split
+        self.weights = normalize_weights(weights)
+        self.size = int(size)
+
+        cache = None
+        if cache_dir is not None:
+            cache = IndexCache(cache_dir, f"BlendedDataset-{self.split}", self.description)
+        arrays, self.cache_hit = load_or_build(cache, sync, INDEX_NAMES, self._build_indices, self._check)
+        self._cache_paths = {n: cache.array_path(n) for n in INDEX_NAMES} if cache else None
+        self._set_indices(arrays)
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """Everything the blend indices depend on (JSON-serialisable)."""
+        return {
+            "format": _CACHE_FORMAT,
+            "class": "BlendedDataset",
+            "datasets": [d.identity for d in self.datasets],
+            "split": self.split,
+            "weights": self.weights,
+            "size": self.size,
+        }
+
+    @property
+    def description(self) -> str:
+        """`identity` as indented JSON; its md5 names the cache files."""
+        return json.dumps(self.identity, indent=4)
+
+    def _build_indices(self) -> Arrays:
+        dataset_index, dataset_sample_index = build_blending_indices(self.weights, self.size)
+        taken = np.bincount(dataset_index, minlength=len(self.datasets))
+        for d, (count, dataset) in enumerate(zip(taken.tolist(), self.datasets)):
+            if count > len(dataset):
+                raise RuntimeError(
+                    f"the {self.split} blend takes {count} samples from dataset {d} "
+                    f"({dataset.indexed.path_prefix}), which holds only {len(dataset)}; build the "
+                    "contributing datasets with more samples"
+                )
+        return {"dataset_index": dataset_index, "dataset_sample_index": dataset_sample_index}
+
+    def _check(self, arrays: Mapping[str, np.ndarray]) -> str | None:
+        expected = {"dataset_index": np.dtype(np.int16), "dataset_sample_index": np.dtype(np.int64)}
+        for name, dtype in expected.items():
+            a = arrays[name]
+            if a.dtype != dtype or a.shape != (self.size,):
+                return f"{name} is {a.dtype}{list(a.shape)}, expected {dtype}[{self.size}]"
+        if self.size and not 0 <= int(arrays["dataset_index"][-1]) < len(self.datasets):
+            return "dataset_index names a dataset that is not in the blend"
+        return None
+
+    def _set_indices(self, arrays: Mapping[str, np.ndarray]) -> None:
+        self.dataset_index = arrays["dataset_index"]
+        self.dataset_sample_index = arrays["dataset_sample_index"]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if self._cache_paths is not None:
+            for name in INDEX_NAMES:
+                del state[name]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self._cache_paths is not None:
+            self._set_indices({n: np.load(p, mmap_mode="r") for n, p in self._cache_paths.items()})
+
+    def __len__(self) -> int:
+        return self.dataset_index.shape[0]
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        n = len(self)
+        if not -n <= idx < n:
+            raise IndexError(f"sample {idx} out of range for a blend of {n} samples")
+        d = int(self.dataset_index[idx])
+        sample = self.datasets[d][int(self.dataset_sample_index[idx])]
+        return {"dataset_id": torch.tensor(d, dtype=torch.int64), **sample}
+
+    def __repr__(self) -> str:
+        return (
+            f"BlendedDataset(split={self.split}, size={self.size}, weights={self.weights}, "
+            f"datasets={[d.indexed.path_prefix for d in self.datasets]})"
+        )
