@@ -182,6 +182,15 @@ def parallel_config(args: argparse.Namespace) -> ParallelConfig:
     )
 
 
+def model_vocab_size(args: argparse.Namespace, tokenizer_vocab: Optional[int]) -> int:
+    """The model's (unpadded) vocabulary: the tokenizer's, or a larger ``--vocab-size``."""
+    if tokenizer_vocab is None:
+        return args.vocab_size
+    if args.tokenizer_type == "NullTokenizer" or args.vocab_size is None:
+        return tokenizer_vocab
+    return max(args.vocab_size, tokenizer_vocab)
+
+
 def _fail(message: str) -> None:
     raise SystemExit(f"error: {message}")
 
@@ -265,14 +274,15 @@ def validate_args(args: argparse.Namespace, world_size: int, vocab_size: Optiona
         _fail("--save-interval must be >= 1")
     if args.mock_data and vocab_size is None and args.vocab_size is None:
         _fail("--mock-data needs --vocab-size (or a tokenizer)")
-    if vocab_size is not None and args.vocab_size is not None and args.vocab_size < vocab_size:
+    null_tokenizer = args.tokenizer_type == "NullTokenizer"  # there --vocab-size defines the tokenizer
+    if vocab_size is not None and args.vocab_size is not None and not null_tokenizer and args.vocab_size < vocab_size:
         _fail(
             f"the tokenizer has {vocab_size} tokens but --vocab-size is {args.vocab_size}: "
             f"raise --vocab-size to at least {vocab_size} or drop it"
         )
     _check_data_files(args)
     try:
-        config = model_config(args, vocab_size or args.vocab_size or 1)
+        config = model_config(args, model_vocab_size(args, vocab_size))
         validate_layout(config, pconf, world_size)
     except ValueError as e:
         _fail(str(e))

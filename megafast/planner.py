@@ -43,7 +43,9 @@ def device_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
             if key in name:
                 return peak if dtype in (torch.bfloat16, torch.float16) else peak / 2
     n = 512
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(0)  # leaves the training RNG streams untouched
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     a @ b
     reps, start = 8, time.perf_counter()
     for _ in range(reps):

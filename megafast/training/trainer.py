@@ -1,0 +1,280 @@
+"""The pretraining loop behind ``pretrain_gpt.py``: set-up, train, evaluate, checkpoint.
+
+Order of work, so that every user error is reported before anything heavy starts: parse and
+validate flags (tokenizer vocabulary, batch sizes, layout, data files) -> process groups -> seeds
+-> model chunks -> data-parallel buffers and optimizer -> checkpoint load -> datasets -> loop.
+
+One iteration consumes one global batch: each DP rank runs ``num_microbatches`` micro-batches
+through the pipeline engine, the loss being the mean over the unmasked tokens of the whole global
+batch; gradients are summed over DP and the optimizer steps once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import socket
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megafast.arguments import model_config, model_vocab_size, parallel_config, parse_args, validate_args
+from megafast.config import GPTConfig
+from megafast.data.mock_dataset import MockGPTDataset
+from megafast.data.sampler import MicroBatchSampler
+from megafast.data.tokenizer import build_tokenizer
+from megafast.parallel.state import ParallelState
+from megafast.pipeline.engine import Microbatch, PipelineEngine
+from megafast.pipeline.partition import build_model_chunks
+from megafast.planner import device_peak_tflops, training_flops_per_token
+from megafast.training.checkpointing import Checkpointer, load_checkpoint
+from megafast.training.data_parallel import DataParallel
+from megafast.training.logging import IterationStats, Timer, TrainingLogger
+from megafast.training.lr_schedule import LRScheduler, megatron_schedule_steps
+from megafast.training.optimizer import OptimizerConfig, build_optimizer
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by :func:`setup`."""
+
+    args: argparse.Namespace
+    state: ParallelState
+    config: GPTConfig
+    device: torch.device
+    chunks: list
+    ddp: DataParallel
+    optimizer: object
+    scheduler: LRScheduler
+    engine: PipelineEngine
+    logger: TrainingLogger
+    checkpointer: Optional[Checkpointer]
+    train_ds: object
+    valid_ds: object
+    iteration: int = 0
+    consumed_samples: int = 0
+    consumed_valid_samples: int = 0
+
+
+def _ensure_distributed_env() -> None:
+    """``python pretrain_gpt.py`` without torchrun runs as a world of one."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def _set_seeds(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _tokenizer_vocab(args: argparse.Namespace) -> tuple[Optional[int], Optional[int]]:
+    """(vocabulary size, EOD id) of the tokenizer named by the flags, or (None, None)."""
+    if args.tokenizer_type is None:
+        return None, None
+    try:
+        tok = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file,
+                              args.vocab_size)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    return tok.vocab_size, tok.eod
+
+
+def _build_datasets(args: argparse.Namespace, vocab_size: int, eod: Optional[int], state: ParallelState):
+    gbs = args.global_batch_size
+    evals = (args.train_iters // args.eval_interval + 1) * args.eval_iters if args.eval_iters > 0 else 0
+    num_samples = [args.train_iters * gbs, evals * gbs, args.eval_iters * gbs]
+    if args.mock_data:
+        return MockGPTDataset(num_samples[0], args.seq_length, vocab_size, args.seed), (
+            MockGPTDataset(num_samples[1], args.seq_length, vocab_size, args.seed + 1) if num_samples[1] else None
+        )
+    from megafast.data.builder import build_gpt_datasets
+
+    try:
+        train, valid, _ = build_gpt_datasets(
+            args.data_path, args.split, args.seq_length, num_samples, args.seed, args.data_cache_path,
+            eod_mask_loss=args.eod_mask_loss, eod_token_id=eod,
+            group=None if state.world_size == 1 else dist.group.WORLD,
+        )
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if train is None:
+        raise SystemExit("error: the training split is empty: give it a share in --split (e.g. 969,30,1)")
+    return train, valid
+
+
+def setup(argv: Optional[Sequence[str]] = None) -> Run:
+    args = parse_args(argv)
+    _ensure_distributed_env()
+    tok_vocab, eod = _tokenizer_vocab(args)
+    validate_args(args, int(os.environ["WORLD_SIZE"]), tok_vocab)
+    vocab_size = model_vocab_size(args, tok_vocab)
+    config = model_config(args, vocab_size)
+
+    use_cuda = args.device == "cuda" or (args.device is None and torch.cuda.is_available())
+    state = ParallelState.from_env(parallel_config(args), args.distributed_backend, args.distributed_timeout_minutes)
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    # Megatron's seeding: pipeline stages differ, TP and DP ranks share the default stream.
+    _set_seeds(args.seed + 100 * state.pp_rank)
+    dtype = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else torch.float32)
+
+    chunks = build_model_chunks(config, state, seed=args.seed, num_chunks=args.num_model_chunks,
+                                method=args.pipeline_partition, params_dtype=dtype, device=device)
+    ddp = DataParallel(chunks, state, args.ddp_bucket_size_mb, args.use_distributed_optimizer,
+                       args.overlap_grad_reduce)
+    optimizer = build_optimizer(chunks, ddp, state, OptimizerConfig(
+        optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
+        bf16=args.bf16, fp16=args.fp16, loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
+        min_loss_scale=args.min_loss_scale, loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis,
+        use_distributed_optimizer=args.use_distributed_optimizer, max_skipped_steps=args.max_skipped_steps,
+    ))
+    steps = megatron_schedule_steps(args.train_iters, args.lr_decay_iters, args.lr_warmup_iters,
+                                    args.lr_warmup_fraction, args.lr_wsd_decay_iters, args.global_batch_size)
+    scheduler = LRScheduler(args.lr, args.min_lr, steps.warmup_steps, steps.decay_steps, args.lr_decay_style,
+                            steps.wsd_decay_steps, args.lr_wsd_decay_style)
+    logger = TrainingLogger(state.rank == state.world_size - 1, args.tensorboard_dir, args.log_jsonl)
+    checkpointer = (Checkpointer(args.save, state, async_save=args.async_save, max_checkpoints=args.max_checkpoints)
+                    if args.save else None)
+    seq_local = args.seq_length // (state.tp_size if state.sequence_parallel else 1)
+    engine = PipelineEngine(chunks, state, (seq_local, args.micro_batch_size, config.hidden_size), dtype, device,
+                            args.pipeline_schedule)
+    run = Run(args, state, config, device, chunks, ddp, optimizer, scheduler, engine, logger, checkpointer,
+              *_build_datasets(args, vocab_size, eod, state))
+    if args.load:
+        loaded = load_checkpoint(args.load, chunks, optimizer, scheduler, state, no_load_optim=args.no_load_optim,
+                                 no_load_rng=args.no_load_rng, finetune=args.finetune,
+                                 distributed_optimizer=args.use_distributed_optimizer,
+                                 missing_ok=args.load == args.save)
+        if loaded is None:
+            logger.info(f"no committed checkpoint in {args.load}: starting from scratch")
+        else:
+            run.iteration, run.consumed_samples = loaded.iteration, loaded.consumed_samples
+            run.consumed_valid_samples = loaded.consumed_valid_samples
+            logger.info(f"loaded checkpoint {loaded.path} at iteration {loaded.iteration}")
+    n_params = sum(p.numel() for c in chunks for p in c.parameters())
+    logger.info(f"> {state.world_size} ranks (TP={state.tp_size}, PP={state.pp_size}, DP={state.dp_size}); "
+                f"parameters on the last rank: {n_params:,}; {args.num_microbatches} micro-batches per step")
+    return run
+
+
+def _microbatches(dataset, sampler: Iterator[list[int]], count: int, device: torch.device) -> list[Microbatch]:
+    out = []
+    for _ in range(count):
+        items = [dataset[i] for i in next(sampler)]
+        stack = {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
+        out.append(Microbatch(stack["tokens"], stack["labels"], stack["loss_mask"], stack.get("position_ids")))
+    return out
+
+
+def _dp_sum(values: list[float], run: Run) -> torch.Tensor:
+    t = torch.tensor(values, dtype=torch.float64, device=run.device)
+    if run.state.dp_group is not None:
+        dist.all_reduce(t, group=run.state.dp_group)
+    return t
+
+
+def evaluate(run: Run) -> Optional[float]:
+    """Mean lm loss over ``--eval-iters`` global batches of the validation split (continuing)."""
+    args, state = run.args, run.state
+    if run.valid_ds is None or args.eval_iters == 0:
+        return None
+    for c in run.chunks:
+        c.eval()
+    sampler = iter(MicroBatchSampler(len(run.valid_ds), run.consumed_valid_samples, args.micro_batch_size,
+                                     state.dp_rank, state.dp_size))
+    loss_sum = tokens = 0.0
+    for _ in range(args.eval_iters):
+        mbs = _microbatches(run.valid_ds, sampler, args.num_microbatches, run.device)
+        result = run.engine.run(mbs, 1.0, forward_only=True)
+        summed = _dp_sum([result.loss_sum.item(), result.num_tokens.item()], run)
+        loss_sum, tokens = loss_sum + summed[0].item(), tokens + summed[1].item()
+        run.consumed_valid_samples += args.global_batch_size
+    for c in run.chunks:
+        c.train()
+    return loss_sum / max(tokens, 1.0)
+
+
+def _save(run: Run) -> None:
+    if run.checkpointer is None:
+        return
+    run.checkpointer.save(run.iteration, run.chunks, run.optimizer, run.scheduler,
+                          consumed_samples=run.consumed_samples, args=vars(run.args),
+                          consumed_valid_samples=run.consumed_valid_samples,
+                          distributed_optimizer=run.args.use_distributed_optimizer)
+    run.logger.info(f"saved checkpoint at iteration {run.iteration} to {run.args.save}")
+
+
+def train(run: Run) -> None:
+    args, state = run.args, run.state
+    gbs, seq = args.global_batch_size, args.seq_length
+    total = args.train_iters * gbs
+    sampler = iter(MicroBatchSampler(len(run.train_ds), run.consumed_samples, args.micro_batch_size,
+                                     state.dp_rank, state.dp_size))
+    flops_per_token = training_flops_per_token(run.config, seq)
+    peak = args.peak_tflops or device_peak_tflops(run.device, torch.bfloat16 if args.bf16 else torch.float32)
+    timer, interval_loss, interval_iters, nan_iterations = Timer(), 0.0, 0, 0
+    for c in run.chunks:
+        c.train()
+    while run.iteration < args.train_iters and run.consumed_samples < total:
+        mbs = _microbatches(run.train_ds, sampler, args.num_microbatches, run.device)
+        denominator = _dp_sum([float(sum(mb.loss_mask.sum() for mb in mbs))], run)[0].item()
+        run.optimizer.set_lr(run.scheduler.lr)
+        run.ddp.set_last_microbatch(False)
+        result = run.engine.run(mbs, max(denominator, 1.0), loss_scale=run.optimizer.loss_scale,
+                                before_last_backward=lambda c: run.ddp.set_last_microbatch(True, chunk=c))
+        step = run.optimizer.step()
+        if step.success:
+            run.scheduler.step(gbs)
+        run.iteration += 1
+        run.consumed_samples += gbs
+        loss = _dp_sum([result.loss_sum.item()], run)[0].item() / max(denominator, 1.0)
+        if not np.isfinite(loss):
+            nan_iterations += 1
+        interval_loss, interval_iters = interval_loss + loss, interval_iters + 1
+        if run.checkpointer is not None:
+            run.checkpointer.maybe_finalize()
+
+        if run.iteration % args.log_interval == 0 or run.iteration == args.train_iters:
+            elapsed = timer.reset() / interval_iters
+            tokens_per_sec = gbs * seq / elapsed
+            tflops = flops_per_token * tokens_per_sec / state.world_size / 1e12
+            run.logger.log_iteration(IterationStats(
+                iteration=run.iteration, train_iters=args.train_iters, consumed_samples=run.consumed_samples,
+                elapsed_ms=1000 * elapsed, tokens_per_sec=tokens_per_sec, tflops_per_gpu=tflops, mfu=tflops / peak,
+                lr=run.optimizer.lr, global_batch_size=gbs, lm_loss=interval_loss / interval_iters,
+                loss_scale=step.loss_scale, grad_norm=step.grad_norm if step.success else None,
+                skipped_iterations=step.num_skipped, nan_iterations=nan_iterations,
+            ))
+            interval_loss, interval_iters = 0.0, 0
+        if args.eval_interval and run.iteration % args.eval_interval == 0:
+            val = evaluate(run)
+            if val is not None:
+                run.logger.log_validation(run.iteration, val)
+        if args.save_interval and run.iteration % args.save_interval == 0:
+            _save(run)
+        if args.exit_interval and run.iteration % args.exit_interval == 0:
+            break
+    if args.save and (not args.save_interval or run.iteration % args.save_interval):
+        _save(run)
+
+
+def pretrain(argv: Optional[Sequence[str]] = None) -> None:
+    run = setup(argv)
+    try:
+        train(run)
+    finally:
+        if run.checkpointer is not None:
+            run.checkpointer.close()
+        run.logger.close()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
