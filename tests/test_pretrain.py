@@ -101,7 +101,7 @@ def test_every_layout_trains_the_same_model(dataset, tmp_path):
 
 @pytest.mark.parametrize("nproc,extra", [
     (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
-    (2, ["--use-distributed-optimizer"]),
+    (2, ["--use-distributed-optimizer", "--async-save"]),
 ])
 def test_resume_is_bit_exact(dataset, tmp_path, nproc, extra):
     common = MODEL + TRAIN + data_args(dataset, tmp_path) + extra + ["--train-iters", "20", "--save-interval", "10"]
@@ -116,6 +116,21 @@ def test_resume_is_bit_exact(dataset, tmp_path, nproc, extra):
     for it in range(1, 21):  # dropout is on (default 0.1): RNG states must be restored too
         for key in ("lm_loss", "grad_norm", "lr", "consumed_samples"):
             assert a[it][key] == b[it][key], f"iteration {it} {key}: {a[it][key]} != {b[it][key]}"
+
+
+def test_bf16_tracks_fp32(dataset, tmp_path):
+    """bf16 compute with fp32 master weights follows the fp32 run within bf16 precision."""
+    common = MODEL + TRAIN + data_args(dataset, tmp_path) + [
+        "--pipeline-model-parallel-size", "2", "--train-iters", "10", "--hidden-dropout", "0", "--attention-dropout", "0"]
+    losses = {}
+    for name, extra in (("fp32", []), ("bf16", ["--bf16"])):
+        log = tmp_path / f"{name}.jsonl"
+        torchrun(2, common + extra + ["--log-jsonl", str(log)])
+        recs = train_records(log)
+        losses[name] = np.array([recs[it]["lm_loss"] for it in range(1, 11)])
+    err = np.max(np.abs(losses["bf16"] - losses["fp32"]) / losses["fp32"])
+    assert 0 < err <= 2e-2, f"bf16 vs fp32 relative loss difference {err:.2e}"
+    assert losses["bf16"][-1] < losses["bf16"][0]
 
 
 def _kill_one_worker(proc: subprocess.Popen, delay: float) -> bool:

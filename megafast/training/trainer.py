@@ -111,6 +111,23 @@ def _build_datasets(args: argparse.Namespace, vocab_size: int, eod: Optional[int
     return train, valid
 
 
+def _optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
+    return OptimizerConfig(
+        optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
+        bf16=args.bf16, fp16=args.fp16, loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
+        min_loss_scale=args.min_loss_scale, loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis,
+        use_distributed_optimizer=args.use_distributed_optimizer, max_skipped_steps=args.max_skipped_steps,
+    )
+
+
+def _scheduler(args: argparse.Namespace) -> LRScheduler:
+    steps = megatron_schedule_steps(args.train_iters, args.lr_decay_iters, args.lr_warmup_iters,
+                                    args.lr_warmup_fraction, args.lr_wsd_decay_iters, args.global_batch_size)
+    return LRScheduler(args.lr, args.min_lr, steps.warmup_steps, steps.decay_steps, args.lr_decay_style,
+                        steps.wsd_decay_steps, args.lr_wsd_decay_style)
+
+
 def setup(argv: Optional[Sequence[str]] = None) -> Run:
     args = parse_args(argv)
     _ensure_distributed_env()
@@ -118,6 +135,11 @@ def setup(argv: Optional[Sequence[str]] = None) -> Run:
     validate_args(args, int(os.environ["WORLD_SIZE"]), tok_vocab)
     vocab_size = model_vocab_size(args, tok_vocab)
     config = model_config(args, vocab_size)
+
+    try:  # pure configuration: fail here, before any process group exists
+        opt_config, scheduler = _optimizer_config(args), _scheduler(args)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
     use_cuda = args.device == "cuda" or (args.device is None and torch.cuda.is_available())
     state = ParallelState.from_env(parallel_config(args), args.distributed_backend, args.distributed_timeout_minutes)
@@ -130,17 +152,7 @@ def setup(argv: Optional[Sequence[str]] = None) -> Run:
                                 method=args.pipeline_partition, params_dtype=dtype, device=device)
     ddp = DataParallel(chunks, state, args.ddp_bucket_size_mb, args.use_distributed_optimizer,
                        args.overlap_grad_reduce)
-    optimizer = build_optimizer(chunks, ddp, state, OptimizerConfig(
-        optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
-        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
-        bf16=args.bf16, fp16=args.fp16, loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
-        min_loss_scale=args.min_loss_scale, loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis,
-        use_distributed_optimizer=args.use_distributed_optimizer, max_skipped_steps=args.max_skipped_steps,
-    ))
-    steps = megatron_schedule_steps(args.train_iters, args.lr_decay_iters, args.lr_warmup_iters,
-                                    args.lr_warmup_fraction, args.lr_wsd_decay_iters, args.global_batch_size)
-    scheduler = LRScheduler(args.lr, args.min_lr, steps.warmup_steps, steps.decay_steps, args.lr_decay_style,
-                            steps.wsd_decay_steps, args.lr_wsd_decay_style)
+    optimizer = build_optimizer(chunks, ddp, state, opt_config)
     logger = TrainingLogger(state.rank == state.world_size - 1, args.tensorboard_dir, args.log_jsonl)
     checkpointer = (Checkpointer(args.save, state, async_save=args.async_save, max_checkpoints=args.max_checkpoints)
                     if args.save else None)
@@ -231,7 +243,10 @@ def train(run: Run) -> None:
         run.ddp.set_last_microbatch(False)
         result = run.engine.run(mbs, max(denominator, 1.0), loss_scale=run.optimizer.loss_scale,
                                 before_last_backward=lambda c: run.ddp.set_last_microbatch(True, chunk=c))
-        step = run.optimizer.step()
+        try:
+            step = run.optimizer.step()
+        except RuntimeError as e:  # too many non-finite steps in a row
+            raise SystemExit(f"error: {e}") from None
         if step.success:
             run.scheduler.step(gbs)
         run.iteration += 1

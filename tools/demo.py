@@ -1,0 +1,102 @@
+"""`make demo`: the whole job on its embedded default, on a CPU.
+
+demo corpus (Python's standard library as jsonl) -> SentencePiece BPE tokenizer -> indexed dataset
+-> `torchrun --nproc-per-node 4 pretrain_gpt.py` of a small Llama-style model with TP=2 and PP=2
+-> checkpoint; then prints where everything is and the first and last loss. Steps whose output
+already exists are skipped, so a second run only trains again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MODEL = [
+    "--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "8", "--group-query-attention",
+    "--num-query-groups", "4", "--ffn-hidden-size", "352", "--position-embedding-type", "rope",
+    "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
+    "--attention-dropout", "0.0", "--hidden-dropout", "0.0",
+]
+
+
+def step(title: str, cmd: list[str], output: Path) -> None:
+    if output.exists():
+        print(f"==> {title}: {output} exists, skipped", flush=True)
+        return
+    print(f"==> {title}\n    {' '.join(cmd)}", flush=True)
+    start = time.time()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    print(f"    done in {time.time() - start:.1f} s", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dir", default="demo", help="where everything goes (default ./demo)")
+    p.add_argument("--nproc", type=int, default=4, help="ranks: TP=2 x PP=2 x DP=nproc/4")
+    p.add_argument("--train-iters", type=int, default=300)
+    p.add_argument("--corpus-mb", type=float, default=4.0)
+    p.add_argument("--vocab-size", type=int, default=4000)
+    args = p.parse_args()
+    if args.nproc % 4:
+        raise SystemExit(f"error: --nproc {args.nproc} must be a multiple of 4 (TP=2 x PP=2)")
+
+    out = Path(args.dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    corpus, sp_prefix = out / "corpus.jsonl", out / "tokenizer"
+    data_prefix = out / "data" / "corpus"
+    dataset = Path(f"{data_prefix}_text_document")
+    ckpt, log = out / "checkpoints", out / "train_log.jsonl"
+    started = time.time()
+
+    step("demo corpus", [py, "tools/make_demo_corpus.py", "--output", str(corpus), "--size-mb", str(args.corpus_mb)],
+         corpus)
+    step("tokenizer", [py, "tools/train_tokenizer.py", "--input", str(corpus), "--model-prefix", str(sp_prefix),
+                       "--vocab-size", str(args.vocab_size), "--model-type", "bpe"], Path(f"{sp_prefix}.model"))
+    data_prefix.parent.mkdir(exist_ok=True)
+    step("preprocess", [py, "tools/preprocess_data.py", "--input", str(corpus), "--output-prefix", str(data_prefix),
+                        "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", f"{sp_prefix}.model",
+                        "--append-eod", "--workers", "2"], Path(f"{dataset}.idx"))
+
+    if log.exists():
+        log.unlink()
+    train = [
+        py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}", "pretrain_gpt.py",
+        "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", *MODEL,
+        "--seq-length", "128", "--micro-batch-size", "4", "--global-batch-size", str(16 * args.nproc // 4),
+        "--train-iters", str(args.train_iters), "--lr", "3e-3", "--min-lr", "3e-4", "--lr-decay-style", "cosine",
+        "--lr-warmup-iters", "20", "--weight-decay", "0.1", "--clip-grad", "1.0",
+        "--data-path", str(dataset), "--split", "98,2,0", "--data-cache-path", str(out / "index_cache"),
+        "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", f"{sp_prefix}.model",
+        "--save", str(ckpt), "--save-interval", str(args.train_iters), "--log-interval", "10",
+        "--eval-interval", "100", "--eval-iters", "2", "--log-jsonl", str(log),
+        "--tensorboard-dir", str(out / "tensorboard"), "--device", "cpu",
+    ]
+    print(f"==> pretraining (TP=2, PP=2, {args.nproc} ranks)\n    {' '.join(train)}", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(train, check=True, cwd=ROOT, env=env)
+
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    losses = [r for r in records if r["type"] == "train"]
+    first, last = losses[0], losses[-1]
+    print(f"\nmegafast demo finished in {time.time() - started:.0f} s")
+    print(f"  lm loss {first['lm_loss']:.3f} at iteration {first['iteration']} -> {last['lm_loss']:.3f} "
+          f"at iteration {last['iteration']} ({last['tokens_per_sec']:.0f} tokens/s)")
+    print(f"  corpus       {corpus}")
+    print(f"  tokenizer    {sp_prefix}.model")
+    print(f"  dataset      {dataset}.bin / .idx")
+    print(f"  checkpoint   {ckpt}/iter_{last['iteration']:07d}")
+    print(f"  log          {log} (TensorBoard: {out / 'tensorboard'})")
+    if last["lm_loss"] >= first["lm_loss"]:
+        raise SystemExit("error: the loss did not fall during the demo run")
+
+
+if __name__ == "__main__":
+    main()
