@@ -1,0 +1,90 @@
+"""Tokenize a corpus into Megatron indexed datasets (`{output_prefix}_{key}_document.{bin,idx}`).
+
+    python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \\
+        --tokenizer-type SentencePieceTokenizer --tokenizer-model sp.model \\
+        --json-keys text --append-eod --workers 8
+
+Inputs: .jsonl, .jsonl.gz, .txt (documents separated by blank lines) and .parquet (string
+columns, or integer-list columns of token ids written as-is). The logic lives in
+`megafast.data.preprocess`; this is its command line, with Megatron's flag names.
+Exit status 1 with one `error:` line for user errors (missing file, unknown tokenizer, a bad line
+with --strict); nothing that looks like a finished dataset is left behind on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megafast.data.preprocess import PreprocessConfig, preprocess  # noqa: E402
+from megafast.data.tokenizer import TOKENIZER_TYPES  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_argument_group("input data")
+    group.add_argument("--input", required=True, help=".jsonl, .jsonl.gz, .txt or .parquet file")
+    group.add_argument("--json-keys", nargs="+", default=["text"],
+                       help="fields (parquet: columns) to tokenize, one dataset each (default text)")
+    group = parser.add_argument_group("tokenizer")
+    group.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES +
+                       ("GPTSentencePieceTokenizer",))
+    group.add_argument("--tokenizer-model", help="SentencePiece .model, or a HF tokenizer "
+                       "directory / tokenizer.json")
+    group.add_argument("--vocab-file", help="GPT2BPETokenizer: vocab.json")
+    group.add_argument("--merge-file", help="GPT2BPETokenizer: merges.txt")
+    group.add_argument("--vocab-size", type=int, help="NullTokenizer: ids 0..V-1, EOD is V")
+    group.add_argument("--append-eod", action="store_true",
+                       help="end every non-empty document with the tokenizer's EOD")
+    group = parser.add_argument_group("output data")
+    group.add_argument("--output-prefix", required=True,
+                       help="writes PREFIX_{key}_document.bin/.idx")
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    group.add_argument("--partitions", type=int, default=1,
+                       help="accepted for compatibility: the input is streamed with bounded "
+                            "memory, so it is never split; output keeps the input order")
+    group.add_argument("--log-interval", type=int, default=1000,
+                       help="documents between progress lines when stderr is not a terminal")
+    group.add_argument("--strict", action="store_true",
+                       help="stop at the first bad input line instead of skipping it")
+    group.add_argument("--no-word-cache", action="store_true",
+                       help="encode whole documents with the tokenizer (no per-word cache)")
+    group.add_argument("--no-progress-bar", action="store_true", help="log lines instead of a bar")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.partitions > 1:
+        print(f"note: --partitions {args.partitions} is not needed (the input is streamed); "
+              "writing one dataset per key in input order", file=sys.stderr)
+    try:
+        config = PreprocessConfig(
+            input=args.input, output_prefix=args.output_prefix,
+            tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model,
+            vocab_file=args.vocab_file, merge_file=args.merge_file, vocab_size=args.vocab_size,
+            json_keys=args.json_keys, append_eod=args.append_eod, workers=args.workers,
+            log_interval=args.log_interval, strict=args.strict,
+            word_cache=not args.no_word_cache,
+            progress=False if args.no_progress_bar else None,
+        )
+        stats = preprocess(config)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: temporary output files were removed") from None
+    mb = stats.input_bytes / 1e6
+    rate = f"{stats.documents / stats.seconds:,.0f} docs/s, {mb / stats.seconds:.2f} MB/s"
+    print(f"{stats.documents} documents, {mb:.1f} MB in {stats.seconds:.1f} s ({rate})",
+          file=sys.stderr)
+    for prefix in stats.outputs:
+        print(f"wrote {prefix}.bin and {prefix}.idx", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
