@@ -28,6 +28,8 @@ from typing import Iterator
 
 from tqdm import tqdm
 
+from megafast.atomic_file import atomic_write
+
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
 
@@ -99,26 +101,22 @@ def make_demo_corpus(output: str, size_mb: float = 8.0, doc_chars: int = 2048,
     target = int(size_mb * 1e6)
     out_dir = os.path.dirname(os.path.abspath(output))
     os.makedirs(out_dir, exist_ok=True)
-    tmp = output + ".tmp"
     written = docs = 0
+
+    def write(f) -> None:
+        nonlocal written, docs
+        for text in iter_documents(doc_chars):
+            line = (json.dumps({"text": text}, ensure_ascii=False) + "\n").encode("utf-8")
+            f.write(line)
+            written += len(line)
+            docs += 1
+            bar.update(min(len(line), max(0, target - bar.n)))
+            if written >= target:
+                break
+
     bar = tqdm(total=target, unit="B", unit_scale=True, desc="demo corpus", disable=not progress)
     try:
-        with open(tmp, "wb") as f:
-            for text in iter_documents(doc_chars):
-                line = (json.dumps({"text": text}, ensure_ascii=False) + "\n").encode("utf-8")
-                f.write(line)
-                written += len(line)
-                docs += 1
-                bar.update(min(len(line), max(0, target - bar.n)))
-                if written >= target:
-                    break
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, output)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-        raise
+        atomic_write(output, write)
     finally:
         bar.close()
     return docs, written

@@ -20,7 +20,7 @@ import torch
 
 from megafast.data.gpt_dataset import GPTDataset
 from megafast.data.helpers import build_blending_indices
-from megafast.data.index_cache import Arrays, CacheSync, IndexCache, load_or_build
+from megafast.data.index_cache import Arrays, CacheSync, IndexCache, MappedIndices, load_or_build
 
 INDEX_NAMES = ("dataset_index", "dataset_sample_index")
 _CACHE_FORMAT = "megafast-blend-indices-1"
@@ -32,7 +32,7 @@ def normalize_weights(weights: Sequence[float]) -> list[float]:
     return (w / np.sum(w)).tolist()
 
 
-class BlendedDataset(torch.utils.data.Dataset):
+class BlendedDataset(MappedIndices, torch.utils.data.Dataset):
     """`size` samples drawn from `datasets` in proportion to `weights`.
 
     Args:
@@ -114,22 +114,6 @@ class BlendedDataset(torch.utils.data.Dataset):
         if self.size and not 0 <= int(arrays["dataset_index"][-1]) < len(self.datasets):
             return "dataset_index names a dataset that is not in the blend"
         return None
-
-    def _set_indices(self, arrays: Mapping[str, np.ndarray]) -> None:
-        self.dataset_index = arrays["dataset_index"]
-        self.dataset_sample_index = arrays["dataset_sample_index"]
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        if self._cache_paths is not None:
-            for name in INDEX_NAMES:
-                del state[name]
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        if self._cache_paths is not None:
-            self._set_indices({n: np.load(p, mmap_mode="r") for n, p in self._cache_paths.items()})
 
     def __len__(self) -> int:
         return self.dataset_index.shape[0]

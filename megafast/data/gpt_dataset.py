@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from megafast.data.helpers import build_sample_idx, num_samples_in_stream, sample_idx_dtype
-from megafast.data.index_cache import Arrays, CacheSync, IndexCache, load_or_build
+from megafast.data.index_cache import Arrays, CacheSync, IndexCache, MappedIndices, load_or_build
 from megafast.data.indexed_dataset import IndexedDataset
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def build_shuffle_index(num_first: int, total: int, rng: np.random.RandomState) 
     return np.concatenate((first, last))
 
 
-class GPTDataset(torch.utils.data.Dataset):
+class GPTDataset(MappedIndices, torch.utils.data.Dataset):
     """Samples of `seq_length + 1` tokens from the sequences `[beg, end)` of an indexed dataset.
 
     Args:
@@ -275,27 +275,6 @@ class GPTDataset(torch.utils.data.Dataset):
         if n and not (int(shuffle[0]) < n and int(shuffle[-1]) < n):
             return "shuffle_index holds samples out of range"
         return None
-
-    def _set_indices(self, arrays: Mapping[str, np.ndarray]) -> None:
-        self.document_index = arrays["document_index"]
-        self.sample_index = arrays["sample_index"]
-        self.shuffle_index = arrays["shuffle_index"]
-
-    # ---- pickling (DataLoader workers): re-map cached files instead of copying the arrays ----
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        if self._cache_paths is not None:
-            for name in INDEX_NAMES:
-                del state[name]
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        if self._cache_paths is not None:
-            self._set_indices({n: np.load(p, mmap_mode="r") for n, p in self._cache_paths.items()})
-
-    # ---- access ----
 
     def __len__(self) -> int:
         return self.sample_index.shape[0] - 1

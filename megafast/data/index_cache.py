@@ -23,11 +23,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import uuid
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import numpy as np
+
+from megafast.atomic_file import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -65,21 +66,6 @@ class CacheSync:
 def description_hash(description: str) -> str:
     """md5 hex digest of the description text (a cache key, not a security measure)."""
     return hashlib.md5(description.encode("utf-8"), usedforsecurity=False).hexdigest()
-
-
-def _atomic_write(path: str, write: Callable[[object], None]) -> None:
-    """Write `path` through a temporary file in the same directory, fsync, then rename."""
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class IndexCache:
@@ -135,8 +121,8 @@ class IndexCache:
         if os.path.exists(self.description_path):
             os.remove(self.description_path)  # uncommit while the arrays are replaced
         for name, array in arrays.items():
-            _atomic_write(self.array_path(name), lambda f, a=array: np.save(f, a, allow_pickle=False))
-        _atomic_write(self.description_path, lambda f: f.write(self.description.encode("utf-8")))
+            atomic_write(self.array_path(name), lambda f, a=array: np.save(f, a, allow_pickle=False))
+        atomic_write(self.description_path, lambda f: f.write(self.description.encode("utf-8")))
 
 
 def load_or_build(
@@ -187,3 +173,28 @@ def load_or_build(
         hit = True
     assert arrays is not None
     return arrays, hit
+
+
+class MappedIndices:
+    """Index arrays held as attributes named like their cache files.
+
+    Pickling (DataLoader workers) sends the cache paths, not the arrays; unpickling maps the
+    files again. Subclasses set ``self._cache_paths`` (None when built in memory).
+    """
+
+    _cache_paths: dict[str, str] | None
+
+    def _set_indices(self, arrays: Mapping[str, np.ndarray]) -> None:
+        for name, array in arrays.items():
+            setattr(self, name, array)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        for name in self._cache_paths or ():
+            del state[name]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self._cache_paths is not None:
+            self._set_indices({n: np.load(p, mmap_mode="r") for n, p in self._cache_paths.items()})

@@ -38,13 +38,14 @@ import threading
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Optional, Protocol, Sequence, Union
+from typing import Any, Optional, Protocol, Sequence, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from megafast.atomic_file import atomic_write
 from megafast.parallel.state import ParallelState
 
 CHECKPOINT_VERSION = 3.0
@@ -114,38 +115,14 @@ def read_latest_checkpoint(root: str) -> Optional[tuple[int, bool]]:
 # ------------------------------------------------------------------------------ atomic writes
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """Write ``path`` via a temporary sibling: write, flush, fsync, rename, fsync the directory."""
-    directory = os.path.dirname(path) or "."
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _fsync_dir(directory)
-
-
 def atomic_torch_save(obj: Any, path: str) -> None:
     """``torch.save(obj, path)`` that never leaves a partial file under ``path``."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 # ------------------------------------------------------------------------ state collection

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megafast.parallel.mappings import all_reduce, group_size
