@@ -133,15 +133,22 @@ def test_bf16_tracks_fp32(dataset, tmp_path):
     assert losses["bf16"][-1] < losses["bf16"][0]
 
 
-def _kill_one_worker(proc: subprocess.Popen, delay: float) -> bool:
-    """SIGKILL one random torchrun worker after ``delay`` s; False if the run ended first."""
-    deadline = time.time() + delay
-    while time.time() < deadline:
+def _line_count(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _kill_one_worker(proc: subprocess.Popen, log: Path, delay: float) -> bool:
+    """Once the run has logged a new iteration, wait ``delay`` s more and SIGKILL one random
+    torchrun worker (saves happen every iteration, so this often lands inside one). False if the
+    run ended first."""
+    start = _line_count(log)
+    while _line_count(log) <= start:
         if proc.poll() is not None:
             return False
-        time.sleep(0.05)
+        time.sleep(0.02)
+    time.sleep(delay)
     children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    if not children:
+    if proc.poll() is not None or not children:
         return False
     os.kill(int(random.choice(children)), signal.SIGKILL)
     return True
@@ -160,7 +167,7 @@ def test_killed_run_resumes_from_last_commit(dataset, tmp_path):
                str(ROOT / "pretrain_gpt.py"), *common, "--save", str(save), "--load", str(save), "--log-jsonl", str(log)]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
-        if attempt < 3 and _kill_one_worker(proc, rng.uniform(4.0, 9.0)):
+        if attempt < 3 and _kill_one_worker(proc, log, rng.uniform(0.0, 1.0)):
             kills += 1
         proc.wait(timeout=300)
         if proc.returncode == 0:
