@@ -133,8 +133,6 @@ def save_and_reload(state: ParallelState, root: str, rank: int, ckptr: Checkpoin
 
 
 def mp_dirs(tp: int, pp: int) -> list[str]:
-    if pp == 1:
-        return [f"mp_rank_{t:02d}" for t in range(tp)]
     return [f"mp_rank_{t:02d}_{p:03d}" for t in range(tp) for p in range(pp)]
 
 
@@ -178,7 +176,7 @@ def crash_then_resave(state: ParallelState, root: str, rank: int) -> dict:
     with pytest.raises(RuntimeError, match=r"was not committed: writing failed on rank\(s\) \[1\]"):
         ckptr.save(20, model, opt, sched, consumed_samples=160, args={}, distributed_optimizer=True)
     ckpt_mod.atomic_torch_save = good_save
-    half_written = sorted(os.listdir(os.path.join(root, "iter_0000020", "mp_rank_00")))
+    half_written = sorted(os.listdir(os.path.join(root, "iter_0000020", "mp_rank_00_000")))
     ckptr._barrier()
     committed = read_latest_checkpoint(root)
     loaded = load_checkpoint(root, model, opt, sched, state, distributed_optimizer=True).iteration
@@ -188,7 +186,7 @@ def crash_then_resave(state: ParallelState, root: str, rank: int) -> dict:
         "half_written": half_written,
         "committed": committed,
         "loaded": loaded,
-        "after": sorted(os.listdir(os.path.join(root, "iter_0000020", "mp_rank_00"))),
+        "after": sorted(os.listdir(os.path.join(root, "iter_0000020", "mp_rank_00_000"))),
         "latest": read_latest_checkpoint(root),
     }
 
@@ -219,7 +217,7 @@ def async_matches_sync(state: ParallelState, root: str, rank: int) -> dict:
     ckptr.finalize()
     ckpt_mod.atomic_torch_save = good_save
     ckptr.close()
-    name = os.path.join("iter_0000005", f"mp_rank_{state.tp_rank:02d}", "model_optim_rng.pt")
+    name = os.path.join("iter_0000005", f"mp_rank_{state.tp_rank:02d}_000", "model_optim_rng.pt")
     a = torch.load(os.path.join(sync_root, name), weights_only=False)
     b = torch.load(os.path.join(async_root, name), weights_only=False)
     assert_same(a, b, "async vs sync file")
@@ -261,9 +259,9 @@ def test_single_process_round_trip_and_file_contents(tmp_path):
     assert listing(root) == {
         ".": ["latest_checkpointed_iteration.txt"],
         "iter_0000010": [],
-        "iter_0000010/mp_rank_00": ["model_optim_rng.pt"],
+        "iter_0000010/mp_rank_00_000": ["model_optim_rng.pt"],
     }
-    sd = torch.load(os.path.join(root, "iter_0000010/mp_rank_00/model_optim_rng.pt"), weights_only=False)
+    sd = torch.load(os.path.join(root, "iter_0000010/mp_rank_00_000/model_optim_rng.pt"), weights_only=False)
     assert set(sd) == {
         "model", "optimizer", "opt_param_scheduler", "rng_state", "iteration", "consumed_samples", "args",
         "checkpoint_version", "parallel_layout",
@@ -275,12 +273,24 @@ def test_single_process_round_trip_and_file_contents(tmp_path):
     }
 
 
+def test_megatron_directory_name_without_pipelining_is_read(tmp_path):
+    """Megatron-LM names the pp == 1 directory mp_rank_00; such a checkpoint loads."""
+    state = ParallelState.single()
+    model, opt, sched = setup(state)
+    with Checkpointer(str(tmp_path), state) as ckptr:
+        ckptr.save(3, [model], opt, sched, consumed_samples=24, args={})
+    os.rename(tmp_path / "iter_0000003/mp_rank_00_000", tmp_path / "iter_0000003/mp_rank_00")
+    fresh, fresh_opt, fresh_sched = setup(state, seed=99)
+    assert load_checkpoint(str(tmp_path), [fresh], fresh_opt, fresh_sched, state).iteration == 3
+    assert_same(fresh.state_dict(), model.state_dict(), "model")
+
+
 def test_virtual_chunks_finetune_and_release(tmp_path):
     state = ParallelState.single()
     chunks = [GPTModel(tiny_config(), state, seed=1, layer_range=(0, 1)),
               GPTModel(tiny_config(), state, seed=2, layer_range=(1, 2))]
     save_checkpoint(str(tmp_path), 30, chunks, None, None, state, consumed_samples=3, args={})
-    sd = torch.load(tmp_path / "iter_0000030/mp_rank_00/model_optim_rng.pt", weights_only=False)
+    sd = torch.load(tmp_path / "iter_0000030/mp_rank_00_000/model_optim_rng.pt", weights_only=False)
     assert {"model0", "model1"} <= set(sd) and "model" not in sd
     fresh = [GPTModel(tiny_config(), state, seed=5, layer_range=(0, 1)),
              GPTModel(tiny_config(), state, seed=6, layer_range=(1, 2))]
@@ -293,7 +303,7 @@ def test_virtual_chunks_finetune_and_release(tmp_path):
 
     # A release checkpoint: model only, iteration 0, even without finetune.
     model = GPTModel(tiny_config(), state, seed=1)
-    release_file = tmp_path / "rel/release/mp_rank_00/model_optim_rng.pt"
+    release_file = tmp_path / "rel/release/mp_rank_00_000/model_optim_rng.pt"
     ckpt_mod.atomic_torch_save({"model": model.state_dict()}, str(release_file))
     ckpt_mod.atomic_write_text(str(tmp_path / "rel/latest_checkpointed_iteration.txt"), "release")
     other = GPTModel(tiny_config(), state, seed=4)
@@ -305,7 +315,7 @@ def test_virtual_chunks_finetune_and_release(tmp_path):
 def test_max_checkpoints_keeps_newest_and_skips_uncommitted(tmp_path):
     state = ParallelState.single()
     model, opt, sched = setup(state)
-    os.makedirs(tmp_path / "iter_0000099/mp_rank_00")  # a newer, uncommitted (crashed) save
+    os.makedirs(tmp_path / "iter_0000099/mp_rank_00_000")  # a newer, uncommitted (crashed) save
     with Checkpointer(str(tmp_path), state, max_checkpoints=2) as ckptr:
         for it in (1, 2, 3, 4):
             ckptr.save(it, model, opt, sched, consumed_samples=it, args={})
@@ -323,7 +333,7 @@ def test_missing_directories_and_no_commit(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint directory .*nowhere does not exist: check --load"):
         load_checkpoint(str(tmp_path / "nowhere"), model, opt, sched, state)
     assert load_checkpoint(str(tmp_path / "nowhere"), model, opt, sched, state, missing_ok=True) is None
-    os.makedirs(tmp_path / "iter_0000005/mp_rank_00")  # written but never committed
+    os.makedirs(tmp_path / "iter_0000005/mp_rank_00_000")  # written but never committed
     assert load_checkpoint(str(tmp_path), model, opt, sched, state) is None
     ckpt_mod.atomic_write_text(str(tmp_path / "latest_checkpointed_iteration.txt"), "7")
     with pytest.raises(ValueError, match=r"commits iteration 7 but .*iter_0000007 does not exist"):
@@ -351,7 +361,7 @@ def test_layout_mismatch_and_damaged_files(tmp_path):
     with pytest.raises(ValueError, match="was saved without --use-distributed-optimizer"):
         load_checkpoint(str(tmp_path), model, opt, sched, single, distributed_optimizer=True)
 
-    path = tmp_path / "iter_0000003/mp_rank_00/model_optim_rng.pt"
+    path = tmp_path / "iter_0000003/mp_rank_00_000/model_optim_rng.pt"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"cannot read checkpoint file .*00/model_optim_rng.pt .*truncated"):
@@ -368,7 +378,7 @@ def test_stale_uncommitted_iteration_is_replaced(tmp_path):
     state = ParallelState.single()
     model, opt, sched = setup(state)
     save_checkpoint(str(tmp_path), 1, model, opt, sched, state, consumed_samples=1, args={})
-    stale = tmp_path / "iter_0000002/mp_rank_00"
+    stale = tmp_path / "iter_0000002/mp_rank_00_000"
     os.makedirs(stale)
     (stale / "distrib_optim_dp007.pt").write_bytes(b"junk")
     (stale / ".model_optim_rng.pt.tmp123").write_bytes(b"junk")
