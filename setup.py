@@ -31,11 +31,16 @@ CPP_SOURCES = ["csrc/bindings.cpp", "csrc/dataset_helpers.cpp"]
 if _cuda_build_possible():
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
+    import torch
+
     ext = CUDAExtension(
         "megafast._C",
         sources=CPP_SOURCES + ["csrc/cuda_ops.cpp"] + sorted(glob.glob("csrc/cuda/*.cu")),
         define_macros=[("MEGAFAST_WITH_CUDA", "1")],
         extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+        # torch's libraries (libc10, libtorch) found even when megafast._C is imported before torch
+        # (the data tools import it for the dataset helpers alone)
+        extra_link_args=[f"-Wl,-rpath,{os.path.join(os.path.dirname(torch.__file__), 'lib')}"],
     )
     cmdclass = {"build_ext": BuildExtension}
 else:

@@ -12,7 +12,18 @@ import argparse
 import os
 from typing import Optional, Sequence
 
-from megafast.config import GPTConfig, ParallelConfig, validate_layout
+from megafast.config import (
+    ATTENTION_BACKENDS,
+    KERNEL_BACKENDS,
+    LORA_TARGET_MODULES,
+    ROPE_BACKENDS,
+    GPTConfig,
+    LoRAConfig,
+    ParallelConfig,
+    validate_layout,
+)
+from megafast.data.chat_template import parse_role_markers
+from megafast.data.sft_format import sft_paths
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -42,6 +53,13 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
                    help="accepted for compatibility; full recompute checkpoints every layer")
     g.add_argument("--recompute-num-layers", type=int, default=None, help="accepted for compatibility")
+    g.add_argument("--kernels", choices=list(KERNEL_BACKENDS), default="auto",
+                   help="fused norms, RoPE, activations, cross-entropy: auto = Triton on CUDA, torch on CPU")
+    g.add_argument("--rope-kernel", choices=list(ROPE_BACKENDS), default="auto",
+                   help="RoPE implementation; auto follows --kernels, cuda = megafast._C's CUDA kernel")
+    g.add_argument("--attention-backend", choices=list(ATTENTION_BACKENDS), default="auto",
+                   help="auto = flash-attn when installed (CUDA fp16/bf16) else torch SDPA; triton = our "
+                        "Triton flash attention (needs --attention-dropout 0)")
 
 
 def _add_parallel(p: argparse.ArgumentParser) -> None:
@@ -100,6 +118,9 @@ def _add_optimizer(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--fused-optimizer", choices=["auto", "torch", "cuda"], default="auto",
+                   help="optimizer step: cuda = megafast._C's multi-tensor AdamW/Lion (fp32 masters and "
+                        "states, bf16 weights written in the same pass); auto = cuda when built and on CUDA")
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
@@ -115,6 +136,30 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vocab-file", default=None)
     g.add_argument("--merge-file", default=None)
     g.add_argument("--vocab-size", type=int, default=None)
+
+
+def _add_finetuning(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("fine-tuning (SFT data, packing, multi-task loss, LoRA)")
+    g.add_argument("--dataset-type", choices=["gpt", "sft"], default="gpt",
+                   help="gpt: pretraining documents; sft: tools/preprocess_data.py --dataset-type sft output "
+                        "(loss only on answers)")
+    g.add_argument("--packing", action="store_true",
+                   help="sft: pack several samples into each --seq-length row, attention confined to each "
+                        "sample and positions restarting per sample (default: one sample per row, padded)")
+    g.add_argument("--task-loss-weighting", choices=["none", "equal"], default="none",
+                   help="sft: none = mean over all answer tokens; equal = mean of the per-task mean losses "
+                        "of each global batch (MFTCoder-style)")
+    g.add_argument("--role-markers", default=None,
+                   help="JSON chat role markers the data was made with (see tools/preprocess_data.py); "
+                        "validated and recorded in the checkpoint's args for generation and export")
+    g.add_argument("--lora-rank", type=int, default=0, help="LoRA rank r; 0 (default) trains all weights")
+    g.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scale alpha (update = alpha/r * BA)")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    g.add_argument("--lora-target-modules", nargs="+", default=list(LORA_TARGET_MODULES),
+                   help=f"layers that get adapters (default all: {' '.join(LORA_TARGET_MODULES)})")
+    g.add_argument("--pretrained-checkpoint", default=None,
+                   help="model weights to start from (model only, loaded before --load); with LoRA, the "
+                        "frozen base a run's adapter checkpoints belong to")
 
 
 def _add_checkpoint_and_logging(p: argparse.ArgumentParser) -> None:
@@ -133,8 +178,9 @@ def _add_checkpoint_and_logging(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-iters", type=int, default=100)
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--log-jsonl", default=None, help="one JSON object per logged iteration")
-    g.add_argument("--peak-tflops", type=float, default=None,
-                   help="device peak for MFU; default from the device (H100 bf16 989), CPU: measured")
+    g.add_argument("--gpu-peak-tflops", "--peak-tflops", dest="gpu_peak_tflops", type=float, default=None,
+                   help="MFU denominator, TFLOP/s per GPU; default: the vendor peak of a known GPU "
+                        "(megafast.planner.PEAK_BF16_TFLOPS, e.g. H100 bf16 989), else measured")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain a GPT/Llama model with tensor, pipeline and data parallelism (Megatron flags).",
         allow_abbrev=False,
     )
-    for add in (_add_model, _add_parallel, _add_training, _add_optimizer, _add_data, _add_checkpoint_and_logging):
+    for add in (_add_model, _add_parallel, _add_training, _add_optimizer, _add_data, _add_finetuning,
+                _add_checkpoint_and_logging):
         add(p)
     return p
 
@@ -171,6 +218,9 @@ def model_config(args: argparse.Namespace, vocab_size: int) -> GPTConfig:
         init_method_std=args.init_method_std,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         recompute_granularity=args.recompute_granularity,
+        kernels=args.kernels,
+        rope_kernel=args.rope_kernel,
+        attention_backend=args.attention_backend,
     )
 
 
@@ -191,8 +241,46 @@ def model_vocab_size(args: argparse.Namespace, tokenizer_vocab: Optional[int]) -
     return max(args.vocab_size, tokenizer_vocab)
 
 
+def lora_config(args: argparse.Namespace) -> Optional[LoRAConfig]:
+    """The LoRA settings of the flags, or None when ``--lora-rank`` is 0."""
+    if not args.lora_rank:
+        return None
+    return LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_target_modules))
+
+
 def _fail(message: str) -> None:
     raise SystemExit(f"error: {message}")
+
+
+def _check_finetuning(args: argparse.Namespace) -> None:
+    """Fine-tuning flags (after the data files were checked): SFT-only flags, SFT files, LoRA."""
+    if args.dataset_type != "sft":
+        weighting = args.task_loss_weighting != "none"
+        for flag, on in (("--packing", args.packing), ("--task-loss-weighting equal", weighting)):
+            if on:
+                _fail(f"{flag} needs --dataset-type sft (data made by tools/preprocess_data.py --dataset-type sft)")
+    elif args.mock_data:
+        _fail("--mock-data makes pretraining samples: use --dataset-type gpt with it, or give SFT --data-path")
+    else:
+        for prefix in (args.data_path[1::2] if len(args.data_path) > 1 else args.data_path):
+            paths = sft_paths(prefix)
+            for path in (paths.loss_mask + ".idx", paths.task_ids + ".idx", paths.info):
+                if not os.path.isfile(path):
+                    _fail(f"{path} does not exist: --dataset-type sft needs data made by "
+                          "tools/preprocess_data.py --dataset-type sft")
+    if args.role_markers is not None:
+        try:
+            parse_role_markers(args.role_markers)
+        except ValueError as e:
+            _fail(str(e))
+    if args.lora_rank < 0:
+        _fail(f"--lora-rank must be >= 0, got {args.lora_rank}")
+    try:
+        lora_config(args)
+    except ValueError as e:
+        _fail(str(e))
+    if args.pretrained_checkpoint is not None and not os.path.isdir(args.pretrained_checkpoint):
+        _fail(f"--pretrained-checkpoint {args.pretrained_checkpoint} is not a directory: give a checkpoint directory")
 
 
 def _check_data_files(args: argparse.Namespace) -> None:
@@ -281,6 +369,7 @@ def validate_args(args: argparse.Namespace, world_size: int, vocab_size: Optiona
             f"raise --vocab-size to at least {vocab_size} or drop it"
         )
     _check_data_files(args)
+    _check_finetuning(args)
     try:
         config = model_config(args, model_vocab_size(args, vocab_size))
         validate_layout(config, pconf, world_size)

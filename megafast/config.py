@@ -15,6 +15,9 @@ Normalization = Literal["LayerNorm", "RMSNorm"]
 PositionEmbedding = Literal["learned_absolute", "rope", "none"]
 Activation = Literal["gelu", "gelu_tanh", "swiglu"]
 Recompute = Optional[Literal["full", "selective"]]
+KERNEL_BACKENDS = ("auto", "triton", "torch")  # --kernels (megafast.kernels.dispatch)
+ROPE_BACKENDS = ("auto", "triton", "cuda", "torch")  # --rope-kernel; auto follows --kernels
+ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "triton")  # --attention-backend
 
 
 @dataclass
@@ -47,6 +50,11 @@ class GPTConfig:
     init_method_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
     recompute_granularity: Recompute = None
+    # Fused-op implementations (megafast.kernels.dispatch). auto: Triton on CUDA, torch on CPU;
+    # attention auto: flash-attn when importable on CUDA fp16/bf16, else torch SDPA.
+    kernels: str = "auto"
+    rope_kernel: str = "auto"
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size"):
@@ -77,6 +85,25 @@ class GPTConfig:
             raise ValueError(
                 f"unknown recompute granularity {self.recompute_granularity!r}: use 'full' or 'selective'"
             )
+        for flag, value, choices in (
+            ("--kernels", self.kernels, KERNEL_BACKENDS),
+            ("--rope-kernel", self.rope_kernel, ROPE_BACKENDS),
+            ("--attention-backend", self.attention_backend, ATTENTION_BACKENDS),
+        ):
+            if value not in choices:
+                raise ValueError(f"unknown {flag} {value!r}: choose one of {', '.join(choices)}")
+        if self.attention_backend == "triton" and self.attention_dropout > 0:
+            raise ValueError(
+                "--attention-backend triton has no attention dropout: "
+                "set --attention-dropout 0 or use --attention-backend sdpa/flash"
+            )
+
+    @property
+    def kernel_config(self):
+        """The :class:`megafast.kernels.KernelConfig` of ``kernels``/``rope_kernel``/``attention_backend``."""
+        from megafast.kernels.dispatch import KernelConfig
+
+        return KernelConfig(self.kernels, self.attention_backend, self.rope_kernel)
 
     @property
     def head_dim(self) -> int:
@@ -150,3 +177,45 @@ def validate_layout(model: GPTConfig, parallel: ParallelConfig, world_size: Opti
             f"pipeline parallel size {pp} exceeds the {model.num_layers} layers: "
             "use at most one stage per layer (--pipeline-model-parallel-size <= --num-layers)"
         )
+
+
+LORA_TARGET_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+@dataclass
+class LoRAConfig:
+    """``--lora-rank --lora-alpha --lora-dropout --lora-target-modules``; rank 0 means no LoRA."""
+
+    rank: int
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = LORA_TARGET_MODULES
+
+    def __post_init__(self) -> None:
+        self.target_modules = tuple(self.target_modules)
+        if self.rank < 1:
+            raise ValueError(f"--lora-rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"--lora-alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
+        unknown = [m for m in self.target_modules if m not in LORA_TARGET_MODULES]
+        if unknown or not self.target_modules:
+            raise ValueError(
+                f"--lora-target-modules {' '.join(self.target_modules) or '(none)'}: choose among "
+                f"{', '.join(LORA_TARGET_MODULES)}"
+            )
+
+    @property
+    def scale(self) -> float:
+        """s = alpha / r."""
+        return self.alpha / self.rank
+
+    def to_dict(self) -> dict:
+        return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
+                "target_modules": list(self.target_modules)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LoRAConfig:
+        return cls(int(d["rank"]), float(d["alpha"]), float(d.get("dropout", 0.0)),
+                   tuple(d.get("target_modules", LORA_TARGET_MODULES)))

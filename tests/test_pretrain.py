@@ -55,12 +55,14 @@ def train_records(path: Path) -> dict[int, dict]:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> str:
-    """A small indexed dataset of random documents (uint16 tokens, EOD = VOCAB - 1)."""
+    """A small indexed dataset of learnable documents (uint16 tokens, EOD = VOCAB - 1): each counts
+    up from a random start with a random stride, so the loss falls within a few iterations."""
     prefix = str(tmp_path_factory.mktemp("data") / "corpus_text_document")
     rng = np.random.default_rng()
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
     for _ in range(300):
-        doc = rng.integers(0, VOCAB - 1, rng.integers(5, 60)).tolist() + [VOCAB - 1]
+        start, stride, length = rng.integers(0, VOCAB - 1), rng.integers(1, 4), rng.integers(5, 60)
+        doc = ((start + stride * np.arange(length)) % (VOCAB - 1)).tolist() + [VOCAB - 1]
         builder.add_document(doc, [len(doc)])
     builder.finalize(prefix + ".idx")
     return prefix

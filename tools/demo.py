@@ -2,8 +2,10 @@
 
 demo corpus (Python's standard library as jsonl) -> SentencePiece BPE tokenizer -> indexed dataset
 -> `torchrun --nproc-per-node 4 pretrain_gpt.py` of a small Llama-style model with TP=2 and PP=2
--> checkpoint; then prints where everything is and the first and last loss. Steps whose output
-already exists are skipped, so a second run only trains again.
+-> checkpoint -> Hugging Face export (`tools/checkpoint/convert.py`, tokenizer included) and a
+sample generated from it by `transformers`, offline; then prints where everything is and the
+first and last loss. Steps whose output already exists are skipped, so a second run only trains
+(and exports) again.
 """
 
 from __future__ import annotations
@@ -96,6 +98,33 @@ def main() -> None:
     print(f"  log          {log} (TensorBoard: {out / 'tensorboard'})")
     if last["lm_loss"] >= first["lm_loss"]:
         raise SystemExit("error: the loss did not fall during the demo run")
+
+    hf_dir = out / "hf"
+    export = [py, "tools/checkpoint/convert.py", "--model-type", "GPT", "--loader", "megafast", "--saver", "hf",
+              "--load-dir", str(ckpt), "--save-dir", str(hf_dir), "--overwrite", "--no-progress"]
+    print(f"==> Hugging Face export\n    {' '.join(export)}", flush=True)
+    subprocess.run(export, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    prompt = "def main("
+    print(f"  hf export    {hf_dir} (transformers: AutoModelForCausalLM / AutoTokenizer.from_pretrained)")
+    print(f"  sample       {prompt!r} -> {hf_sample(hf_dir, prompt)!r}")
+
+
+def hf_sample(hf_dir: Path, prompt: str, max_new_tokens: int = 40) -> str:
+    """A continuation of ``prompt`` sampled by transformers from the exported model, offline."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval()
+    ids = tokenizer(prompt, return_tensors="pt").input_ids  # no BOS, as in training
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=0.8, top_k=40,
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id)
+    return prompt + tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,15 @@
 Inputs: .jsonl, .jsonl.gz, .txt (documents separated by blank lines) and .parquet (string
 columns, or integer-list columns of token ids written as-is). The logic lives in
 `megafast.data.preprocess`; this is its command line, with Megatron's flag names.
+
+Fine-tuning data (`--dataset-type sft`): conversation, instruction or text JSONL records become
+token ids plus a loss mask (1 on the answers and their EOS) and task ids, `{prefix}_{key}_document`,
+`{prefix}_{key}_loss_mask_document`, `{prefix}_{key}_task_ids_document` and `{prefix}_{key}_sft.json`
+(see `megafast.data.sft_format`), with an explicit truncation policy:
+
+    python tools/preprocess_data.py --dataset-type sft --input chat.jsonl --output-prefix data/chat \
+        --tokenizer-type HuggingFaceTokenizer --tokenizer-model tok/ --max-seq-length 4096 \
+        --truncation drop --workers 4
 Exit status 1 with one `error:` line for user errors (missing file, unknown tokenizer, a bad line
 with --strict); nothing that looks like a finished dataset is left behind on failure.
 """
@@ -20,6 +29,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megafast.data.preprocess import PreprocessConfig, preprocess  # noqa: E402
+from megafast.data.sft_preprocess import SFTPreprocessConfig, preprocess_sft  # noqa: E402
 from megafast.data.tokenizer import TOKENIZER_TYPES  # noqa: E402
 
 
@@ -40,6 +50,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--vocab-size", type=int, help="NullTokenizer: ids 0..V-1, EOD is V")
     group.add_argument("--append-eod", action="store_true",
                        help="end every non-empty document with the tokenizer's EOD")
+    group = parser.add_argument_group("fine-tuning data (--dataset-type sft)")
+    group.add_argument("--dataset-type", choices=["gpt", "sft"], default="gpt",
+                       help="gpt: documents for pretraining (default); sft: chat/instruction records "
+                            "with loss masks and task ids")
+    group.add_argument("--max-seq-length", type=int, default=None,
+                       help="sft: longest record in tokens; longer ones follow --truncation")
+    group.add_argument("--truncation", choices=["truncate", "drop"], default="truncate",
+                       help="sft: keep the first --max-seq-length tokens of a longer record, or drop it "
+                            "(both counted in the report)")
+    group.add_argument("--chat-template", choices=["auto", "default", "tokenizer"], default="auto",
+                       help="sft: auto = --role-markers if given, else the HF tokenizer's chat_template "
+                            "if it has one, else the default ChatML-like markers")
+    group.add_argument("--role-markers", default=None,
+                       help='sft: JSON (or a .json file) such as \'{"user": ["<u>", "</u>"], '
+                            '"assistant": ["<a>", ""]}\' (the EOS follows every answer)')
     group = parser.add_argument_group("output data")
     group.add_argument("--output-prefix", required=True,
                        help="writes PREFIX_{key}_document.bin/.idx")
@@ -58,8 +83,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def main_sft(args: argparse.Namespace) -> None:
+    """--dataset-type sft: one JSONL input, one output key."""
+    if len(args.json_keys) != 1:
+        raise SystemExit(f"error: --dataset-type sft writes one dataset: give one --json-keys name, "
+                         f"got {args.json_keys}")
+    try:
+        config = SFTPreprocessConfig(
+            input=args.input, output_prefix=args.output_prefix, tokenizer_type=args.tokenizer_type,
+            tokenizer_model=args.tokenizer_model, vocab_file=args.vocab_file, merge_file=args.merge_file,
+            vocab_size=args.vocab_size, json_key=args.json_keys[0], max_seq_length=args.max_seq_length,
+            truncation=args.truncation, chat_template=args.chat_template, role_markers=args.role_markers,
+            workers=args.workers, strict=args.strict, log_interval=args.log_interval,
+        )
+        stats = preprocess_sft(config)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: temporary output files were removed") from None
+    for line in stats.report():
+        print(line, file=sys.stderr)
+    for prefix in stats.outputs:
+        print(f"wrote {prefix}" + ("" if prefix.endswith(".json") else ".bin and .idx"), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.dataset_type == "sft":
+        main_sft(args)
+        return
     if args.partitions > 1:
         print(f"note: --partitions {args.partitions} is not needed (the input is streamed); "
               "writing one dataset per key in input order", file=sys.stderr)

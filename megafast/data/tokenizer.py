@@ -57,6 +57,15 @@ class Tokenizer(ABC):
         """Token ids of many texts; subclasses use the library's batched call."""
         return [self.tokenize(text) for text in texts]
 
+    @property
+    def chat_template(self) -> str | None:
+        """The tokenizer's own chat template (Jinja), if it ships one (HF directories only)."""
+        return None
+
+    def render_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        """A conversation ([{"role", "content"}, ...]) as text in the tokenizer's chat template."""
+        raise ValueError(f"{type(self).__name__} has no chat template; use the default role markers")
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size})"
 
@@ -179,6 +188,18 @@ class HuggingFaceTokenizer(Tokenizer):
         if self._fast is not None:
             return self._fast.decode(ids, skip_special_tokens=False)
         return self._hf.decode(ids)
+
+    @property
+    def chat_template(self) -> str | None:
+        template = getattr(self._hf, "chat_template", None) if self._hf is not None else None
+        return template if isinstance(template, str) and template else None
+
+    def render_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        if self.chat_template is None:
+            raise ValueError(f"--tokenizer-model {self.path}: the tokenizer has no chat_template; use the "
+                             "default role markers or --role-markers")
+        return self._hf.apply_chat_template(list(messages), tokenize=False,
+                                            add_generation_prompt=add_generation_prompt)
 
 
 class GPT2BPETokenizer(Tokenizer):

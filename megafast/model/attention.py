@@ -13,17 +13,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megafast import kernels
 from megafast.config import GPTConfig
 from megafast.model import init
+from megafast.model.kv_cache import InferenceParams
+from megafast.model.packing import PackedSeqParams
 from megafast.model.rotary import apply_rotary
 from megafast.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megafast.parallel.random import RNGStatesTracker, checkpointed
 from megafast.parallel.state import ParallelState
 
-try:  # optional backend, used on CUDA for fp16/bf16 when installed
-    from flash_attn import flash_attn_func
+try:  # flash-attn's variable-length form, for packed samples (the dense form: megafast.kernels)
+    from flash_attn import flash_attn_varlen_func
 except ImportError:  # pragma: no cover - not installable on the CPU machines
-    flash_attn_func = None
+    flash_attn_varlen_func = None
 
 
 class SelfAttention(nn.Module):
@@ -43,6 +46,7 @@ class SelfAttention(nn.Module):
         self.heads = config.num_attention_heads // tp  # query heads on this rank
         self.groups = config.num_query_groups // tp  # query groups on this rank
         self.head_dim = config.head_dim
+        self.layer_number = layer_number  # keys this layer's KV cache in InferenceParams
         prefix = f"decoder.layers.{layer_number}.self_attention"
         self.linear_qkv = ColumnParallelLinear(
             config.hidden_size,
@@ -63,23 +67,52 @@ class SelfAttention(nn.Module):
             **factory,
         )
 
-    def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [b, H/p, s, d], k/v [b, G/p, s, d] -> [b, H/p, s, d], causal."""
+    def core_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ) -> torch.Tensor:
+        """q [b, H/p, s, d], k/v [b, G/p, s, d] -> [b, H/p, s, d], causal (within each packed sample)."""
+        if packed_seq_params is not None:
+            return self.packed_attention(q, k, v, packed_seq_params)
         dropout = self.config.attention_dropout if self.training else 0.0
         # Heads are split across TP ranks: their dropout masks come from the per-rank stream.
+        with self.tracker.fork():  # flash-attn / SDPA / Triton flash attention (--attention-backend)
+            backend = self.config.attention_backend
+            return kernels.attention(q, k, v, causal=True, dropout_p=dropout, backend=backend)
+
+    def packed_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedSeqParams
+    ) -> torch.Tensor:
+        """Attention confined to each packed sample (megafast.model.packing): q [b, H/p, s, d],
+        k/v [b, G/p, s, d] -> [b, H/p, s, d]. flash-attn's varlen kernel over ``cu_seqlens`` on CUDA
+        (fp16/bf16) when installed, else SDPA with the block-diagonal causal mask."""
+        dropout = self.config.attention_dropout if self.training else 0.0
+        b, _, s, d = q.shape
         with self.tracker.fork():
-            if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-                out = flash_attn_func(  # takes [b, s, heads, d] and GQA natively
-                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout, causal=True
-                )
-                return out.transpose(1, 2)
-            if self.groups != self.heads:  # each group's k/v serves its H/G consecutive query heads
+            if flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+                cu, longest = packed.cu_seqlens, packed.max_seqlen
+                q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (q, k, v))  # [b*s, heads, d]
+                out = flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, dropout_p=dropout, causal=True)
+                return out.view(b, s, self.heads, d).transpose(1, 2)  # [b, H/p, s, d]
+            if self.groups != self.heads:
                 k = k.repeat_interleave(self.heads // self.groups, dim=1)
                 v = v.repeat_interleave(self.heads // self.groups, dim=1)
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            mask = packed.attention_mask()  # [b, 1, s, s]
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
-    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-        """x [s, b, h] (or [s/p, b, h] with sequence parallelism) -> same shape."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+        inference_params: Optional[InferenceParams] = None,
+    ) -> torch.Tensor:
+        """x [s, b, h] (or [s/p, b, h] with sequence parallelism) -> same shape. ``rope``: (cos, sin)
+        [s, 1, 1, d] or per position [s, b, 1, d]; ``packed_seq_params``: samples packed in a row;
+        ``inference_params``: KV cache for incremental decoding (megafast.model.kv_cache)."""
         qkv = self.linear_qkv(x)  # [s, b, (H/p + 2G/p) d]
         s, b, _ = qkv.shape
         per_group = self.heads // self.groups
@@ -88,11 +121,13 @@ class SelfAttention(nn.Module):
         k = qkv[:, :, :, per_group]  # [s, b, G/p, d]
         v = qkv[:, :, :, per_group + 1]
         if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            q, k = (apply_rotary(t, *rope, backend=self.config.kernel_config.rope_backend) for t in (q, k))
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
-        if self.config.recompute_granularity == "selective" and self.training:
-            out = checkpointed(self.core_attention, self.tracker, q, k, v)
+        if inference_params is not None:  # incremental decoding: attend over the cached positions too
+            out = inference_params.attend(self.layer_number, q, k, v)
+        elif self.config.recompute_granularity == "selective" and self.training:
+            out = checkpointed(self.core_attention, self.tracker, q, k, v, packed_seq_params)
         else:
-            out = self.core_attention(q, k, v)
+            out = self.core_attention(q, k, v, packed_seq_params)
         out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim)  # [s, b, H/p * d]
         return self.linear_proj(out)

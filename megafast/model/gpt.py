@@ -21,7 +21,9 @@ from torch import nn
 
 from megafast.config import GPTConfig, ParallelConfig, validate_layout
 from megafast.model import init
+from megafast.model.kv_cache import InferenceParams
 from megafast.model.norm import build_norm
+from megafast.model.packing import PackedSeqParams
 from megafast.model.rotary import RotaryEmbedding
 from megafast.model.transformer import TransformerLayer
 from megafast.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -152,20 +154,33 @@ class GPTModel(nn.Module):
         position_ids: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
         hidden_states: Optional[torch.Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+        inference_params: Optional[InferenceParams] = None,
     ) -> torch.Tensor:
         """First stage: ``input_ids`` [b, s]; later stages: ``hidden_states`` from the previous one.
+
+        ``position_ids`` [b, s] (any stage; default 0..s-1) feed the learned position embedding or
+        RoPE; ``packed_seq_params`` confines attention to each sample of packed rows (with
+        positions restarting per sample, see megafast.model.packing). ``inference_params`` holds
+        this stage's KV cache for incremental decoding: pass ``position_ids`` offset .. offset + s - 1
+        (offset = ``inference_params.sequence_len_offset``) on every stage.
 
         Returns, on the last stage, the per-token loss [b, s] (fp32; 0 where labels == -100) when
         ``labels`` [b, s] are given, else vocabulary-parallel logits [b, s, V_padded/p]; on other
         stages the hidden states [s, b, h] ([s/p, b, h] with sequence parallelism) for the next.
         """
+        if inference_params is not None and (position_ids is None or self.state.sequence_parallel):
+            raise ValueError(
+                "incremental decoding needs position_ids on every stage and no sequence parallelism"
+            )
         if self.pre_process:
             if input_ids is None:
                 raise ValueError("the first pipeline stage needs input_ids")
             b, s = input_ids.shape
-            if position_ids is None:
-                position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
-            x = self.embedding(input_ids, position_ids)
+            positions = position_ids
+            if positions is None:
+                positions = torch.arange(s, device=input_ids.device).expand(b, s)
+            x = self.embedding(input_ids, positions)
             if self.state.sequence_parallel:
                 x = scatter_to_sequence_parallel_region(x, self.state.tp_group)  # [s/p, b, h]
             x = self._embedding_dropout(x)
@@ -174,13 +189,18 @@ class GPTModel(nn.Module):
                 raise ValueError("a pipeline stage after the first needs hidden_states")
             x = hidden_states
         seq_len = x.shape[0] * (self.state.tp_size if self.state.sequence_parallel else 1)
-        rope = self.rotary(seq_len, x.device) if self.rotary is not None else None
+        rope = None
+        if self.rotary is not None and position_ids is not None:
+            offset = inference_params.sequence_len_offset if inference_params is not None else 0
+            rope = self.rotary.for_positions(position_ids, seq_len + offset)  # [s, b, 1, d] each
+        elif self.rotary is not None:
+            rope = self.rotary(seq_len, x.device)  # [s, 1, 1, d] each
 
         for layer in self.decoder.layers.values():
             if self.config.recompute_granularity == "full" and self.training:
-                x = checkpointed(layer, self.tracker, x, rope)
+                x = checkpointed(layer, self.tracker, x, rope, packed_seq_params)
             else:
-                x = layer(x, rope)
+                x = layer(x, rope, packed_seq_params, inference_params)
         if not self.post_process:
             return x
 

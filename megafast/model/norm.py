@@ -2,44 +2,72 @@
 
 RMSNorm: y = x / sqrt(mean(x^2) + eps) * w (as Llama/HF, normalised in fp32 then cast back).
 Under sequence parallelism the weights see only this rank's sequence shard, so they are marked
-``sequence_parallel`` and their gradients are summed over TP.
+``sequence_parallel`` and their gradients are summed over TP. The arithmetic is
+``megafast.kernels`` (Triton or plain torch, chosen by the module's ``KernelConfig``).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megafast.config import GPTConfig
+from megafast.kernels import KernelConfig, add_rms_norm, layer_norm, rms_norm
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float, sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32, device=None) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float,
+        sequence_parallel: bool = False,
+        params_dtype: torch.dtype = torch.float32,
+        device=None,
+        kernels: Optional[KernelConfig] = None,
+    ) -> None:
         super().__init__()
         self.eps = eps
+        self.kernels = kernels or KernelConfig()
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=params_dtype, device=device))
         self.weight.sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * y.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps, backend=self.kernels.backend)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h = x + residual``; returns ``(self(h), h)`` in one fused pass with Triton."""
+        return add_rms_norm(x, residual, self.weight, self.eps, backend=self.kernels.backend)
 
 
 class LayerNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float, sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32, device=None) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float,
+        sequence_parallel: bool = False,
+        params_dtype: torch.dtype = torch.float32,
+        device=None,
+        kernels: Optional[KernelConfig] = None,
+    ) -> None:
         super().__init__()
         self.eps = eps
+        self.kernels = kernels or KernelConfig()
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=params_dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=params_dtype, device=device))
         self.weight.sequence_parallel = self.bias.sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), self.bias.float(), self.eps)
-        return y.to(x.dtype)
+        return layer_norm(x, self.weight, self.bias, self.eps, backend=self.kernels.backend)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h = x + residual``; returns ``(self(h), h)`` (not fused for LayerNorm)."""
+        h = x + residual
+        return self(h), h
 
 
 def build_norm(config: GPTConfig, sequence_parallel: bool, **factory) -> nn.Module:
     cls = RMSNorm if config.normalization == "RMSNorm" else LayerNorm
-    return cls(config.hidden_size, config.norm_epsilon, sequence_parallel, **factory)
+    kernels = config.kernel_config
+    return cls(config.hidden_size, config.norm_epsilon, sequence_parallel, kernels=kernels, **factory)

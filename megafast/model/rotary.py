@@ -31,13 +31,33 @@ class RotaryEmbedding(nn.Module):
         _, _, cos, sin = self._cache
         return cos[:seq_len], sin[:seq_len]
 
+    def for_positions(self, position_ids: torch.Tensor, num_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each [s, b, 1, d] fp32, for explicit positions [b, s] (< ``num_positions``).
+
+        Rows of the same table as :meth:`forward`, so positions 0..s-1 give identical values; packed
+        samples (positions restarting at 0 in each) get their own positions.
+        """
+        cos, sin = self.forward(max(num_positions, position_ids.shape[1]), position_ids.device)
+        index = position_ids.t()  # [s, b]
+        return cos[:, 0, 0][index][:, :, None], sin[:, 0, 0][index][:, :, None]  # [s, b, 1, d]
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [s, b, heads, d]; cos/sin broadcastable [s, 1, 1, d]."""
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend: str = "torch"
+) -> torch.Tensor:
+    """x [s, b, heads, d]; cos/sin broadcastable [s, 1, 1, d] (or [s, b, 1, d]).
+
+    ``backend``: 'torch' (``x * cos + rotate_half(x) * sin`` in x's dtype), or 'auto' / 'triton' /
+    'cuda' for the fused kernels of :func:`megafast.kernels.apply_rotary`.
+    """
+    if backend != "torch":
+        from megafast.kernels import apply_rotary as fused_apply_rotary
+
+        return fused_apply_rotary(x, cos, sin, backend=backend)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + rotate_half(x) * sin

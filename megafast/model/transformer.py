@@ -15,10 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megafast import kernels
 from megafast.config import GPTConfig
 from megafast.model import init
 from megafast.model.attention import SelfAttention
+from megafast.model.kv_cache import InferenceParams
 from megafast.model.norm import build_norm
+from megafast.model.packing import PackedSeqParams
 from megafast.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megafast.parallel.random import RNGStatesTracker
 from megafast.parallel.state import ParallelState
@@ -34,6 +37,7 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig, state: ParallelState, layer_number: int, seed: int, **factory) -> None:
         super().__init__()
         self.activation = config.activation
+        self.kernels = config.kernel_config  # Triton or torch activations (megafast.kernels)
         swiglu = config.activation == "swiglu"
         prefix = f"decoder.layers.{layer_number}.mlp"
         self.linear_fc1 = ColumnParallelLinear(
@@ -59,10 +63,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.linear_fc1(x)  # [s, b, ffn/p] (x2 for SwiGLU)
         if self.activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = kernels.swiglu(h, backend=self.kernels.backend)  # silu(gate) * up -> [s, b, ffn/p]
         else:
-            h = F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+            approximate = "tanh" if self.activation == "gelu_tanh" else "none"
+            h = kernels.gelu(h, approximate, backend=self.kernels.backend)
         return self.linear_fc2(h)
 
 
@@ -93,6 +97,13 @@ class TransformerLayer(nn.Module):
                 return F.dropout(x, self.hidden_dropout, training=True)
         return F.dropout(x, self.hidden_dropout, training=True)  # same mask on every TP rank
 
-    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-        x = x + self.dropout(self.self_attention(self.input_layernorm(x), rope))
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+        inference_params: Optional[InferenceParams] = None,
+    ) -> torch.Tensor:
+        attention = self.self_attention(self.input_layernorm(x), rope, packed_seq_params, inference_params)
+        x = x + self.dropout(attention)
         return x + self.dropout(self.mlp(self.pre_mlp_layernorm(x)))

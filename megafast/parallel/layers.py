@@ -12,6 +12,11 @@ and gradient reduction:
 Layers take ``init_method(full) -> None`` filling the *full* weight in place; each rank then keeps
 its shard. Drawing the full weight from the same generator on every rank makes the model
 independent of the TP size.
+
+The two linear layers have an optional ``adapter`` (a module, e.g. a LoRA adapter from
+``megafast.model.lora``) whose output is added to the layer's: for the column-parallel layer it
+gets the layer's input and returns this rank's output shard; for the row-parallel layer it gets
+this rank's input shard and returns the (reduced) output.
 """
 
 from __future__ import annotations
@@ -122,9 +127,12 @@ class ColumnParallelLinear(nn.Module):
             _set_tp_attributes(self.bias, 0, partition_stride)
         else:
             self.register_parameter("bias", None)
+        self.adapter: Optional[nn.Module] = None  # x -> [s, b, h_out/p], added to the output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = column_parallel_linear(x, self.weight, self.bias, self.tp_group, self.sequence_parallel)
+        if self.adapter is not None:
+            y = y + self.adapter(x)
         if not self.gather_output:
             return y
         y = gather_from_tensor_parallel_region(y, self.tp_group)  # [.., rank 0's part, rank 1's part, ...]
@@ -182,6 +190,7 @@ class RowParallelLinear(nn.Module):
             self.bias.sequence_parallel = self.sequence_parallel
         else:
             self.register_parameter("bias", None)
+        self.adapter: Optional[nn.Module] = None  # x_i -> reduced [s, b, h_out] (or [s/p, b, h_out])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
@@ -191,6 +200,8 @@ class RowParallelLinear(nn.Module):
             y = reduce_scatter_to_sequence_parallel_region(y, self.tp_group)
         else:
             y = reduce_from_tensor_parallel_region(y, self.tp_group)
+        if self.adapter is not None:
+            y = y + self.adapter(x)
         return y + self.bias if self.bias is not None else y
 
 

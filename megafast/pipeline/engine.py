@@ -7,7 +7,11 @@ Loss accounting is Megatron's per-token one: the step's loss is
 so each microbatch's backward is seeded with ``sum(mask * token_loss) * loss_scale / denominator``
 (``denominator`` = unmasked tokens of the whole global batch, all DP ranks included), and DP
 gradients are then summed, not averaged. Activations of a microbatch are dropped as soon as its
-backward has run.
+backward has run. ``loss_mask`` may hold per-token weights (multi-task weighting folds them in).
+
+Packed microbatches carry ``segment_ids`` (several samples per row, attention confined to each,
+see megafast.model.packing); their ``position_ids`` reach every stage. With ``task_ids`` and
+``num_tasks``, the last stage also sums the token losses of each task (for per-task logging).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from megafast.model.packing import PackedSeqParams
 from megafast.parallel.state import ParallelState
 from megafast.pipeline import p2p
 from megafast.pipeline.schedules import (
@@ -38,12 +43,15 @@ class Microbatch:
     labels: torch.Tensor  # [b, s] int64
     loss_mask: torch.Tensor  # [b, s] float
     position_ids: Optional[torch.Tensor] = None  # [b, s]; default 0..s-1
+    segment_ids: Optional[torch.Tensor] = None  # [b, s] packed samples of a row; None: one sequence per row
+    task_ids: Optional[torch.Tensor] = None  # [b, s] task of each token's sample (per-task loss logging)
 
 
 @dataclass
 class StepLoss:
     loss_sum: torch.Tensor  # fp64 sum of mask * token_loss over this rank's microbatches (last stage)
     num_tokens: torch.Tensor  # fp64 count of unmasked tokens in this rank's microbatches
+    task_loss_sums: Optional[torch.Tensor] = None  # fp64 [num_tasks]: unweighted token-loss sums per task
 
 
 def schedule_name(pp_size: int, num_chunks: int, pipeline_schedule: str = "1f1b") -> str:
@@ -86,11 +94,13 @@ class PipelineEngine:
         loss_scale: float = 1.0,
         forward_only: bool = False,
         before_last_backward: Optional[Callable[[int], None]] = None,
+        num_tasks: int = 0,
     ) -> StepLoss:
         """Forward (and unless ``forward_only``, backward) of all microbatches.
 
         ``before_last_backward(chunk)`` is called right before the last backward of each chunk
         (data parallelism starts its gradient reduction there, overlapping the rest).
+        ``num_tasks`` > 0: also sum the token losses of each task id (microbatches with ``task_ids``).
         """
         state, M = self.state, len(microbatches)
         steps = build_schedule(self.schedule, state.pp_size, state.pp_rank, M, len(self.chunks))
@@ -102,6 +112,7 @@ class PipelineEngine:
         num_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
         for mb in microbatches:
             num_tokens += mb.loss_mask.sum(dtype=torch.float64)
+        task_sums = torch.zeros(num_tasks, dtype=torch.float64, device=self.device) if num_tasks else None
 
         for step in steps:
             ops = comm_ops(step)
@@ -120,6 +131,10 @@ class PipelineEngine:
                 if self.last_virtual[c]:
                     loss = (out * microbatches[i].loss_mask).sum()
                     loss_sum += loss.detach().double()
+                    if task_sums is not None and microbatches[i].task_ids is not None:
+                        valid = microbatches[i].loss_mask > 0
+                        task_sums += torch.bincount(microbatches[i].task_ids[valid], out.detach()[valid].double(),
+                                                    minlength=num_tasks)[:num_tasks]
                     if not forward_only:
                         outputs[(i, c)] = loss * (loss_scale / denominator)
                 else:
@@ -139,15 +154,20 @@ class PipelineEngine:
                 if not self.first_virtual[c]:
                     pending[Action(SEND_BACKWARD, i, c)] = self._buffer(step)
         assert not outputs and not pending, "schedule left work undone"
-        return StepLoss(loss_sum, num_tokens)
+        return StepLoss(loss_sum, num_tokens, task_sums)
 
     def _forward(self, mb: Microbatch, chunk: int, x: Optional[torch.Tensor], forward_only: bool) -> torch.Tensor:
         model = self.chunks[chunk]
         labels = mb.labels if self.last_virtual[chunk] else None
+        extra = {}  # only what the microbatch has, so models without packing support still run
+        if not self.first_virtual[chunk] and mb.position_ids is not None:
+            extra["position_ids"] = mb.position_ids
+        if mb.segment_ids is not None:
+            extra["packed_seq_params"] = PackedSeqParams(mb.segment_ids)
         with torch.set_grad_enabled(not forward_only):
             if self.first_virtual[chunk]:
-                return model(mb.tokens, position_ids=mb.position_ids, labels=labels)
-            return model(hidden_states=x, labels=labels)
+                return model(mb.tokens, position_ids=mb.position_ids, labels=labels, **extra)
+            return model(hidden_states=x, labels=labels, **extra)
 
     def _buffer(self, op: Action) -> torch.Tensor:
         return torch.empty(self.activation_shape, dtype=self.dtype, device=self.device)

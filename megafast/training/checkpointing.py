@@ -11,7 +11,8 @@ On disk (Megatron's ``get_checkpoint_name``: the ``_{pp:03d}`` suffix only when 
 ``model`` (or ``model0``, ``model1``, ... for virtual pipeline chunks), ``optimizer`` (absent
 with a DP-sharded optimizer), ``opt_param_scheduler``, ``rng_state``, ``iteration``,
 ``consumed_samples`` (``{"train": n, "valid": m}``), ``args`` (a dict), ``checkpoint_version``
-(3.0) and ``parallel_layout`` (the tp/pp/dp sizes it was saved with).
+(3.0) and ``parallel_layout`` (the tp/pp/dp sizes it was saved with). A LoRA run's checkpoint
+holds only the adapter weights under ``model`` and its settings under ``lora``.
 
 RNG states differ on every rank, so ``rng_state`` is Megatron's list with one entry per DP rank
 (gathered over a gloo DP group at save time; entry ``d`` is restored on DP rank ``d``); each entry
@@ -46,6 +47,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megafast.atomic_file import atomic_write
+from megafast.model.lora import adapter_state_dict, is_adapter_name
 from megafast.parallel.state import ParallelState
 
 CHECKPOINT_VERSION = 3.0
@@ -318,8 +320,13 @@ class Checkpointer:
         args: dict[str, Any],
         consumed_valid_samples: int = 0,
         distributed_optimizer: bool = False,
+        lora: Optional[dict[str, Any]] = None,
     ) -> None:
         """Write iteration ``iteration`` (then commit it, unless ``async_save`` defers that).
+
+        ``lora`` (the LoRA settings, with ``rank`` and ``alpha``): the model entries hold only the
+        adapter weights (the frozen base is not repeated in every checkpoint) and ``ckpt["lora"]``
+        records the settings.
 
         ``distributed_optimizer``: ``optimizer.state_dict()`` is this DP rank's shard and goes to
         ``distrib_optim_dp{dp:03d}.pt`` (written by every rank) instead of ``model_optim_rng.pt``.
@@ -342,8 +349,11 @@ class Checkpointer:
         files: list[tuple[Any, str]] = []
         if st.dp_rank == 0:
             ckpt: dict[str, Any] = {
-                _model_key(i, len(chunks)): _snapshot(c.state_dict(), clone) for i, c in enumerate(chunks)
+                _model_key(i, len(chunks)): _snapshot(c.state_dict() if lora is None else adapter_state_dict(c), clone)
+                for i, c in enumerate(chunks)
             }
+            if lora is not None:
+                ckpt["lora"] = dict(lora)
             if optimizer is not None and not distributed_optimizer:
                 ckpt["optimizer"] = _snapshot(optimizer.state_dict(), clone)
             if scheduler is not None:
@@ -469,6 +479,7 @@ def save_checkpoint(
     async_save: bool = False,
     max_checkpoints: Optional[int] = None,
     checkpointer: Optional[Checkpointer] = None,
+    lora: Optional[dict[str, Any]] = None,
 ) -> None:
     """Save one checkpoint (collective) with ``checkpointer``, whose settings must match the arguments;
     without one, a one-off Checkpointer commits before returning (so ``async_save`` needs one)."""
@@ -484,6 +495,7 @@ def save_checkpoint(
         checkpointer.save(
             iteration, chunks, optimizer, scheduler, consumed_samples=consumed_samples, args=args,
             consumed_valid_samples=consumed_valid_samples, distributed_optimizer=distributed_optimizer,
+            lora=lora,
         )
     finally:
         if own:
@@ -491,6 +503,20 @@ def save_checkpoint(
 
 
 # ---------------------------------------------------------------------------------- loading
+
+
+def _expected_model_keys(chunk: nn.Module, adapters_only: bool) -> tuple[set[str], bool]:
+    """The state-dict keys a checkpoint must hold for ``chunk``, and whether they are all of its keys.
+
+    With LoRA adapters on the model (megafast.model.lora): an adapter checkpoint holds exactly the
+    adapters; any other checkpoint is the base model, everything but the adapters (which then keep
+    their initial values: a fine-tuning run starting from a pretrained model).
+    """
+    keys = set(chunk.state_dict())
+    adapters = {k for k in keys if is_adapter_name(k)}
+    if adapters_only:
+        return adapters, adapters == keys
+    return keys - adapters, not adapters
 
 
 def _reason(exc: BaseException) -> str:
@@ -599,15 +625,19 @@ def load_checkpoint(
             "use the same --num-layers-per-virtual-pipeline-stage as when saving"
         )
     for key, chunk in zip(keys, chunks):
+        want, complete = _expected_model_keys(chunk, "lora" in ckpt)
+        if "lora" in ckpt and not complete and not want:
+            raise ValueError(f"{path} holds LoRA adapters only (rank {ckpt['lora'].get('rank')}): load it into a "
+                             "model with the same --lora-* flags, on top of its --pretrained-checkpoint")
         if strict:
-            want, got = set(chunk.state_dict()), set(ckpt[key])
+            got = set(ckpt[key])
             missing, unexpected = sorted(want - got), sorted(got - want)
             if missing or unexpected:
                 raise ValueError(
                     f"{path}: {key} does not match the model (missing keys {missing[:4]}, unexpected keys "
                     f"{unexpected[:4]}): was it saved with another model configuration?"
                 )
-        _load_into(chunk, ckpt[key], key, path, strict=strict)
+        _load_into(chunk, ckpt[key], key, path, strict=strict and complete)
 
     # Megatron loads the optimizer and the LR scheduler together unless --finetune/--no-load-optim.
     if load_optim and optimizer is not None:

@@ -31,9 +31,11 @@ class IterationStats:
     grad_norm: Optional[float]
     skipped_iterations: int
     nan_iterations: int
+    task_losses: Optional[dict[str, float]] = None  # fine-tuning: mean loss of each task's answer tokens
 
     def line(self) -> str:
         grad_norm = "n/a" if self.grad_norm is None else f"{self.grad_norm:.3f}"
+        tasks = "".join(f" {name} loss: {loss:.6E} |" for name, loss in (self.task_losses or {}).items())
         return (
             f" iteration {self.iteration:8d}/{self.train_iters:8d} |"
             f" consumed samples: {self.consumed_samples:12d} |"
@@ -48,6 +50,7 @@ class IterationStats:
             f" grad norm: {grad_norm} |"
             f" number of skipped iterations: {self.skipped_iterations:3d} |"
             f" number of nan iterations: {self.nan_iterations:3d} |"
+            + tasks
         )
 
     def record(self) -> dict[str, Any]:
@@ -65,6 +68,7 @@ class IterationStats:
             "loss_scale": self.loss_scale,
             "skipped_iterations": self.skipped_iterations,
             "nan_iterations": self.nan_iterations,
+            **({"task_losses": self.task_losses} if self.task_losses is not None else {}),
         }
 
 
@@ -96,7 +100,10 @@ class TrainingLogger:
         record = stats.record()
         if self.writer is not None:
             for key, value in record.items():
-                if key != "iteration" and value is not None:
+                if key == "task_losses":
+                    for task, loss in value.items():
+                        self.writer.add_scalar(f"train/task_loss/{task}", loss, stats.iteration)
+                elif key != "iteration" and value is not None:
                     self.writer.add_scalar(f"train/{key}", value, stats.iteration)
             self.writer.flush()
         self._write_json({"type": "train", **record})

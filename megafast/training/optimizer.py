@@ -70,6 +70,9 @@ class OptimizerConfig:
     hysteresis: int = 2
     use_distributed_optimizer: bool = False
     max_skipped_steps: int = 10
+    # The update itself: "cuda" = megafast._C's multi-tensor AdamW/Lion (clipping folded in, bf16/fp16
+    # model weights written in the same pass); "torch" = torch.optim; "auto" = cuda when built and on CUDA.
+    fused_optimizer: Literal["auto", "torch", "cuda"] = "auto"
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adam", "lion"):
@@ -100,6 +103,8 @@ class OptimizerConfig:
             )
         if self.max_skipped_steps < 0:
             raise ValueError(f"max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
+        if self.fused_optimizer not in ("auto", "torch", "cuda"):
+            raise ValueError(f"unknown --fused-optimizer {self.fused_optimizer!r}: use auto, torch or cuda")
 
     @property
     def dynamic_loss_scale(self) -> bool:
@@ -262,8 +267,8 @@ class MixedPrecisionOptimizer:
         self.skipped_in_a_row = 0
         self.num_skipped = 0
         self.shards = self._build_shards()
-        self.shared_params = [
-            p for c in self.chunks for p in getattr(c, "shared_embedding_parameters", lambda: [])()
+        self.shared_params = [  # frozen ones (LoRA) have no gradient to sum
+            p for c in self.chunks for p in getattr(c, "shared_embedding_parameters", lambda: [])() if p.requires_grad
         ]
         self.sp_params = [p for p in ddp.params if getattr(p, "sequence_parallel", False)]
         groups = [
@@ -282,6 +287,7 @@ class MixedPrecisionOptimizer:
             )
         else:
             self.optimizer = Lion(groups, lr=config.lr, betas=(config.lion_beta1, config.lion_beta2))
+        self.cuda_step = _cuda_step_enabled(config.fused_optimizer, self.shards)
 
     def _build_shards(self) -> list[MasterShard]:
         names = _param_names(self.chunks)
@@ -336,6 +342,13 @@ class MixedPrecisionOptimizer:
         self.ddp.zero_grad()
 
     @torch.no_grad()
+    def reload_model_params(self) -> None:
+        """Copy the model's parameters into the fp32 masters (after loading model weights only)."""
+        for s in self.shards:
+            if not s.alias:
+                s.master.copy_(s.param_view().view_as(s.master))
+
+    @torch.no_grad()
     def step(self) -> StepResult:
         """Reduce, check, clip and apply the gradients of one global batch (see module doc)."""
         self.ddp.finish_grad_sync()
@@ -360,22 +373,61 @@ class MixedPrecisionOptimizer:
             return StepResult(False, grad_norm, scale, self.skipped_in_a_row, self.num_skipped)
 
         clip = self.config.clip_grad
+        coef = 1.0
         if clip > 0:
-            coef = clip / (grad_norm + 1e-6)
-            if coef < 1.0:
+            coef = min(1.0, clip / (grad_norm + 1e-6))
+            if coef < 1.0 and not self.cuda_step:
                 torch._foreach_mul_(grads, coef)
-        for s in self.shards:
-            s.master.grad = s.grad
-        self.optimizer.step()
-        for s in self.shards:
-            s.master.grad = None
-            if not s.alias:
-                s.param_view().copy_(s.master)
+        if self.cuda_step:  # one multi-tensor kernel per group: clip, update, write the model weights
+            self._cuda_step(coef)
+        else:
+            for s in self.shards:
+                s.master.grad = s.grad
+            self.optimizer.step()
+            for s in self.shards:
+                s.master.grad = None
+                if not s.alias:
+                    s.param_view().copy_(s.master)
         self.ddp.gather_params()
         self.scaler.update(found_inf=False)
         self.skipped_in_a_row = 0
         self.ddp.zero_grad()
         return StepResult(True, grad_norm, scale, 0, self.num_skipped)
+
+    def _cuda_step(self, grad_scale: float) -> None:
+        """The update by megafast._C's multi-tensor kernels, on the torch optimizer's own state (the same
+        ``exp_avg``/``exp_avg_sq``/``step`` entries, so checkpoints move freely between the two paths)."""
+        from megafast.kernels.multi_tensor_optim import multi_tensor_adamw_, multi_tensor_lion_
+
+        shard_of = {id(s.master): s for s in self.shards}
+        adam = self.config.optimizer == "adam"
+        for group in self.optimizer.param_groups:
+            masters = group["params"]
+            if not masters:
+                continue
+            shards = [shard_of[id(m)] for m in masters]
+            states = [self.optimizer.state[m] for m in masters]
+            for m, st in zip(masters, states):
+                if "exp_avg" not in st:
+                    st["exp_avg"] = torch.zeros_like(m, memory_format=torch.preserve_format)
+                    if adam:
+                        st["exp_avg_sq"] = torch.zeros_like(m, memory_format=torch.preserve_format)
+                        st["step"] = torch.tensor(0.0)
+                if adam and st["step"].is_cuda:  # loaded from a torch fused-AdamW state: keep it on the host
+                    st["step"] = st["step"].cpu()
+            model = [None if s.alias else s.param_view() for s in shards]
+            common = dict(lr=group["lr"], weight_decay=group["weight_decay"], grad_scale=grad_scale)
+            beta1, beta2 = group["betas"]
+            grads, exp_avgs = [s.grad for s in shards], [st["exp_avg"] for st in states]
+            if adam:
+                steps = [st["step"] for st in states]
+                torch._foreach_add_(steps, 1.0)
+                multi_tensor_adamw_(
+                    masters, grads, exp_avgs, [st["exp_avg_sq"] for st in states], model,
+                    beta1=beta1, beta2=beta2, eps=group["eps"], step=int(steps[0].item()), **common,
+                )
+            else:
+                multi_tensor_lion_(masters, grads, exp_avgs, model, beta1=beta1, beta2=beta2, **common)
 
     def _sync_model_parallel_grads(self) -> None:
         """Tied embeddings: sum over first+last stage. Sequence-parallel params: sum over TP."""
@@ -464,6 +516,21 @@ class MixedPrecisionOptimizer:
         self.scaler.load_state_dict(sd["loss_scaler"])
         self.skipped_in_a_row = int(sd["skipped_in_a_row"])
         self.num_skipped = int(sd["num_skipped"])
+
+
+def _cuda_step_enabled(choice: str, shards: Sequence[MasterShard]) -> bool:
+    """Whether the optimizer step runs megafast._C's multi-tensor kernels (``--fused-optimizer``)."""
+    if choice == "torch" or not shards:
+        return False
+    from megafast.kernels.cuda_ext import cuda_available
+
+    usable = cuda_available() and all(s.master.is_cuda for s in shards)
+    if choice == "cuda" and not usable:
+        raise ValueError(
+            "--fused-optimizer cuda needs CUDA parameters and megafast's CUDA extension (on a CUDA machine "
+            "with nvcc: pip install --no-build-isolation -e .): use --fused-optimizer auto or torch"
+        )
+    return usable
 
 
 def build_optimizer(

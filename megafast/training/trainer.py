@@ -22,11 +22,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megafast.arguments import model_config, model_vocab_size, parallel_config, parse_args, validate_args
+from megafast.arguments import (
+    lora_config,
+    model_config,
+    model_vocab_size,
+    parallel_config,
+    parse_args,
+    validate_args,
+)
 from megafast.config import GPTConfig
 from megafast.data.mock_dataset import MockGPTDataset
 from megafast.data.sampler import MicroBatchSampler
+from megafast.data.sft_dataset import build_sft_datasets
 from megafast.data.tokenizer import build_tokenizer
+from megafast.model.lora import apply_lora
 from megafast.parallel.state import ParallelState
 from megafast.pipeline.engine import Microbatch, PipelineEngine
 from megafast.pipeline.partition import build_model_chunks
@@ -36,6 +45,7 @@ from megafast.training.data_parallel import DataParallel
 from megafast.training.logging import IterationStats, Timer, TrainingLogger
 from megafast.training.lr_schedule import LRScheduler, megatron_schedule_steps
 from megafast.training.optimizer import OptimizerConfig, build_optimizer
+from megafast.training.task_loss import TaskLossMeter, apply_equal_task_weighting, task_token_counts
 
 
 @dataclass
@@ -55,6 +65,7 @@ class Run:
     checkpointer: Optional[Checkpointer]
     train_ds: object
     valid_ds: object
+    task_names: list  # fine-tuning: the tasks of the SFT data, by global task id ([] for pretraining)
     iteration: int = 0
     consumed_samples: int = 0
     consumed_valid_samples: int = 0
@@ -89,13 +100,25 @@ def _tokenizer_vocab(args: argparse.Namespace) -> tuple[Optional[int], Optional[
 
 
 def _build_datasets(args: argparse.Namespace, vocab_size: int, eod: Optional[int], state: ParallelState):
+    """(train, valid, task names): GPT/mock data (no tasks) or SFT data (``--dataset-type sft``)."""
     gbs = args.global_batch_size
     evals = (args.train_iters // args.eval_interval + 1) * args.eval_iters if args.eval_iters > 0 else 0
     num_samples = [args.train_iters * gbs, evals * gbs, args.eval_iters * gbs]
     if args.mock_data:
         return MockGPTDataset(num_samples[0], args.seq_length, vocab_size, args.seed), (
             MockGPTDataset(num_samples[1], args.seq_length, vocab_size, args.seed + 1) if num_samples[1] else None
-        )
+        ), []
+    if args.dataset_type == "sft":
+        try:
+            (train, valid, _), tasks = build_sft_datasets(
+                args.data_path, args.split, args.seq_length, num_samples, args.seed, args.data_cache_path,
+                packing=args.packing, group=None if state.world_size == 1 else dist.group.WORLD,
+            )
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        if train is None:
+            raise SystemExit("error: the training split is empty: give it a share in --split (e.g. 969,30,1)")
+        return train, valid, tasks
     from megafast.data.builder import build_gpt_datasets
 
     try:
@@ -108,7 +131,7 @@ def _build_datasets(args: argparse.Namespace, vocab_size: int, eod: Optional[int
         raise SystemExit(f"error: {e}") from None
     if train is None:
         raise SystemExit("error: the training split is empty: give it a share in --split (e.g. 969,30,1)")
-    return train, valid
+    return train, valid, []
 
 
 def _optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
@@ -118,6 +141,7 @@ def _optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
         bf16=args.bf16, fp16=args.fp16, loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
         min_loss_scale=args.min_loss_scale, loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis,
         use_distributed_optimizer=args.use_distributed_optimizer, max_skipped_steps=args.max_skipped_steps,
+        fused_optimizer=args.fused_optimizer,
     )
 
 
@@ -150,6 +174,10 @@ def setup(argv: Optional[Sequence[str]] = None) -> Run:
 
     chunks = build_model_chunks(config, state, seed=args.seed, num_chunks=args.num_model_chunks,
                                 method=args.pipeline_partition, params_dtype=dtype, device=device)
+    lora = lora_config(args)
+    if lora is not None:  # adapters on the TP layers, everything else frozen (before DP wraps them)
+        for chunk in chunks:
+            apply_lora(chunk, lora, args.seed)
     ddp = DataParallel(chunks, state, args.ddp_bucket_size_mb, args.use_distributed_optimizer,
                        args.overlap_grad_reduce)
     optimizer = build_optimizer(chunks, ddp, state, opt_config)
@@ -161,6 +189,8 @@ def setup(argv: Optional[Sequence[str]] = None) -> Run:
                             args.pipeline_schedule)
     run = Run(args, state, config, device, chunks, ddp, optimizer, scheduler, engine, logger, checkpointer,
               *_build_datasets(args, vocab_size, eod, state))
+    if args.pretrained_checkpoint:
+        _load_pretrained(run)
     if args.load:
         loaded = load_checkpoint(args.load, chunks, optimizer, scheduler, state, no_load_optim=args.no_load_optim,
                                  no_load_rng=args.no_load_rng, finetune=args.finetune,
@@ -169,13 +199,39 @@ def setup(argv: Optional[Sequence[str]] = None) -> Run:
         if loaded is None:
             logger.info(f"no committed checkpoint in {args.load}: starting from scratch")
         else:
+            saved = loaded.args  # a LoRA run's checkpoint holds adapters only: its base must be loaded too
+            base = saved.get("pretrained_checkpoint") or (saved.get("load") if saved.get("finetune") else None)
+            if saved.get("lora_rank") and base and not args.pretrained_checkpoint and (
+                    os.path.realpath(base) != os.path.realpath(args.load)):
+                raise SystemExit(f"error: {loaded.path} holds LoRA adapters of the base model {base}: "
+                                 f"pass --pretrained-checkpoint {base}")
+            if args.finetune or args.no_load_optim:
+                optimizer.reload_model_params()
             run.iteration, run.consumed_samples = loaded.iteration, loaded.consumed_samples
             run.consumed_valid_samples = loaded.consumed_valid_samples
             logger.info(f"loaded checkpoint {loaded.path} at iteration {loaded.iteration}")
     n_params = sum(p.numel() for c in chunks for p in c.parameters())
+    if lora is not None:
+        trainable = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
+        logger.info(f"> LoRA rank {lora.rank} on {', '.join(lora.target_modules)}: {trainable:,} trainable "
+                    f"parameters on the last rank, the other {n_params - trainable:,} frozen")
     logger.info(f"> {state.world_size} ranks (TP={state.tp_size}, PP={state.pp_size}, DP={state.dp_size}); "
                 f"parameters on the last rank: {n_params:,}; {args.num_microbatches} micro-batches per step")
     return run
+
+
+def _load_pretrained(run: Run) -> None:
+    """``--pretrained-checkpoint``: model weights only (the frozen base of a LoRA run, or a start point)."""
+    path = run.args.pretrained_checkpoint
+    try:
+        loaded = load_checkpoint(path, run.chunks, None, None, run.state, finetune=True)
+    except ValueError as e:
+        raise SystemExit(f"error: --pretrained-checkpoint: {e}") from None
+    if loaded is None:
+        raise SystemExit(f"error: --pretrained-checkpoint {path} holds no committed checkpoint "
+                         "(latest_checkpointed_iteration.txt): give a checkpoint directory")
+    run.optimizer.reload_model_params()
+    run.logger.info(f"loaded pretrained weights from {loaded.path}")
 
 
 def _microbatches(dataset, sampler: Iterator[list[int]], count: int, device: torch.device) -> list[Microbatch]:
@@ -183,7 +239,8 @@ def _microbatches(dataset, sampler: Iterator[list[int]], count: int, device: tor
     for _ in range(count):
         items = [dataset[i] for i in next(sampler)]
         stack = {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
-        out.append(Microbatch(stack["tokens"], stack["labels"], stack["loss_mask"], stack.get("position_ids")))
+        out.append(Microbatch(stack["tokens"], stack["labels"], stack["loss_mask"], stack.get("position_ids"),
+                              stack.get("segment_ids"), stack.get("task_ids")))
     return out
 
 
@@ -218,10 +275,12 @@ def evaluate(run: Run) -> Optional[float]:
 def _save(run: Run) -> None:
     if run.checkpointer is None:
         return
+    lora = lora_config(run.args)  # a LoRA checkpoint holds the adapters only
     run.checkpointer.save(run.iteration, run.chunks, run.optimizer, run.scheduler,
                           consumed_samples=run.consumed_samples, args=vars(run.args),
                           consumed_valid_samples=run.consumed_valid_samples,
-                          distributed_optimizer=run.args.use_distributed_optimizer)
+                          distributed_optimizer=run.args.use_distributed_optimizer,
+                          lora=lora.to_dict() if lora is not None else None)
     run.logger.info(f"saved checkpoint at iteration {run.iteration} to {run.args.save}")
 
 
@@ -231,18 +290,26 @@ def train(run: Run) -> None:
     total = args.train_iters * gbs
     sampler = iter(MicroBatchSampler(len(run.train_ds), run.consumed_samples, args.micro_batch_size,
                                      state.dp_rank, state.dp_size))
-    flops_per_token = training_flops_per_token(run.config, seq)
-    peak = args.peak_tflops or device_peak_tflops(run.device, torch.bfloat16 if args.bf16 else torch.float32)
+    flops_per_token = training_flops_per_token(run.config, seq, state.tp_size)  # model FLOPs (MFU numerator)
+    peak = args.gpu_peak_tflops or device_peak_tflops(run.device, torch.bfloat16 if args.bf16 else torch.float32)
     timer, interval_loss, interval_iters, nan_iterations = Timer(), 0.0, 0, 0
+    num_tasks = len(run.task_names)
+    task_meter = TaskLossMeter(run.task_names)
     for c in run.chunks:
         c.train()
     while run.iteration < args.train_iters and run.consumed_samples < total:
         mbs = _microbatches(run.train_ds, sampler, args.num_microbatches, run.device)
-        denominator = _dp_sum([float(sum(mb.loss_mask.sum() for mb in mbs))], run)[0].item()
+        task_counts = _dp_sum(task_token_counts(mbs, num_tasks).tolist(), run) if num_tasks else None
+        if args.task_loss_weighting == "equal":  # the per-task weights make the loss mask sum to 1
+            apply_equal_task_weighting(mbs, task_counts)
+            denominator = 1.0
+        else:
+            denominator = _dp_sum([float(sum(mb.loss_mask.sum() for mb in mbs))], run)[0].item()
         run.optimizer.set_lr(run.scheduler.lr)
         run.ddp.set_last_microbatch(False)
         result = run.engine.run(mbs, max(denominator, 1.0), loss_scale=run.optimizer.loss_scale,
-                                before_last_backward=lambda c: run.ddp.set_last_microbatch(True, chunk=c))
+                                before_last_backward=lambda c: run.ddp.set_last_microbatch(True, chunk=c),
+                                num_tasks=num_tasks)
         try:
             step = run.optimizer.step()
         except RuntimeError as e:  # too many non-finite steps in a row
@@ -252,6 +319,8 @@ def train(run: Run) -> None:
         run.iteration += 1
         run.consumed_samples += gbs
         loss = _dp_sum([result.loss_sum.item()], run)[0].item() / max(denominator, 1.0)
+        if num_tasks:
+            task_meter.add(_dp_sum(result.task_loss_sums.tolist(), run), task_counts)
         if not np.isfinite(loss):
             nan_iterations += 1
         interval_loss, interval_iters = interval_loss + loss, interval_iters + 1
@@ -268,8 +337,10 @@ def train(run: Run) -> None:
                 lr=run.optimizer.lr, global_batch_size=gbs, lm_loss=interval_loss / interval_iters,
                 loss_scale=step.loss_scale, grad_norm=step.grad_norm if step.success else None,
                 skipped_iterations=step.num_skipped, nan_iterations=nan_iterations,
+                task_losses=task_meter.means() if num_tasks else None,
             ))
             interval_loss, interval_iters = 0.0, 0
+            task_meter.reset()
         if args.eval_interval and run.iteration % args.eval_interval == 0:
             val = evaluate(run)
             if val is not None:

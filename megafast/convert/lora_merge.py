@@ -1,0 +1,140 @@
+"""Merge a LoRA run's adapters into its base model: a plain megafast checkpoint, ready to export.
+
+A LoRA checkpoint (``pretrain_gpt.py --lora-rank ...``) holds only the adapters (``model``) and
+their settings (``lora``); the frozen base weights are in the checkpoint the run started from
+(``--pretrained-checkpoint``, or ``--load`` with ``--finetune``), at the same TP/PP layout. Each
+rank's file is merged on its own, W_i + (alpha / r) * B_i A_i (megafast.model.lora.merge_state_dict:
+adapters are sharded like their base layer, so the shards of the merged weight are exactly the
+merged shards), and written as a ``release`` checkpoint::
+
+    merge_lora_checkpoint("ckpt/lora_run", "ckpt/merged")          # base found in the run's args
+    tools/checkpoint/convert.py --loader megafast --saver hf --load-dir ckpt/merged --save-dir hf_out
+
+(``tools/checkpoint/convert.py --merge-lora`` does both in one go.) The merged checkpoint keeps the
+run's args without the LoRA flags, so it loads as an ordinary model.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from typing import Any
+
+import torch
+
+from megafast.config import LoRAConfig
+from megafast.convert.checkpoint_args import HF_METADATA, TOKENIZER_DIR
+from megafast.model.lora import is_adapter_name, merge_state_dict
+from megafast.training.checkpointing import (
+    CHECKPOINT_VERSION,
+    MODEL_FILE,
+    RELEASE,
+    TRACKER_FILE,
+    atomic_torch_save,
+    atomic_write_text,
+    iteration_dir,
+    read_latest_checkpoint,
+)
+
+_MP_DIR = re.compile(r"mp_rank_(\d{2,})(?:_(\d{3,}))?")
+_MODEL_KEY = re.compile(r"model\d*")
+LORA_ARGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules")
+
+
+def _committed_dir(root: str, what: str) -> str:
+    if not os.path.isdir(root):
+        raise ValueError(f"{what} {root} does not exist")
+    latest = read_latest_checkpoint(root)
+    if latest is None:
+        raise ValueError(f"{what} {root} has no {TRACKER_FILE}: not a committed megafast checkpoint")
+    directory = iteration_dir(root, latest[0], latest[1])
+    if not os.path.isdir(directory):
+        raise ValueError(f"{TRACKER_FILE} of {root} commits {directory}, which does not exist")
+    return directory
+
+
+def _rank_files(directory: str) -> dict[tuple[int, int], str]:
+    """(tp, pp) -> model file of every ``mp_rank_*`` directory of an iteration directory."""
+    files = {}
+    for name in sorted(os.listdir(directory)):
+        if m := _MP_DIR.fullmatch(name):
+            files[(int(m.group(1)), int(m.group(2) or 0))] = os.path.join(directory, name, MODEL_FILE)
+    if not files:
+        raise ValueError(f"{directory} holds no mp_rank_* directories: the checkpoint is incomplete")
+    return files
+
+
+def _load(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint file {path} is missing: the checkpoint is incomplete")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def base_checkpoint_of(lora_args: dict[str, Any], lora_dir: str) -> str | None:
+    """The base checkpoint a LoRA run started from, from its args (None when they do not say)."""
+    if lora_args.get("pretrained_checkpoint"):
+        return lora_args["pretrained_checkpoint"]
+    load = lora_args.get("load")
+    if lora_args.get("finetune") and load and os.path.realpath(load) != os.path.realpath(lora_dir):
+        return load
+    return None
+
+
+def merge_lora_checkpoint(lora_dir: str, save_dir: str, base_dir: str | None = None) -> str:
+    """Write ``save_dir`` (a ``release`` checkpoint): the base with the adapters of ``lora_dir`` merged.
+
+    ``base_dir`` defaults to the run's ``--pretrained-checkpoint`` (or its ``--load`` with
+    ``--finetune``). Returns the written iteration directory. ValueError (one line) when the
+    checkpoint holds no adapters, the base is unknown or its layout or weights do not match.
+    """
+    lora_iter = _committed_dir(lora_dir, "LoRA checkpoint")
+    lora_files = _rank_files(lora_iter)
+    first = _load(next(iter(lora_files.values())))
+    if "lora" not in first:
+        raise ValueError(f"{lora_iter} holds no LoRA adapters (no 'lora' entry): it is already a full model")
+    lora = LoRAConfig.from_dict(first["lora"])
+    run_args = dict(first.get("args") or {})
+    base_dir = base_dir or base_checkpoint_of(run_args, lora_dir)
+    if base_dir is None:
+        raise ValueError(f"{lora_dir}: its args name no base checkpoint (--pretrained-checkpoint): pass the "
+                         "checkpoint the LoRA run started from")
+    base_files = _rank_files(_committed_dir(base_dir, "base checkpoint"))
+    if set(base_files) != set(lora_files):
+        raise ValueError(f"base checkpoint {base_dir} has (tp, pp) ranks {sorted(base_files)} but the LoRA "
+                         f"checkpoint {sorted(lora_files)}: reshard the base with tools/checkpoint/convert.py")
+    if os.path.realpath(save_dir) in (os.path.realpath(lora_dir), os.path.realpath(base_dir)):
+        raise ValueError(f"--save-dir {save_dir} must differ from the LoRA and base checkpoints")
+    args = {k: v for k, v in run_args.items() if k not in LORA_ARGS}
+    args.update(lora_rank=0, merged_lora=lora.to_dict())
+    base_args = dict(_load(next(iter(base_files.values()))).get("args") or {})
+    if base_args.get(HF_METADATA):  # a base converted from HF: keep what its export needs
+        args[HF_METADATA] = base_args[HF_METADATA]
+    out_dir = iteration_dir(save_dir, 0, release=True)
+    for (tp, pp), lora_path in lora_files.items():
+        adapters, base = _load(lora_path), _load(base_files[(tp, pp)])
+        keys = sorted(k for k in adapters if _MODEL_KEY.fullmatch(k))
+        if keys != sorted(k for k in base if _MODEL_KEY.fullmatch(k)):
+            raise ValueError(f"{lora_path} and {base_files[(tp, pp)]} hold different model chunks: not the same model")
+        merged = {}
+        for key in keys:
+            state = {k: v for k, v in base[key].items() if not is_adapter_name(k)}
+            missing = [k for k in adapters[key] if not is_adapter_name(k)]
+            if missing:
+                raise ValueError(f"{lora_path}: {missing[0]} is not an adapter weight: not a LoRA checkpoint")
+            state.update(adapters[key])
+            merged[key] = merge_state_dict(state, lora.scale)
+        rel = os.path.relpath(os.path.dirname(lora_path), lora_iter)
+        atomic_torch_save({
+            **merged, "iteration": 0, "consumed_samples": {"train": 0, "valid": 0}, "args": args,
+            "checkpoint_version": CHECKPOINT_VERSION,
+            "parallel_layout": dict(adapters.get("parallel_layout") or {}, distributed_optimizer=False),
+        }, os.path.join(out_dir, rel, MODEL_FILE))
+    tokenizer = os.path.join(base_dir, TOKENIZER_DIR)
+    if os.path.isdir(tokenizer) and not os.path.exists(os.path.join(save_dir, TOKENIZER_DIR)):
+        shutil.copytree(tokenizer, os.path.join(save_dir, TOKENIZER_DIR))
+    atomic_write_text(os.path.join(save_dir, TRACKER_FILE), RELEASE)
+    return out_dir
+
+
+__all__ = ["base_checkpoint_of", "merge_lora_checkpoint"]

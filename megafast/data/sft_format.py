@@ -1,0 +1,195 @@
+"""Fine-tuning data: the JSONL records accepted, and the files `--dataset-type sft` writes.
+
+Input records (one JSON value per line; an optional ``task`` or ``data_name`` string names the
+task, default ``"default"``):
+
+- conversations: ``{"messages": [{"role": ..., "content": ...}, ...]}`` or the same list under
+  ``chat_rounds`` (MFTCoder) or ``conversations``; each round may also be a single-key dict
+  ``{"user": "..."}``; a line that is itself such a list is a conversation too. Roles: ``system``,
+  ``user`` (or ``human``), ``assistant`` (or ``bot``), any case.
+- instructions: ``{"instruction": ..., "input": ... (optional), "output": ..., "system": ...
+  (optional)}``: a user turn ``instruction`` (+ ``"\\n\\n" + input`` when non-empty), then the
+  answer ``output``.
+- plain text: ``{"text": ...}`` for continued pretraining: every token is learned from.
+
+A record is bad (counted and reported with its line number, never silently dropped) when it is
+not JSON / not an object or list, when a round has no role, an unknown role or no string content,
+when an answer is empty, when a conversation has no answer or does not end with one, or when an
+instruction lacks ``instruction``/``output``.
+
+Output, for ``--output-prefix P`` and key ``K`` (``--json-keys``, default ``text``): three
+indexed datasets with one document of one sequence per kept record, in input order,
+
+    P_K_document.{bin,idx}             token ids (uint16 or int32, as pretraining data)
+    P_K_loss_mask_document.{bin,idx}   uint8, 1 on the tokens learned from (answers and their EOS)
+    P_K_task_ids_document.{bin,idx}    one uint16 per record: its task id
+
+and ``P_K_sft.json`` (task names in id order, token and answer counts per task, the truncation
+policy and its counts, the bad records with line numbers). Training takes
+``--data-path P_K_document`` and finds the others next to it (:func:`sft_paths`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from megafast.atomic_file import atomic_write
+
+FORMAT = "megafast-sft-1"
+DEFAULT_TASK = "default"
+ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "bot": "assistant"}
+CONVERSATION_KEYS = ("messages", "chat_rounds", "conversations")
+TEXT = "text"  # the role of a plain-text record's single "message"
+
+
+class BadRecord(ValueError):
+    """A record that cannot be used; the message is the one-line reason."""
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # system | user | assistant | text
+    content: str
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A parsed record: its messages (a plain-text record is one ``text`` message) and task name."""
+
+    messages: tuple[Message, ...]
+    task: str = DEFAULT_TASK
+
+    @property
+    def is_text(self) -> bool:
+        return len(self.messages) == 1 and self.messages[0].role == TEXT
+
+    @property
+    def answers(self) -> list[str]:
+        """What is learned from: the assistant turns (or the whole text)."""
+        return [m.content for m in self.messages if m.role in ("assistant", TEXT)]
+
+
+def _task_of(obj: dict[str, Any]) -> str:
+    task = obj.get("task", obj.get("data_name", DEFAULT_TASK))
+    if not isinstance(task, str) or not task.strip():
+        raise BadRecord(f"'task'/'data_name' must be a non-empty string, got {task!r:.40}")
+    return task.strip()
+
+
+def _round(item: Any, number: int) -> Message:
+    """One conversation round: {"role", "content"} or {role: content}."""
+    if not isinstance(item, dict):
+        raise BadRecord(f"message {number} is a {type(item).__name__}, not an object")
+    if "role" in item or "content" in item:
+        role, content = item.get("role"), item.get("content")
+        if role is None:
+            raise BadRecord(f"message {number} has no role")
+    elif len(item) == 1:
+        role, content = next(iter(item.items()))
+    else:
+        raise BadRecord(f"message {number} has no role (give 'role' and 'content', or one {{role: text}} pair)")
+    if not isinstance(role, str) or role.strip().lower() not in ROLE_ALIASES:
+        raise BadRecord(f"message {number} has unknown role {role!r:.40} (use system, user/human, assistant/bot)")
+    role = ROLE_ALIASES[role.strip().lower()]
+    if not isinstance(content, str):
+        raise BadRecord(f"message {number} ({role}) has no text content")
+    return Message(role, content)
+
+
+def _check_conversation(messages: list[Message]) -> None:
+    if not messages:
+        raise BadRecord("empty conversation")
+    for i, m in enumerate(messages, 1):
+        if m.role == "assistant" and not m.content.strip():
+            raise BadRecord(f"empty answer in message {i}")
+    if not any(m.role == "assistant" for m in messages):
+        raise BadRecord("conversation has no answer (no assistant message)")
+    if messages[-1].role != "assistant":
+        raise BadRecord(f"conversation does not end with an answer (last message is {messages[-1].role})")
+
+
+def parse_record(obj: Any) -> Conversation:
+    """The conversation of one decoded JSON line (see the module docstring); BadRecord if unusable."""
+    if isinstance(obj, list):
+        messages = [_round(item, i) for i, item in enumerate(obj, 1)]
+        _check_conversation(messages)
+        return Conversation(tuple(messages))
+    if not isinstance(obj, dict):
+        raise BadRecord(f"not a JSON object or list (a {type(obj).__name__})")
+    task = _task_of(obj)
+    key = next((k for k in CONVERSATION_KEYS if k in obj), None)
+    if key is not None:
+        rounds = obj[key]
+        if not isinstance(rounds, list):
+            raise BadRecord(f"'{key}' must be a list of messages, got a {type(rounds).__name__}")
+        messages = [_round(item, i) for i, item in enumerate(rounds, 1)]
+        _check_conversation(messages)
+        return Conversation(tuple(messages), task)
+    if "instruction" in obj or "output" in obj:
+        return Conversation(_instruction(obj), task)
+    if TEXT in obj:
+        text = obj[TEXT]
+        if not isinstance(text, str) or not text.strip():
+            raise BadRecord("'text' must be a non-empty string")
+        return Conversation((Message(TEXT, text),), task)
+    raise BadRecord(f"no {'/'.join(CONVERSATION_KEYS)}, instruction/output or text field")
+
+
+def _instruction(obj: dict[str, Any]) -> tuple[Message, ...]:
+    for key in ("instruction", "output"):
+        if not isinstance(obj.get(key), str):
+            raise BadRecord(f"instruction record without a string '{key}'")
+    extra = obj.get("input", "")
+    if extra is not None and not isinstance(extra, str):
+        raise BadRecord("'input' must be a string")
+    if not obj["output"].strip():
+        raise BadRecord("empty answer ('output')")
+    prompt = obj["instruction"] + (f"\n\n{extra}" if extra and extra.strip() else "")
+    messages = [Message("user", prompt), Message("assistant", obj["output"])]
+    system = obj.get("system")
+    if isinstance(system, str) and system.strip():
+        messages.insert(0, Message("system", system))
+    return tuple(messages)
+
+
+# ---- output files ----
+
+
+@dataclass(frozen=True)
+class SFTPaths:
+    """The files of one SFT dataset, named from its token dataset prefix ``P_K_document``."""
+
+    tokens: str  # P_K_document
+    loss_mask: str  # P_K_loss_mask_document
+    task_ids: str  # P_K_task_ids_document
+    info: str  # P_K_sft.json
+
+
+def sft_paths(token_prefix: str) -> SFTPaths:
+    """Names of the sibling files of an SFT token dataset (``--data-path`` prefix)."""
+    base = token_prefix.removesuffix("_document")
+    return SFTPaths(token_prefix, f"{base}_loss_mask_document", f"{base}_task_ids_document", f"{base}_sft.json")
+
+
+def write_info(path: str, info: dict[str, Any]) -> None:
+    """Write the sidecar JSON (atomically: a temporary name, then a rename)."""
+    atomic_write(path, lambda f: f.write(json.dumps({"format": FORMAT, **info}, indent=2).encode()))
+
+
+def read_info(token_prefix: str) -> dict[str, Any]:
+    """The sidecar JSON of an SFT dataset; ValueError (one line) when it is missing or not ours."""
+    path = sft_paths(token_prefix).info
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} does not exist: {token_prefix} is not an SFT dataset; make it with "
+                         "tools/preprocess_data.py --dataset-type sft (or train with --dataset-type gpt)")
+    with open(path, encoding="utf-8") as f:
+        try:
+            info = json.load(f)
+        except ValueError as exc:
+            raise ValueError(f"{path} is not valid JSON ({exc}): re-run the SFT preprocessing") from None
+    if info.get("format") != FORMAT or not isinstance(info.get("tasks"), list):
+        raise ValueError(f"{path} is not a {FORMAT} file: re-run tools/preprocess_data.py --dataset-type sft")
+    return info

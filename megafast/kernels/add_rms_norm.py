@@ -1,0 +1,193 @@
+"""Fused residual add + RMSNorm (the pre-norm transformer's ``h = x + r; y = norm(h)``).
+
+    h = x + residual                              (in x's dtype: the new residual stream)
+    y = w * (h * rstd).to(h.dtype),  rstd = 1 / sqrt(mean(h^2) + eps)
+
+One pass reads x and residual and writes h and y (instead of add, then norm re-reading h).
+Backward receives dy and dh (the gradient flowing along the residual stream) and writes one
+tensor, dx = dresidual = dh + RMSNorm-backward(dy).
+
+Layout: kernels -> launchers -> autograd.Function -> ``add_rms_norm_triton`` -> ``add_rms_norm_reference``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megafast.kernels._triton import num_programs, row_settings, tl, triton
+from megafast.kernels.rms_norm import rms_norm_reference
+
+# ---------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _add_rms_norm_fwd_kernel(
+    X, R, W, H, Y, RSTD, stride_x, stride_r, stride_h, stride_y, n_cols, eps, BLOCK: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+    h = (x.to(tl.float32) + r.to(tl.float32)).to(H.dtype.element_ty)  # rounded like torch's x + r
+    tl.store(H + row * stride_h + cols, h, mask=mask)
+    h = h.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / n_cols + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    hhat = (h * rstd).to(H.dtype.element_ty).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, (hhat * w).to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _add_rms_norm_bwd_kernel(
+    DY,
+    DH,
+    H,
+    W,
+    RSTD,
+    DX,
+    DW_PARTIAL,
+    stride_dy,
+    stride_dh,
+    stride_h,
+    stride_dx,
+    n_rows,
+    n_cols,
+    rows_per_program,
+    HAS_DH: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK], dtype=tl.float32)
+    row_start = pid.to(tl.int64) * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    for row in range(row_start, row_end):
+        h = tl.load(H + row * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row)
+        hhat = h * rstd
+        dhhat = dy * w
+        c = tl.sum(dhhat * hhat, axis=0) / n_cols
+        dx = rstd * (dhhat - hhat * c)
+        if HAS_DH:
+            dx += tl.load(DH + row * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        dw += dy * hhat
+    tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=mask)
+
+
+# -------------------------------------------------------------------------------------- launchers
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def add_rms_norm_forward(x, residual, weight, eps):
+    """-> (y in promote(x, w) dtype, h = x + residual in x's dtype, rstd [rows] fp32)."""
+    n = x.shape[-1]
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(
+            f"residual {tuple(residual.shape)}/{residual.dtype} must match x {tuple(x.shape)}/{x.dtype}"
+        )
+    if weight.shape != (n,):
+        raise ValueError(f"RMSNorm weight has shape {tuple(weight.shape)}, expected ({n},)")
+    x2, r2 = _as_rows(x), _as_rows(residual)
+    rows = x2.shape[0]
+    h = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    y = torch.empty((rows, n), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    block, warps = row_settings(n, x.element_size())
+    if rows:
+        _add_rms_norm_fwd_kernel[(rows,)](
+            x2,
+            r2,
+            weight,
+            h,
+            y,
+            rstd,
+            x2.stride(0),
+            r2.stride(0),
+            h.stride(0),
+            y.stride(0),
+            n,
+            eps,
+            BLOCK=block,
+            num_warps=warps,
+        )
+    return y.view(x.shape), h.view(x.shape), rstd
+
+
+def add_rms_norm_backward(dy, dh, h, weight, rstd):
+    """-> (dx = dresidual like h, dw like weight); ``dh`` may be None (h unused downstream)."""
+    n = h.shape[-1]
+    h2, dy2 = _as_rows(h), _as_rows(dy)
+    dh2 = _as_rows(dh) if dh is not None else dy2
+    rows = h2.shape[0]
+    dx = torch.empty((rows, n), dtype=h.dtype, device=h.device)
+    programs = num_programs(h.is_cuda, rows, h.device)
+    per_program = triton.cdiv(rows, programs) if rows else 1
+    dw_partial = torch.empty((programs, n), dtype=torch.float32, device=h.device)
+    block, warps = row_settings(n, h.element_size())
+    _add_rms_norm_bwd_kernel[(programs,)](
+        dy2,
+        dh2,
+        h2,
+        weight,
+        rstd,
+        dx,
+        dw_partial,
+        dy2.stride(0),
+        dh2.stride(0),
+        h2.stride(0),
+        dx.stride(0),
+        rows,
+        n,
+        per_program,
+        HAS_DH=dh is not None,
+        BLOCK=block,
+        num_warps=warps,
+    )
+    return dx.view(h.shape), dw_partial.sum(0).to(weight.dtype)
+
+
+# --------------------------------------------------------------------------------- autograd.Function
+
+
+class AddRMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps):
+        y, h, rstd = add_rms_norm_forward(x, residual, weight, eps)
+        ctx.save_for_backward(h, weight, rstd)
+        return y, h
+
+    @staticmethod
+    def backward(ctx, dy, dh):
+        h, weight, rstd = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(h, dtype=torch.promote_types(h.dtype, weight.dtype))
+        dx, dw = add_rms_norm_backward(dy, dh, h, weight, rstd)
+        return dx, dx, dw, None
+
+
+def add_rms_norm_triton(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual), x + residual) by one Triton pass each way."""
+    return AddRMSNormFunction.apply(x, residual, weight, eps)
+
+
+# -------------------------------------------------------------------------------------- reference
+
+
+def add_rms_norm_reference(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch: ``h = x + residual; (rms_norm(h), h)``."""
+    h = x + residual
+    return rms_norm_reference(h, weight, eps), h

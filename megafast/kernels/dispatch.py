@@ -1,0 +1,292 @@
+"""The one place that picks an implementation for each fused op: Triton, CUDA or plain torch.
+
+There is no global switch: the choice is the ``backend`` argument of each function below, which
+the model passes from its :class:`KernelConfig` (built from ``GPTConfig.kernels``,
+``GPTConfig.rope_kernel`` and ``GPTConfig.attention_backend``, i.e. ``--kernels``,
+``--rope-kernel`` and ``--attention-backend``).
+
+Element-wise and row-wise ops (``backend``):
+
+- ``auto``: Triton on CUDA tensors (when Triton is installed), the plain-torch reference otherwise
+  (CPU: the same code the model always ran);
+- ``triton``: always the Triton kernels; on CPU tensors only in Triton's interpreter
+  (``TRITON_INTERPRET=1``, set before importing megafast: the CPU tests do);
+- ``torch``: always the plain-torch implementation (``*_reference`` of each kernel file).
+
+RoPE also takes ``cuda`` (the kernel of ``megafast._C``); ``rope_kernel="auto"`` follows ``backend``.
+
+Attention (``attention``): ``auto`` uses flash-attn when it is importable and the tensors are CUDA
+fp16/bf16, else ``sdpa`` (``torch.nn.functional.scaled_dot_product_attention``: FlashAttention-2 /
+cuDNN on H100, the math kernel on CPU); ``flash`` and ``triton`` (our flash attention, no dropout)
+force those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megafast.config import ATTENTION_BACKENDS, KERNEL_BACKENDS, ROPE_BACKENDS
+from megafast.kernels import add_rms_norm as _add_rms_norm
+from megafast.kernels import cross_entropy as _ce
+from megafast.kernels import flash_attention as _fa
+from megafast.kernels import fused_linear_cross_entropy as _flce
+from megafast.kernels import gelu as _gelu
+from megafast.kernels import layer_norm as _ln
+from megafast.kernels import rms_norm as _rms
+from megafast.kernels import rotary as _rope
+from megafast.kernels import swiglu as _swiglu
+from megafast.kernels._triton import HAS_TRITON, interpreting
+from megafast.kernels.cuda_ext import cuda_available
+
+try:  # optional attention backend, used on CUDA for fp16/bf16 when installed
+    from flash_attn import flash_attn_func
+except ImportError:  # pragma: no cover - not installable on the CPU machines
+    flash_attn_func = None
+
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Which implementation the model's fused ops use (see the module docstring)."""
+
+    backend: str = "auto"  # auto | triton | torch: norms, RoPE, activations, cross-entropy
+    attention: str = "auto"  # auto | flash | sdpa | triton
+    rope: str = "auto"  # auto (= backend) | triton | cuda | torch
+
+    def __post_init__(self) -> None:
+        for name, value, choices in (
+            ("kernels", self.backend, KERNEL_BACKENDS),
+            ("attention backend", self.attention, ATTENTION_BACKENDS),
+            ("rope kernel", self.rope, ROPE_BACKENDS),
+        ):
+            if value not in choices:
+                raise ValueError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")
+        if self.attention == "flash" and flash_attn_func is None:
+            raise ValueError(
+                "--attention-backend flash needs the flash-attn package: install it or use auto/sdpa/triton"
+            )
+
+    @property
+    def rope_backend(self) -> str:
+        return self.backend if self.rope == "auto" else self.rope
+
+
+# ------------------------------------------------------------------------------- backend choice
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """'triton' or 'torch' for an op on ``x`` under ``backend`` (auto | triton | torch)."""
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        return "triton" if HAS_TRITON and x.is_cuda and x.dtype in TRITON_DTYPES else "torch"
+    if backend != "triton":
+        raise ValueError(f"unknown kernel backend {backend!r}: choose one of {', '.join(KERNEL_BACKENDS)}")
+    if not HAS_TRITON:
+        raise ValueError("--kernels triton needs the triton package: install it, or use --kernels auto/torch")
+    if not x.is_cuda and not interpreting():
+        raise ValueError(
+            "--kernels triton on CPU tensors runs only in Triton's interpreter: set TRITON_INTERPRET=1 "
+            "before starting Python (the tests do), or use --kernels auto/torch"
+        )
+    return "triton"
+
+
+def resolve_attention(backend: str, q: torch.Tensor, dropout_p: float = 0.0) -> str:
+    """'flash', 'sdpa' or 'triton' for attention on ``q`` under ``backend``."""
+    half_cuda = q.is_cuda and q.dtype in HALF_DTYPES
+    if backend == "auto":
+        return "flash" if flash_attn_func is not None and half_cuda else "sdpa"
+    if backend == "sdpa":
+        return "sdpa"
+    if backend == "flash":
+        if flash_attn_func is None or not half_cuda:
+            raise ValueError(
+                "--attention-backend flash needs flash-attn and CUDA fp16/bf16 tensors (--bf16/--fp16)"
+            )
+        return "flash"
+    if backend == "triton":
+        if dropout_p > 0.0:
+            raise ValueError(
+                "the Triton flash attention has no dropout: set --attention-dropout 0 or use sdpa"
+            )
+        resolve_backend("triton", q)  # same availability rules as the other Triton kernels
+        return "triton"
+    raise ValueError(f"unknown attention backend {backend!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
+
+
+# ---------------------------------------------------------------------------------- the ops
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, *, backend: str = "auto"
+) -> torch.Tensor:
+    """``w * (x / sqrt(mean(x^2) + eps)).to(x.dtype)`` over the last dimension, fp32 statistics."""
+    if resolve_backend(backend, x) == "triton":
+        return _rms.rms_norm_triton(x, weight, eps)
+    return _rms.rms_norm_reference(x, weight, eps)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, *, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = x + residual``; returns ``(rms_norm(h), h)`` (one fused pass with Triton)."""
+    if resolve_backend(backend, x) == "triton":
+        return _add_rms_norm.add_rms_norm_triton(x, residual, weight, eps)
+    return _add_rms_norm.add_rms_norm_reference(x, residual, weight, eps)
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """LayerNorm over the last dimension, normalised in fp32, cast back to x's dtype."""
+    if resolve_backend(backend, x) == "triton":
+        return _ln.layer_norm_triton(x, weight, bias, eps)
+    return _ln.layer_norm_reference(x, weight, bias, eps)
+
+
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend: str = "auto"
+) -> torch.Tensor:
+    """RoPE (half-split) of ``x`` [s, b, heads, d] with ``cos``/``sin`` [s, d] or [s, 1, 1, d].
+
+    ``backend`` also accepts 'cuda' (the CUDA kernel of ``megafast._C``).
+    """
+    if backend == "cuda":
+        if not (x.is_cuda and cuda_available()):
+            raise ValueError(
+                "--rope-kernel cuda needs CUDA tensors and megafast's CUDA extension (pip install -e .)"
+            )
+        return _rope.apply_rotary_cuda(x, cos, sin)
+    if resolve_backend(backend, x) == "triton":
+        return _rope.apply_rotary_triton(x, cos, sin)
+    return _rope.apply_rotary_reference(x, cos, sin)
+
+
+def swiglu(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """``silu(gate) * up`` for ``x`` = [..., gate | up] ([..., 2F] -> [..., F])."""
+    if resolve_backend(backend, x) == "triton":
+        return _swiglu.swiglu_triton(x)
+    return _swiglu.swiglu_reference(x)
+
+
+def gelu(x: torch.Tensor, approximate: str = "tanh", *, backend: str = "auto") -> torch.Tensor:
+    """GELU, ``approximate`` 'tanh' (GPT-2) or 'none' (erf), as ``torch.nn.functional.gelu``."""
+    if resolve_backend(backend, x) == "triton":
+        return _gelu.gelu_triton(x, approximate)
+    return _gelu.gelu_reference(x, approximate)
+
+
+def _reduce(loss: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.sum() / (target != ignore_index).sum().clamp_min(1)
+    raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int = -100,
+    *,
+    vocab_size: Optional[int] = None,
+    reduction: str = "none",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Cross-entropy of full-vocabulary ``logits`` [..., V]: per-token fp32 loss (or its sum/mean over
+    non-ignored tokens); columns >= ``vocab_size`` (padding) excluded, ``ignore_index`` targets give 0."""
+    if resolve_backend(backend, logits) == "triton":
+        loss = _ce.cross_entropy_triton(logits, target, ignore_index, vocab_size)
+    else:
+        from megafast.parallel.cross_entropy import vocab_parallel_cross_entropy as torch_ce
+
+        loss = torch_ce(logits, target, None, vocab_size, ignore_index)
+    return _reduce(loss, target, ignore_index, reduction)
+
+
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    tp_group=None,
+    vocab_size: Optional[int] = None,
+    ignore_index: int = -100,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Per-token loss of vocabulary-parallel ``logits`` [..., V/p] (``megafast.parallel``'s contract)."""
+    if resolve_backend(backend, logits) == "triton":
+        return _ce.vocab_parallel_cross_entropy_triton(logits, target, tp_group, vocab_size, ignore_index)
+    from megafast.parallel.cross_entropy import vocab_parallel_cross_entropy as torch_ce
+
+    return torch_ce(logits, target, tp_group, vocab_size, ignore_index)
+
+
+def fused_linear_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    tp_group=None,
+    vocab_size: Optional[int] = None,
+    ignore_index: int = -100,
+    reduction: str = "none",
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Cross-entropy of ``x @ weight.T`` (``weight`` [V/p, h], vocabulary-parallel over ``tp_group``).
+
+    Triton: chunked over tokens, never holding the [tokens, V/p] logits; torch: the unfused
+    matmul + cross-entropy. Under TP, x's gradient is this rank's partial sum (see
+    ``fused_linear_cross_entropy.py``).
+    """
+    if resolve_backend(backend, x) == "triton":
+        return _flce.fused_linear_cross_entropy_triton(
+            x, weight, target, tp_group, vocab_size, ignore_index, reduction, chunk_size
+        )
+    loss = vocab_parallel_cross_entropy(
+        x @ weight.t(), target, tp_group, vocab_size, ignore_index, backend="torch"
+    )
+    return _reduce(loss, target, ignore_index, reduction)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v, q [b, H, s, d], k/v [b, G, s, d] (GQA: kv head h // (H/G)).
+
+    Dropout uses the caller's RNG state (fork the tensor-parallel tracker around the call).
+    The Triton kernel covers equal query/key lengths; other shapes use SDPA.
+    """
+    chosen = resolve_attention(backend, q, dropout_p)
+    if chosen == "triton" and q.shape[2] == k.shape[2]:
+        return _fa.flash_attention_triton(q, k, v, causal)
+    if chosen == "flash":
+        out = flash_attn_func(  # takes [b, s, heads, d] and GQA natively
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, causal=causal
+        )
+        return out.transpose(1, 2)
+    heads, groups = q.shape[1], k.shape[1]
+    if groups != heads:  # each group's k/v serves its H/G consecutive query heads
+        k = k.repeat_interleave(heads // groups, dim=1)
+        v = v.repeat_interleave(heads // groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)

@@ -1,0 +1,448 @@
+"""Memory per GPU of a megafast run: model state (exact) and activations (the tensors autograd keeps).
+
+Model state of pipeline rank r, DP rank j (any TP rank), from the same layout rules as
+:class:`~megafast.training.data_parallel.DataParallel` and the optimizer, so the bytes are exact:
+
+- gradients: one fp32 ``main_grad`` buffer per model chunk holding its parameters in reverse
+  order, cut into buckets of ``bucket_size_mb`` MiB (a tied embedding gets a bucket of its own);
+  with the distributed optimizer every bucket is padded to a multiple of DP. 4 bytes per element.
+- weights: the parameters in the model dtype; with the distributed optimizer they move into a
+  parameter buffer shaped like the gradient buffer (padding included).
+- master weights: fp32 copies of what this rank updates (none when the model is fp32: the
+  optimizer then updates the parameters in place). Plain: every parameter. Distributed (ZeRO-1):
+  the part of each parameter inside DP rank j's shard ``[start + j n/dp, start + (j+1) n/dp)``
+  of each bucket of n elements, so each rank holds about 1/dp of them.
+- optimizer states, per master element: Adam ``exp_avg`` + ``exp_avg_sq`` (2 x 4 bytes) plus a
+  4-byte ``step`` tensor per master tensor; Lion ``exp_avg`` (4 bytes).
+
+Activations of one microbatch in one chunk (T = s * b tokens, e bytes per activation element,
+t the TP size, u = t with sequence parallelism else 1, H/G/d heads/groups/head dim, f FFN size,
+V the padded vocabulary), counting each storage autograd keeps once, as the model code creates
+them (checked byte for byte against ``saved_tensors_hooks`` in the tests, for the torch and the
+Triton kernels)::
+
+    norm          torch: 4Th/u fp32 input + 8T/u LayerNorm mean, rstd (+ 8h fp32 weight copies
+                  in bf16/fp16) | 4T/u + eTh/u RMSNorm rsqrt, x_hat.  Triton: eTh/u input + stats
+    layer         2 norm + 2 eTh (qkv and fc1 inputs, all-gathered under SP) + attention
+                  + e T w f / t, w = 4 SwiGLU torch (fc1 out, silu out, product), 3 SwiGLU Triton
+                  (fc1 out, product), 2 GELU (fc1 out, gelu out)
+                  + 2 m Th/u dropout masks (m = 1 byte on CUDA, e on CPU; none without dropout)
+                  + 4 s d e RoPE tables cast to bf16/fp16 per layer (torch RoPE; otherwise the
+                  shared fp32 tables, 2 x 4 s d once per chunk)
+    attention     e T d / t * (union of the q, k, v storages the kernel keeps: the fused QKV
+                  output (H + 2G) when q/k/v are views of it, rotated q (H) and k (G) copies,
+                  GQA k/v expanded to H heads for SDPA) + e T H d / t output + 4 T H / t
+                  logsumexp (selective recompute: q, k, v before any expansion, and the output)
+    full recompute  e Th/u per layer (the checkpointed layer input)
+    first stage   8T ids (+ T mask with TP) + 8s positions + m Th/u embedding dropout mask
+    last stage    norm + eTh + 4 T V / t softmax (the cross-entropy gradient) + 10T targets/masks
+    pipeline      + eTh/u output kept for backward (all but the last stage) + eTh/u received
+                  input (all but the first stage, unless a norm or checkpoint already keeps it)
+
+Attention runs a flash kernel (flash-attn, SDPA's flash/efficient kernels, or megafast's
+Triton one); SDPA's math fallback (CPU with attention dropout) would keep s x s probabilities.
+
+A rank holds the activations of the microbatches in flight: ``min(p - r, M)`` under 1F1B, M
+under GPipe, and for interleaving the peak found by walking the rank's schedule. On top of them
+comes a transient working set (an estimate, checked on GPU): the loss (logits in the model
+dtype plus fp32 copies, ``(e + 4) T V / t``), one layer rematerialised under recomputation,
+the gradients of one layer's largest activations and the largest parameter's gradient before
+it is added into ``main_grad``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from megafast.config import GPTConfig
+from megafast.pipeline.engine import schedule_name
+from megafast.pipeline.schedules import FORWARD, Action, build_schedule
+from megafast.planner import DTYPE_BYTES, Layout, ParamSpec, Stage, rank_parameters, rank_stages
+
+Device = Literal["cuda", "cpu"]
+GRAD_BYTES = 4  # fp32 main_grad
+MASTER_BYTES = 4  # fp32 master weights and optimizer states
+GB = 1e9
+
+
+# ---------------------------------------------------------------------------------- model state
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Buffer offsets ``[start, end)`` (padding included) and each member's ``(start, end)``."""
+
+    start: int
+    end: int
+    members: tuple[tuple[int, int], ...]
+
+
+def gradient_buffer(
+    params: list[ParamSpec], dp: int, distributed: bool, bucket_size_mb: Optional[float]
+) -> tuple[int, list[Bucket]]:
+    """(elements, buckets) of one chunk's gradient buffer, as ``DataParallel._build_buffer`` lays it out.
+
+    Parameters go in reverse order; a bucket closes once it holds ``bucket_size_mb`` MiB of fp32
+    gradients, and a tied embedding sits alone in its bucket. Each bucket ends padded to a
+    multiple of ``dp`` when the optimizer is distributed.
+    """
+    pad_to = dp if distributed else 1
+    bucket_numel = None if bucket_size_mb is None else max(1, int(bucket_size_mb * 2**20 / GRAD_BYTES))
+    buckets: list[Bucket] = []
+    offset = bucket_start = 0
+    members: list[tuple[int, int]] = []
+
+    def close() -> None:
+        nonlocal offset, bucket_start, members
+        if members:
+            offset = -(-offset // pad_to) * pad_to
+            buckets.append(Bucket(bucket_start, offset, tuple(members)))
+        bucket_start, members = offset, []
+
+    for p in reversed(params):
+        if p.shared_embedding:
+            close()
+        members.append((offset, offset + p.numel))
+        offset += p.numel
+        if p.shared_embedding or (bucket_numel is not None and offset - bucket_start >= bucket_numel):
+            close()
+    close()
+    return offset, buckets
+
+
+@dataclass(frozen=True)
+class StaticMemory:
+    """Bytes of model state on one GPU."""
+
+    weights: int
+    gradients: int
+    master_weights: int
+    optimizer_states: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.master_weights + self.optimizer_states
+
+
+@dataclass(frozen=True)
+class RankParameters:
+    """Element counts of one GPU's model state (see :func:`rank_parameter_state`)."""
+
+    params: int  # parameter elements
+    buffer: int  # gradient-buffer elements, padding included
+    masters: int  # master elements this rank updates
+    num_masters: int  # master tensors (the optimizer keeps a ``step`` per tensor)
+    largest: int  # elements of the largest parameter
+
+
+def rank_parameter_state(config: GPTConfig, layout: Layout, pp_rank: int, dp_rank: int = 0) -> RankParameters:
+    """Parameter, gradient-buffer and master element counts of one GPU.
+
+    Plain optimizer: one master per parameter. Distributed: one per parameter piece inside this
+    DP rank's shard of each bucket. Memoised on the fields that matter (a search asks for the
+    same ranks under many micro-batch and recompute choices).
+    """
+    if not 0 <= dp_rank < layout.dp:
+        raise ValueError(f"data-parallel rank {dp_rank} is outside 0..{layout.dp - 1}")
+    distributed = layout.distributed_optimizer and layout.dp > 1
+    key = Layout(
+        tp=layout.tp,
+        pp=layout.pp,
+        dp=layout.dp,
+        num_model_chunks=layout.num_model_chunks,
+        distributed_optimizer=distributed,
+        partition=layout.partition,
+        bucket_size_mb=layout.bucket_size_mb,
+    )
+    fields = dataclasses.astuple(config)
+    try:
+        return _cached_rank_parameter_state(fields, key, pp_rank, dp_rank)
+    except TypeError:  # a config field that cannot be hashed: compute without the memo
+        return _count_rank_parameter_state(config, key, pp_rank, dp_rank)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_rank_parameter_state(
+    config_fields: tuple, layout: Layout, pp_rank: int, dp_rank: int
+) -> RankParameters:
+    return _count_rank_parameter_state(GPTConfig(*config_fields), layout, pp_rank, dp_rank)
+
+
+def _count_rank_parameter_state(
+    config: GPTConfig, layout: Layout, pp_rank: int, dp_rank: int
+) -> RankParameters:
+    param_numel = buffer_numel = master_numel = num_masters = largest = 0
+    for params in rank_parameters(config, layout, pp_rank):
+        numel, buckets = gradient_buffer(
+            params, layout.dp, layout.distributed_optimizer, layout.bucket_size_mb
+        )
+        buffer_numel += numel
+        param_numel += sum(p.numel for p in params)
+        largest = max([largest] + [p.numel for p in params])
+        if not layout.distributed_optimizer:
+            master_numel, num_masters = master_numel + sum(p.numel for p in params), num_masters + len(params)
+            continue
+        for b in buckets:
+            n = (b.end - b.start) // layout.dp
+            lo, hi = b.start + dp_rank * n, b.start + (dp_rank + 1) * n
+            for start, end in b.members:
+                owned = min(hi, end) - max(lo, start)
+                if owned > 0:
+                    master_numel, num_masters = master_numel + owned, num_masters + 1
+    return RankParameters(param_numel, buffer_numel, master_numel, num_masters, largest)
+
+
+def static_memory(config: GPTConfig, layout: Layout, pp_rank: int, dp_rank: int = 0) -> StaticMemory:
+    """Weights, fp32 gradient buffers, fp32 masters and optimizer states of one GPU, in bytes."""
+    n = rank_parameter_state(config, layout, pp_rank, dp_rank)
+    distributed = layout.distributed_optimizer and layout.dp > 1
+    states = n.masters * MASTER_BYTES * (2 if layout.optimizer == "adam" else 1)
+    if layout.optimizer == "adam":
+        states += 4 * n.num_masters  # the fp32 scalar ``step`` of every master tensor
+    return StaticMemory(
+        weights=(n.buffer if distributed else n.params) * DTYPE_BYTES[layout.dtype],
+        gradients=n.buffer * GRAD_BYTES,
+        master_weights=0 if layout.dtype == "fp32" else n.masters * MASTER_BYTES,
+        optimizer_states=states,
+    )
+
+
+# ---------------------------------------------------------------------------------- activations
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The implementations whose saved tensors differ (``megafast.kernels.dispatch`` picks them):
+    element-wise ops ``torch`` (the references) or ``triton``, RoPE ``torch``/``triton``/``cuda``
+    and attention ``sdpa``, ``flash`` (flash-attn) or ``triton``."""
+
+    ops: str
+    rope: str
+    attention: str
+
+
+def resolve_kernels(config: GPTConfig, layout: Layout, device: Device) -> Kernels:
+    """Dispatch's ``auto`` rules: Triton ops on CUDA (torch on CPU), flash-attn for CUDA fp16/bf16
+    when importable here, else SDPA (on a planning machine without flash-attn: SDPA, which keeps
+    GQA's expanded k/v, so the prediction errs on the safe side)."""
+    ops = config.kernels if config.kernels != "auto" else ("triton" if device == "cuda" else "torch")
+    rope = ops if config.rope_kernel == "auto" else config.rope_kernel
+    attention = config.attention_backend
+    if attention == "auto":
+        half = layout.dtype in ("bf16", "fp16")
+        attention = (
+            "flash" if device == "cuda" and half and importlib.util.find_spec("flash_attn") else "sdpa"
+        )
+    return Kernels(ops, rope, attention)
+
+
+def _mask_bytes(config: GPTConfig, e: int, device: Device) -> int:
+    """Bytes per element of a dropout mask: bool on CUDA (fused dropout), the input dtype on CPU."""
+    if config.hidden_dropout == 0.0:
+        return 0
+    return 1 if device == "cuda" else e
+
+
+def _norm_bytes(config: GPTConfig, tokens: float, e: int, ops: str) -> float:
+    """What a norm keeps. torch: its fp32 input and statistics (+ the normalised x in dtype for
+    RMSNorm; LayerNorm in bf16/fp16 also keeps fp32 copies of its weight and bias). Triton: its
+    input in dtype and the fp32 statistics."""
+    h = config.hidden_size
+    stats = 8 * tokens if config.normalization == "LayerNorm" else 4 * tokens
+    if ops == "triton":
+        return e * tokens * h + stats
+    if config.normalization == "LayerNorm":
+        return 4 * tokens * h + stats + (8 * h if e != 4 else 0)
+    return 4 * tokens * h + stats + e * tokens * h
+
+
+def attention_bytes(config: GPTConfig, layout: Layout, tokens: int, attention: str = "sdpa") -> int:
+    """Storages the attention block keeps for backward (see the module docstring), one TP rank."""
+    c, t, e = config, layout.tp, DTYPE_BYTES[layout.dtype]
+    heads, groups, d = c.num_attention_heads // t, c.num_query_groups // t, c.head_dim
+    rope = c.position_embedding_type == "rope"
+    selective = layout.recompute == "selective"
+    expand = heads != groups and not selective and attention == "sdpa"  # GQA k/v repeated for SDPA
+    sizes = {}  # storage name -> heads it spans
+    sizes["q_rot" if rope else ("qkv" if heads == groups else "q_copy")] = heads
+    sizes["k_rep" if expand else ("k_rot" if rope else "qkv")] = heads if expand else groups
+    sizes["v_rep" if expand else "qkv"] = heads
+    if "qkv" in sizes:
+        sizes["qkv"] = heads + 2 * groups  # a view of the fused QKV output keeps all of it
+    kept = sum(sizes.values()) + heads  # + the attention output (also linear_proj's input)
+    lse = 0 if selective else 4 * tokens * heads
+    return e * tokens * d * kept + lse
+
+
+def layer_activation_bytes(config: GPTConfig, layout: Layout, device: Device = "cuda") -> int:
+    """One transformer layer, one microbatch, one GPU, without full recompute."""
+    c, t, e = config, layout.tp, DTYPE_BYTES[layout.dtype]
+    k = resolve_kernels(c, layout, device)
+    s, tokens = layout.seq_length, layout.seq_length * layout.micro_batch_size
+    u = t if layout.sequence_parallel else 1
+    h = c.hidden_size
+    widths = 2 if c.activation != "swiglu" else (3 if k.ops == "triton" else 4)  # in units of f
+    rope = (
+        4 * s * c.head_dim * e if c.position_embedding_type == "rope" and k.rope == "torch" and e != 4 else 0
+    )
+    return int(
+        2 * _norm_bytes(c, tokens / u, e, k.ops)
+        + 2 * e * tokens * h
+        + attention_bytes(c, layout, tokens, k.attention)
+        + e * tokens * widths * c.ffn_hidden_size // t
+        + 2 * _mask_bytes(c, e, device) * tokens * h / u
+        + rope
+    )
+
+
+def chunk_activation_bytes(config: GPTConfig, layout: Layout, stage: Stage, device: Device = "cuda") -> int:
+    """Activations one microbatch keeps alive in one model chunk until its backward."""
+    c, t, e = config, layout.tp, DTYPE_BYTES[layout.dtype]
+    k = resolve_kernels(c, layout, device)
+    s, tokens = layout.seq_length, layout.seq_length * layout.micro_batch_size
+    u = t if layout.sequence_parallel else 1
+    h, hidden = c.hidden_size, e * tokens * c.hidden_size / u  # one [s/u, b, h] tensor
+    full = layout.recompute == "full"
+    total = stage.num_layers * (hidden if full else layer_activation_bytes(c, layout, device))
+    if c.position_embedding_type == "rope" and not full and (k.rope != "torch" or e == 4):
+        total += 2 * 4 * s * c.head_dim  # the fp32 cos/sin tables, shared by the layers
+    if stage.pre_process:
+        total += 8 * tokens + (tokens if t > 1 else 0)  # (local) token ids, out-of-shard mask
+        total += 8 * s if c.position_embedding_type == "learned_absolute" else 0
+        total += _mask_bytes(c, e, device) * tokens * h / u
+    elif k.ops == "torch" and e != 4 and not full:
+        total += hidden  # the received input, kept besides the fp32 copy its norm saved
+    if stage.post_process:
+        total += _norm_bytes(c, tokens / u, e, k.ops) + e * tokens * h
+        total += 4 * tokens * c.padded_vocab_size(t) // t + 10 * tokens  # softmax, targets, masks
+    else:
+        total += hidden  # the output, kept for the backward started by the next stage's gradient
+    return int(total)
+
+
+def _in_flight(layout: Layout, pp_rank: int, per_chunk: list[int]) -> tuple[int, int]:
+    """(microbatch-chunks alive at the peak, their bytes) on ``pp_rank`` over one step."""
+    p, m = layout.pp, layout.num_microbatches
+    name = schedule_name(p, layout.num_model_chunks, layout.pipeline_schedule)
+    if layout.num_model_chunks == 1:
+        count = {"none": 1, "gpipe": m}.get(name, min(p - pp_rank, m))
+        return count, count * per_chunk[0]
+    live: dict[tuple[int, int], int] = {}
+    best = (0, 0)
+    for step in build_schedule(name, p, pp_rank, m, layout.num_model_chunks):
+        if not isinstance(step, Action) or not step.is_compute:
+            continue
+        key = (step.microbatch, step.chunk)
+        if step.kind == FORWARD:
+            live[key] = per_chunk[step.chunk]
+            best = max(best, (sum(live.values()), len(live)), key=lambda x: x[0])
+        else:
+            live.pop(key, None)
+    return best[1], best[0]
+
+
+@dataclass(frozen=True)
+class ActivationMemory:
+    """Activation bytes of one GPU: per microbatch per chunk, the in-flight peak, the transient."""
+
+    per_microbatch: tuple[int, ...]
+    in_flight: int
+    stored: int
+    transient: int
+
+    @property
+    def peak(self) -> int:
+        return self.stored + self.transient
+
+
+def activation_memory(
+    config: GPTConfig, layout: Layout, pp_rank: int, device: Device = "cuda"
+) -> ActivationMemory:
+    """Peak activation bytes of pipeline rank ``pp_rank`` during one training step."""
+    c, t, e = config, layout.tp, DTYPE_BYTES[layout.dtype]
+    tokens = layout.seq_length * layout.micro_batch_size
+    stages = rank_stages(c, layout, pp_rank)
+    per_chunk = [chunk_activation_bytes(c, layout, st, device) for st in stages]
+    count, stored = _in_flight(layout, pp_rank, per_chunk)
+    layer = layer_activation_bytes(c, layout, device)
+    fc1 = c.ffn_hidden_size * (2 if c.activation == "swiglu" else 1) // t
+    backward = e * tokens * (fc1 + 2 * c.hidden_size)  # gradients of a layer's widest activations
+    if layout.recompute == "full":
+        backward += layer
+    elif layout.recompute == "selective":
+        backward += (
+            e * tokens * c.num_attention_heads // t * c.head_dim * 3 + 4 * tokens * c.num_attention_heads // t
+        )
+    transient = backward
+    if any(st.post_process for st in stages):
+        vocab = c.padded_vocab_size(t)
+        copies = e + (4 if e != 4 or vocab != c.vocab_size else 0)
+        transient = max(transient, copies * tokens * vocab // t)
+    largest = rank_parameter_state(c, layout, pp_rank).largest
+    return ActivationMemory(tuple(per_chunk), count, stored, int(transient + e * largest))
+
+
+# ---------------------------------------------------------------------------------------- total
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Predicted bytes on one GPU of pipeline rank ``pp_rank``."""
+
+    pp_rank: int
+    static: StaticMemory
+    activations: ActivationMemory
+
+    @property
+    def total(self) -> int:
+        return self.static.total + self.activations.peak
+
+    def breakdown_gb(self) -> dict[str, float]:
+        s, a = self.static, self.activations
+        return {
+            "weights": s.weights / GB,
+            "gradients": s.gradients / GB,
+            "master_weights": s.master_weights / GB,
+            "optimizer_states": s.optimizer_states / GB,
+            "activations": a.peak / GB,
+            "total": self.total / GB,
+        }
+
+
+def rank_memory(
+    config: GPTConfig, layout: Layout, pp_rank: int, dp_rank: int = 0, device: Device = "cuda"
+) -> RankMemory:
+    return RankMemory(
+        pp_rank,
+        static_memory(config, layout, pp_rank, dp_rank),
+        activation_memory(config, layout, pp_rank, device),
+    )
+
+
+def peak_memory(config: GPTConfig, layout: Layout, device: Device = "cuda") -> RankMemory:
+    """The most loaded GPU: the maximum over pipeline ranks (DP rank 0 owns the largest shard)."""
+    return max((rank_memory(config, layout, r, 0, device) for r in range(layout.pp)), key=lambda m: m.total)
+
+
+__all__ = [
+    "ActivationMemory",
+    "Bucket",
+    "Kernels",
+    "RankMemory",
+    "RankParameters",
+    "StaticMemory",
+    "activation_memory",
+    "attention_bytes",
+    "chunk_activation_bytes",
+    "gradient_buffer",
+    "layer_activation_bytes",
+    "peak_memory",
+    "rank_memory",
+    "rank_parameter_state",
+    "resolve_kernels",
+    "static_memory",
+]

@@ -1,0 +1,189 @@
+"""tools/plan.py: Megatron flags or an HF config.json in, a ranked table or JSON out, errors in one line."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megafast.planner import total_parameter_count
+from megafast.planner_memory import GB
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(ROOT, "tools", "plan.py")
+LLAMA_70B = (
+    "--num-layers 80 --hidden-size 8192 --num-attention-heads 64 --group-query-attention "
+    "--num-query-groups 8 --ffn-hidden-size 28672 --swiglu --normalization RMSNorm "
+    "--position-embedding-type rope --disable-bias-linear --untie-embeddings-and-output-weights "
+    "--vocab-size 128256 --seq-length 4096 --hidden-dropout 0 --global-batch-size 1024"
+).split()
+
+
+@pytest.fixture(scope="module")
+def plan_tool():
+    spec = importlib.util.spec_from_file_location("plan_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_tool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, TOOL, *args], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+
+
+def test_json_for_70b_on_64_gpus():
+    out = run_tool(*LLAMA_70B, "--num-gpus", "64", "--gpu-memory-gb", "80", "--tokens", "2T", "--json")
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert plan["model"]["parameters"] == 70_553_706_496  # Llama-3-70B's count
+    usable = 80 * 0.9
+    assert plan["feasible"] and all(e["fits"] and e["memory_gb"]["total"] <= usable for e in plan["feasible"])
+    speeds = [e["tokens_per_s"] for e in plan["feasible"]]
+    assert speeds == sorted(speeds, reverse=True)
+    best = plan["feasible"][0]
+    assert best["days"] == pytest.approx(2e12 / best["tokens_per_s"] / 86400)
+    assert best["tflops_per_gpu"] == pytest.approx(best["mfu"] * 989.0)
+    pure_dp = [e for e in plan["rejected"] if e["layout"]["tp"] == 1 and e["layout"]["pp"] == 1]
+    assert pure_dp and all(not e["fits"] and e["reason"].startswith("needs ") for e in pure_dp)
+
+
+def test_table_with_rejected_layouts_fixed_tp(plan_tool, capsys):
+    assert (
+        plan_tool.main(
+            [
+                *LLAMA_70B,
+                "--num-gpus",
+                "64",
+                "--tensor-model-parallel-size",
+                "8",
+                "--micro-batch-size",
+                "1",
+                "--show-rejected",
+                "--tokens",
+                "300B",
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "70.55B parameters" in text and "layouts fit, fastest first" in text and "days" in text
+    assert "rejected layouts" in text and "why not" in text and "GB usable of 80 GB" in text
+
+
+def test_hf_config_matches_transformers(plan_tool, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    cases = {
+        "llama": (
+            transformers.LlamaConfig(
+                vocab_size=1000,
+                hidden_size=64,
+                num_attention_heads=8,
+                num_key_value_heads=2,
+                num_hidden_layers=3,
+                intermediate_size=160,
+                max_position_embeddings=128,
+                tie_word_embeddings=True,
+            ),
+            transformers.LlamaForCausalLM,
+        ),
+        "qwen2": (
+            transformers.Qwen2Config(
+                vocab_size=1000,
+                hidden_size=64,
+                num_attention_heads=8,
+                num_key_value_heads=4,
+                num_hidden_layers=2,
+                intermediate_size=160,
+                max_position_embeddings=128,
+                tie_word_embeddings=False,
+            ),
+            transformers.Qwen2ForCausalLM,
+        ),
+        "gpt2": (
+            transformers.GPT2Config(vocab_size=1000, n_embd=64, n_head=8, n_layer=2, n_positions=128),
+            transformers.GPT2LMHeadModel,
+        ),
+    }
+    for name, (hf_config, cls) in cases.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(hf_config.to_json_string())
+        config = plan_tool.config_from_hf(json.loads(path.read_text()))
+        assert total_parameter_count(config, padded=False) == sum(
+            p.numel() for p in cls(hf_config).parameters()
+        ), name
+        assert (
+            plan_tool.main(
+                ["--hf-config", str(path), "--num-gpus", "2", "--global-batch-size", "8", "--json"]
+            )
+            == 0
+        )
+        plan = json.loads(capsys.readouterr().out)
+        assert plan["seq_length"] == 128 and plan["feasible"]
+        assert plan["model"]["parameters"] == total_parameter_count(config, padded=False)
+
+
+def test_nothing_fits_explains_the_closest_layouts(plan_tool, capsys):
+    assert plan_tool.main([*LLAMA_70B, "--num-gpus", "8", "--micro-batch-size", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "0 layouts fit" in text and "no layout fits" in text and "needs " in text
+
+
+def test_user_errors_are_one_line(plan_tool, tmp_path):
+    out = run_tool("--num-gpus", "8", "--num-layers", "2")
+    assert out.returncode == 1
+    expected = (
+        "error: give --hf-config, or the model flags --hidden-size, --num-attention-heads, --vocab-size, "
+        "--seq-length"
+    )
+    assert out.stderr.strip().splitlines() == [expected]
+    with pytest.raises(SystemExit, match="cannot read --hf-config"):
+        plan_tool.main(["--hf-config", str(tmp_path / "missing.json"), "--num-gpus", "8"])
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))
+    with pytest.raises(SystemExit, match="has no 'hidden_size' entry"):
+        plan_tool.main(["--hf-config", str(partial), "--num-gpus", "8"])
+    bad = tmp_path / "t5.json"
+    bad.write_text(json.dumps({"model_type": "t5"}))
+    with pytest.raises(SystemExit, match="model_type 't5' is not supported"):
+        plan_tool.main(["--hf-config", str(bad), "--num-gpus", "8"])
+    with pytest.raises(SystemExit, match="compute_efficiency must be in"):
+        plan_tool.main([*LLAMA_70B, "--num-gpus", "8", "--compute-efficiency", "2"])
+    with pytest.raises(SystemExit):
+        plan_tool.main([*LLAMA_70B, "--num-gpus", "8", "--tokens", "lots"])
+    assert plan_tool.token_count("2T") == 2e12 and plan_tool.token_count("1.5e9") == 1.5e9
+
+
+def test_memory_column_is_the_breakdown_total(plan_tool, capsys):
+    assert (
+        plan_tool.main(
+            [
+                *LLAMA_70B,
+                "--num-gpus",
+                "64",
+                "--tensor-model-parallel-size",
+                "8",
+                "--pipeline-model-parallel-size",
+                "4",
+                "--micro-batch-size",
+                "1",
+                "--recompute-granularity",
+                "none",
+                "--use-distributed-optimizer",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    plan = json.loads(capsys.readouterr().out)
+    (only,) = plan["feasible"]
+    m = only["memory_gb"]
+    parts = m["weights"] + m["gradients"] + m["master_weights"] + m["optimizer_states"] + m["activations"]
+    assert parts == pytest.approx(m["total"])
+    assert only["layout"]["tp"] == 8 and only["layout"]["pp"] == 4 and only["layout"]["distributed_optimizer"]
+    assert m["total"] < 80 * 0.9 and GB == 1e9

@@ -1,0 +1,109 @@
+"""Convert checkpoints between Hugging Face and megafast, or re-shard megafast ones (Megatron's flags).
+
+    python tools/checkpoint/convert.py --model-type GPT --loader hf --saver megafast \
+        --load-dir HF_DIR --save-dir CKPT --target-tensor-parallel-size 2 --target-pipeline-parallel-size 2
+    python tools/checkpoint/convert.py --model-type GPT --loader megafast --saver hf \
+        --load-dir CKPT --save-dir HF_OUT
+    python tools/checkpoint/convert.py --model-type GPT --loader megafast --saver megafast \
+        --load-dir CKPT --save-dir CKPT_TP1 --target-tensor-parallel-size 1 --target-pipeline-parallel-size 1
+    python tools/checkpoint/convert.py --model-type GPT --loader megafast --saver hf --merge-lora \
+        --load-dir LORA_CKPT --save-dir HF_OUT        # a LoRA run: adapters merged into its base first
+
+HF models: LlamaForCausalLM (Llama 2/3, GQA), MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel,
+from model.safetensors (single or sharded with its index) or pytorch_model.bin. A megafast
+checkpoint written from HF is a ``release`` checkpoint: start training from it with
+``pretrain_gpt.py --load DIR --finetune`` and the same model flags (see its ``args``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from megafast.convert.converter import ConvertOptions, convert_checkpoint, finetune_flags  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p.add_argument("--model-type", required=True, choices=["GPT"], help="the model family (GPT: decoder-only)")
+    p.add_argument("--loader", required=True, choices=["hf", "megafast"], help="format of --load-dir")
+    p.add_argument("--saver", required=True, choices=["hf", "megafast"], help="format to write to --save-dir")
+    p.add_argument("--load-dir", required=True)
+    p.add_argument("--save-dir", required=True)
+    p.add_argument("--target-tensor-parallel-size", type=int, default=None,
+                   help="megafast saver: TP size (default: the source's, 1 from HF)")
+    p.add_argument("--target-pipeline-parallel-size", type=int, default=None,
+                   help="megafast saver: PP size (default: the source's, 1 from HF)")
+    p.add_argument("--target-params-dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="dtype of the written weights (default: the source's)")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
+                   help="megafast saver: pad the vocabulary to a multiple of this x TP (default: source's, 128)")
+    p.add_argument("--true-vocab-size", type=int, default=None,
+                   help="megafast loader: the unpadded vocabulary, when the checkpoint's tokenizer is unavailable")
+    p.add_argument("--max-shard-size", default="5GB", help="hf saver: largest safetensors shard (default 5GB)")
+    p.add_argument("--tokenizer-type", default=None,
+                   choices=["SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer"],
+                   help="hf saver: tokenizer to export (default: the one in the checkpoint args)")
+    p.add_argument("--tokenizer-model", default=None)
+    p.add_argument("--vocab-file", default=None)
+    p.add_argument("--merge-file", default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --save-dir")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="megafast loader: --load-dir is a LoRA run's checkpoint (adapters only); merge the "
+                        "adapters into its base model first (megafast.convert.lora_merge)")
+    p.add_argument("--lora-base-dir", default=None,
+                   help="with --merge-lora: the base checkpoint (default: the run's --pretrained-checkpoint)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    a = build_parser().parse_args(argv)
+    opts = ConvertOptions(
+        loader=a.loader, saver=a.saver, load_dir=a.load_dir, save_dir=a.save_dir,
+        target_tensor_parallel_size=a.target_tensor_parallel_size,
+        target_pipeline_parallel_size=a.target_pipeline_parallel_size, target_params_dtype=a.target_params_dtype,
+        make_vocab_size_divisible_by=a.make_vocab_size_divisible_by, true_vocab_size=a.true_vocab_size,
+        max_shard_size=a.max_shard_size, tokenizer_type=a.tokenizer_type, tokenizer_model=a.tokenizer_model,
+        vocab_file=a.vocab_file, merge_file=a.merge_file, overwrite=a.overwrite, progress=not a.no_progress,
+    )
+    if a.merge_lora:
+        written = _convert_merged(a, opts)
+    else:
+        try:
+            written = convert_checkpoint(opts)
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from None
+    print(f"wrote {written}")
+    if a.saver == "megafast":
+        print(f"train from it with: pretrain_gpt.py {' '.join(finetune_flags(a.save_dir))} ...")
+
+
+def _convert_merged(a: argparse.Namespace, opts: ConvertOptions) -> str:
+    """--merge-lora: merge into a temporary megafast checkpoint next to --save-dir, convert that."""
+    import dataclasses
+    import shutil
+    import tempfile
+
+    from megafast.convert.lora_merge import merge_lora_checkpoint
+
+    if a.loader != "megafast":
+        raise SystemExit("error: --merge-lora needs --loader megafast (a LoRA run's checkpoint)")
+    parent = os.path.dirname(os.path.abspath(a.save_dir))
+    os.makedirs(parent, exist_ok=True)
+    merged = tempfile.mkdtemp(prefix=".merged-lora-", dir=parent)
+    try:
+        merge_lora_checkpoint(a.load_dir, merged, a.lora_base_dir)
+        return convert_checkpoint(dataclasses.replace(opts, load_dir=merged))
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    finally:
+        shutil.rmtree(merged, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,461 @@
+"""Plan a run before spending GPU hours: will it fit, which layout, how fast, how many days.
+
+    python tools/plan.py --num-layers 80 --hidden-size 8192 --num-attention-heads 64 \\
+        --group-query-attention --num-query-groups 8 --ffn-hidden-size 28672 --swiglu \\
+        --normalization RMSNorm --position-embedding-type rope --disable-bias-linear \\
+        --untie-embeddings-and-output-weights --vocab-size 128256 --seq-length 4096 \\
+        --global-batch-size 1024 --num-gpus 64 --gpu-memory-gb 80 --tokens 2T
+
+    python tools/plan.py --hf-config llama/config.json --seq-length 4096 --num-gpus 64 --json
+
+The model comes from Megatron's flags (pretrain_gpt.py's names) or from a Hugging Face
+``config.json`` (Llama, Mistral, Qwen2, GPT-2). Every (TP, PP, DP, micro-batch, recompute,
+distributed optimizer) layout of ``--num-gpus`` GPUs is estimated with megafast.planner (the
+FLOP model the trainer logs MFU with, exact parameter/gradient/optimizer bytes, activations as
+the model code keeps them, and a compute + communication time model); the layouts that fit are
+ranked by tokens/s. Layout flags that are given (``--tensor-model-parallel-size``,
+``--micro-batch-size``, ``--recompute-granularity``, ``--use-distributed-optimizer``, ...) fix
+that choice instead of searching it. ``--show-rejected`` lists every layout that does not fit
+and why; ``--json`` prints one JSON object for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megafast.config import GPTConfig  # noqa: E402
+from megafast.planner import Layout, total_parameter_count, training_flops_per_token  # noqa: E402
+from megafast.planner_memory import GB  # noqa: E402
+from megafast.planner_throughput import Cluster, Estimate, Plan, search  # noqa: E402
+
+SUFFIXES = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
+
+
+def token_count(text: str) -> float:
+    """``2e12``, ``2T``, ``300B`` -> tokens."""
+    scale = SUFFIXES.get(text[-1:].upper(), 1.0)
+    try:
+        value = float(text[:-1] if scale != 1.0 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--tokens {text!r} is not a number such as 2e12, 2T or 300B"
+        ) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"--tokens must be > 0, got {text}")
+    return value
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    g = p.add_argument_group("model (Megatron flags, or --hf-config)")
+    g.add_argument(
+        "--hf-config", default=None, help="a Hugging Face config.json (llama, mistral, qwen2, gpt2)"
+    )
+    g.add_argument("--num-layers", type=int)
+    g.add_argument("--hidden-size", type=int)
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 * hidden size")
+    g.add_argument("--num-attention-heads", type=int)
+    g.add_argument("--kv-channels", type=int, default=None)
+    g.add_argument("--group-query-attention", action="store_true")
+    g.add_argument("--num-query-groups", type=int, default=1)
+    g.add_argument("--max-position-embeddings", type=int, default=None, help="default --seq-length")
+    g.add_argument(
+        "--position-embedding-type", choices=["learned_absolute", "rope", "none"], default="learned_absolute"
+    )
+    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
+    g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--disable-bias-linear", action="store_true")
+    g.add_argument("--add-qkv-bias", action="store_true")
+    g.add_argument(
+        "--hidden-dropout", type=float, default=None, help="default 0.1 (Megatron), 0 with --hf-config"
+    )
+    g.add_argument("--vocab-size", type=int, default=None)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+
+    g = p.add_argument_group("training")
+    g.add_argument(
+        "--seq-length", type=int, default=None, help="default: the HF config's max_position_embeddings"
+    )
+    g.add_argument("--global-batch-size", type=int, default=1024, help="sequences per step (default 1024)")
+    g.add_argument(
+        "--tokens", type=token_count, default=None, help="training tokens (2e12, 2T, 300B): adds days"
+    )
+    precision = g.add_mutually_exclusive_group()
+    precision.add_argument(
+        "--bf16",
+        dest="dtype",
+        action="store_const",
+        const="bf16",
+        default="bf16",
+        help="bf16 parameters, fp32 master weights (default)",
+    )
+    precision.add_argument("--fp16", dest="dtype", action="store_const", const="fp16")
+    precision.add_argument(
+        "--fp32",
+        dest="dtype",
+        action="store_const",
+        const="fp32",
+        help="fp32 training (pretrain_gpt.py without --bf16/--fp16)",
+    )
+    g.add_argument("--optimizer", choices=["adam", "lion"], default="adam")
+
+    g = p.add_argument_group("layout (each one given is fixed, else searched)")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=None)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=None)
+    g.add_argument("--micro-batch-size", type=int, default=None, help="default: search 1, 2, 4, 8")
+    g.add_argument("--recompute-granularity", choices=["full", "selective", "none"], default=None)
+    g.add_argument(
+        "--use-distributed-optimizer",
+        action="store_true",
+        default=None,
+        help="fix ZeRO-1 sharding on (default: try with and without)",
+    )
+    g.add_argument("--no-distributed-optimizer", dest="use_distributed_optimizer", action="store_false")
+    g.add_argument(
+        "--sequence-parallel", action="store_true", default=None, help="default: on whenever TP > 1"
+    )
+    g.add_argument("--no-sequence-parallel", dest="sequence_parallel", action="store_false")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+
+    g = p.add_argument_group("cluster")
+    g.add_argument("--num-gpus", type=int, required=True)
+    g.add_argument("--gpus-per-node", type=int, default=8)
+    g.add_argument("--gpu-memory-gb", type=float, default=80.0)
+    g.add_argument(
+        "--gpu-tflops",
+        "--gpu-peak-tflops",
+        dest="gpu_tflops",
+        type=float,
+        default=989.0,
+        help="dense peak per GPU in the training dtype, TFLOP/s (default 989: H100 bf16)",
+    )
+    g.add_argument(
+        "--intra-node-gbps",
+        type=float,
+        default=450.0,
+        help="GB/s per GPU inside a node, one direction (default 450: NVLink 4)",
+    )
+    g.add_argument(
+        "--inter-node-gbps",
+        type=float,
+        default=50.0,
+        help="GB/s per GPU between nodes (default 50: one 400 Gb/s NIC per GPU)",
+    )
+    g.add_argument(
+        "--gpu-hbm-gbps", type=float, default=3350.0, help="device memory GB/s (default 3350: H100)"
+    )
+    g.add_argument(
+        "--compute-efficiency", type=float, default=0.6, help="fraction of peak the model sustains"
+    )
+    g.add_argument(
+        "--comm-efficiency", type=float, default=0.8, help="fraction of link bandwidth collectives reach"
+    )
+    g.add_argument(
+        "--memory-headroom",
+        type=float,
+        default=0.1,
+        help="fraction of GPU memory kept free (CUDA context, NCCL, fragmentation)",
+    )
+
+    g = p.add_argument_group("output")
+    g.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    g.add_argument(
+        "--top", type=int, default=20, help="feasible layouts shown (default 20; --json lists all)"
+    )
+    g.add_argument("--show-rejected", action="store_true", help="list the layouts that do not fit, and why")
+    return p.parse_args(argv)
+
+
+def config_from_hf(hf: dict) -> GPTConfig:
+    """The GPTConfig of a Hugging Face config.json dict (Llama, Mistral, Qwen2 or GPT-2)."""
+    kind = hf.get("model_type")
+    if kind == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"GPT-2 activation {act!r} is not supported: megafast has gelu and tanh-gelu")
+        return GPTConfig(
+            num_layers=hf["n_layer"],
+            hidden_size=hf["n_embd"],
+            num_attention_heads=hf["n_head"],
+            vocab_size=hf["vocab_size"],
+            ffn_hidden_size=hf.get("n_inner") or 4 * hf["n_embd"],
+            max_position_embeddings=hf["n_positions"],
+            norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+            activation="gelu" if act == "gelu" else "gelu_tanh",
+            hidden_dropout=hf.get("resid_pdrop", 0.0),
+            attention_dropout=hf.get("attn_pdrop", 0.0),
+            tie_embeddings=True,
+        )
+    if kind not in ("llama", "mistral", "qwen2"):
+        raise ValueError(
+            f"--hf-config model_type {kind!r} is not supported: use llama, mistral, qwen2 or gpt2"
+        )
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(
+            f"hidden_act {hf['hidden_act']!r} is not supported: megafast's Llama MLP is SwiGLU (silu)"
+        )
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ValueError(
+            "attention_bias/mlp_bias are not supported: megafast has biases on all linears or on QKV only"
+        )
+    rope = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    return GPTConfig(
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=hf["hidden_size"],
+        num_attention_heads=hf["num_attention_heads"],
+        num_query_groups=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        vocab_size=hf["vocab_size"],
+        ffn_hidden_size=hf["intermediate_size"],
+        kv_channels=hf.get("head_dim"),
+        max_position_embeddings=hf["max_position_embeddings"],
+        position_embedding_type="rope",
+        rotary_base=rope,
+        normalization="RMSNorm",
+        norm_epsilon=hf.get("rms_norm_eps", 1e-6),
+        activation="swiglu",
+        add_bias_linear=False,
+        add_qkv_bias=kind == "qwen2",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_dropout=hf.get("attention_dropout", 0.0),
+        hidden_dropout=0.0,
+    )
+
+
+def model_from_args(args: argparse.Namespace) -> tuple[GPTConfig, int]:
+    """(model, sequence length) from --hf-config or the Megatron flags."""
+    if args.hf_config:
+        try:
+            with open(args.hf_config) as f:
+                hf = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"error: cannot read --hf-config {args.hf_config}: {e}") from None
+        try:
+            config = config_from_hf(hf)
+        except KeyError as e:
+            raise SystemExit(
+                f"error: --hf-config {args.hf_config} has no {e} entry: is it a model config.json?"
+            ) from None
+        config.make_vocab_size_divisible_by = args.make_vocab_size_divisible_by
+        if args.hidden_dropout is not None:
+            config.hidden_dropout = args.hidden_dropout
+        return config, args.seq_length or config.max_position_embeddings
+    missing = [
+        f
+        for f in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length")
+        if getattr(args, f) is None
+    ]
+    if missing:
+        raise SystemExit(
+            "error: give --hf-config, or the model flags "
+            + ", ".join("--" + m.replace("_", "-") for m in missing)
+        )
+    config = GPTConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        vocab_size=args.vocab_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_query_groups=args.num_query_groups if args.group_query_attention else None,
+        kv_channels=args.kv_channels,
+        max_position_embeddings=args.max_position_embeddings or args.seq_length,
+        position_embedding_type=args.position_embedding_type,
+        normalization=args.normalization,
+        activation="swiglu" if args.swiglu else "gelu",
+        add_bias_linear=not args.disable_bias_linear,
+        add_qkv_bias=args.add_qkv_bias,
+        tie_embeddings=not args.untie_embeddings_and_output_weights,
+        hidden_dropout=0.1 if args.hidden_dropout is None else args.hidden_dropout,
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+    )
+    return config, args.seq_length
+
+
+def make_plan(args: argparse.Namespace, config: GPTConfig, seq_length: int, cluster: Cluster) -> Plan:
+    rc = args.recompute_granularity
+    return search(
+        config,
+        cluster,
+        seq_length,
+        args.global_batch_size,
+        dtype=args.dtype,
+        optimizer=args.optimizer,
+        tp=args.tensor_model_parallel_size,
+        pp=args.pipeline_model_parallel_size,
+        micro_batch_sizes=[args.micro_batch_size] if args.micro_batch_size else (1, 2, 4, 8),
+        recompute=(None, "selective", "full") if rc is None else [None if rc == "none" else rc],
+        distributed_optimizer=(False, True)
+        if args.use_distributed_optimizer is None
+        else [args.use_distributed_optimizer],
+        sequence_parallel=args.sequence_parallel,
+        layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage,
+    )
+
+
+def estimate_dict(est: Estimate, tokens: Optional[float]) -> dict:
+    layout = dataclasses.asdict(est.layout)
+    out: dict = {"layout": layout, "fits": est.fits, "reason": est.reason}
+    if est.memory is not None:
+        out["memory_gb"] = est.memory.breakdown_gb()
+        out["memory_pp_rank"] = est.memory.pp_rank
+    if est.time is not None:
+        out["step_time_s"] = dataclasses.asdict(est.time) | {"total": est.time.total}
+        out["tokens_per_s"] = est.tokens_per_s
+        out["tflops_per_gpu"] = est.tflops_per_gpu
+        out["mfu"] = est.mfu
+    if tokens is not None and est.time is not None:
+        out["days"] = est.days(tokens)
+    return out
+
+
+def _recompute(layout: Layout) -> str:
+    return layout.recompute or "-"
+
+
+def print_tables(
+    plan: Plan, args: argparse.Namespace, config: GPTConfig, seq_length: int, cluster: Cluster
+) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    params = total_parameter_count(config, padded=False)
+    flops = training_flops_per_token(config, seq_length)
+    console.print(
+        f"[bold]model[/bold] {params / 1e9:.2f}B parameters, {config.num_layers} layers, "
+        f"hidden {config.hidden_size}, {flops / 1e9:.1f} GFLOP/token (training); seq {seq_length}, "
+        f"global batch {args.global_batch_size}, {args.dtype}, {args.optimizer}"
+    )
+    console.print(
+        f"[bold]cluster[/bold] {cluster.num_gpus} GPUs ({cluster.gpus_per_node}/node), "
+        f"{cluster.gpu_memory_gb:g} GB, {cluster.gpu_tflops:g} TFLOP/s peak "
+        f"x {cluster.compute_efficiency:g}, "
+        f"links {cluster.intra_node_gbps:g}/{cluster.inter_node_gbps:g} GB/s x {cluster.comm_efficiency:g}"
+    )
+    table = Table(title=f"{len(plan.feasible)} layouts fit, fastest first")
+    for col in (
+        "#",
+        "TP",
+        "PP",
+        "DP",
+        "VP",
+        "MBS",
+        "M",
+        "SP",
+        "recompute",
+        "dist-opt",
+        "GB/GPU",
+        "tokens/s",
+        "TFLOP/s",
+        "MFU",
+        "step s",
+        "bubble",
+    ):
+        table.add_column(col, justify="right")
+    if args.tokens:
+        table.add_column("days", justify="right")
+    for i, est in enumerate(plan.feasible[: args.top], 1):
+        lay, t = est.layout, est.time
+        row = [
+            str(i),
+            str(lay.tp),
+            str(lay.pp),
+            str(lay.dp),
+            str(lay.num_model_chunks),
+            str(lay.micro_batch_size),
+            str(lay.num_microbatches),
+            "y" if lay.sequence_parallel else "-",
+            _recompute(lay),
+            "y" if lay.distributed_optimizer else "-",
+            f"{est.memory.total / GB:.1f}",
+            f"{est.tokens_per_s:,.0f}",
+            f"{est.tflops_per_gpu:.0f}",
+            f"{est.mfu:.1%}",
+            f"{t.total:.2f}",
+            f"{t.bubble / t.total:.0%}",
+        ]
+        if args.tokens:
+            row.append(f"{est.days(args.tokens):.1f}")
+        table.add_row(*row)
+    console.print(table)
+    if not plan.feasible:
+        console.print("[bold red]no layout fits[/bold red]: the closest ones are listed below")
+    if args.show_rejected or not plan.feasible:
+        rejected = (
+            plan.rejected
+            if args.show_rejected
+            else sorted((r for r in plan.rejected if r.memory is not None), key=lambda r: r.memory.total)[:10]
+        )
+        table = Table(title=f"{len(rejected)} rejected layouts")
+        for col in ("TP", "PP", "DP", "MBS", "recompute", "dist-opt", "why not"):
+            table.add_column(col, justify="left" if col == "why not" else "right")
+        for est in rejected:
+            lay = est.layout
+            table.add_row(
+                str(lay.tp),
+                str(lay.pp),
+                str(lay.dp),
+                str(lay.micro_batch_size),
+                _recompute(lay),
+                "y" if lay.distributed_optimizer else "-",
+                est.reason,
+            )
+        console.print(table)
+    else:
+        console.print(f"{len(plan.rejected)} layouts rejected (--show-rejected says why)")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        config, seq_length = model_from_args(args)
+        cluster = Cluster(
+            args.num_gpus,
+            args.gpus_per_node,
+            args.gpu_memory_gb,
+            args.gpu_tflops,
+            args.intra_node_gbps,
+            args.inter_node_gbps,
+            args.gpu_hbm_gbps,
+            args.compute_efficiency,
+            args.comm_efficiency,
+            args.memory_headroom,
+        )
+        plan = make_plan(args, config, seq_length, cluster)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.json:
+        out = {
+            "model": dataclasses.asdict(config)
+            | {
+                "parameters": total_parameter_count(config, padded=False),
+                "training_flops_per_token": training_flops_per_token(config, seq_length),
+            },
+            "cluster": dataclasses.asdict(cluster),
+            "seq_length": seq_length,
+            "global_batch_size": args.global_batch_size,
+            "tokens": args.tokens,
+            "feasible": [estimate_dict(e, args.tokens) for e in plan.feasible],
+            "rejected": [estimate_dict(e, args.tokens) for e in plan.rejected],
+        }
+        json.dump(out, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print_tables(plan, args, config, seq_length, cluster)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
