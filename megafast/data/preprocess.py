@@ -166,24 +166,28 @@ class _EncoderSpec:
     word_cache: bool
 
 
+def iter_json_lines(data: bytes, first_line: int, bad: list[tuple[int, str]]) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank line of a jsonl block; lines that are not
+    UTF-8 or not JSON go to ``bad`` as (line number, reason)."""
+    for offset, raw in enumerate(data.split(b"\n")):
+        if not raw.strip():
+            continue
+        number = first_line + offset
+        try:
+            yield number, json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            bad.append((number, "not valid UTF-8"))
+        except ValueError as exc:
+            bad.append((number, f"invalid JSON ({str(exc).split(':')[0]})"))
+
+
 def _parse_jsonl(data: bytes, first_line: int, keys: Sequence[str]
                  ) -> tuple[list[list[str]], list[int], list[tuple[int, str]]]:
     """Documents per key, their line numbers, and (line, reason) of bad lines."""
     texts: list[list[str]] = [[] for _ in keys]
     lines: list[int] = []
     bad: list[tuple[int, str]] = []
-    for offset, raw in enumerate(data.split(b"\n")):
-        if not raw.strip():
-            continue
-        number = first_line + offset
-        try:
-            obj = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            bad.append((number, "not valid UTF-8"))
-            continue
-        except ValueError as exc:
-            bad.append((number, f"invalid JSON ({str(exc).split(':')[0]})"))
-            continue
+    for number, obj in iter_json_lines(data, first_line, bad):
         if not isinstance(obj, dict):
             bad.append((number, f"not a JSON object (a {type(obj).__name__})"))
             continue

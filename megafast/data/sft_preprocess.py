@@ -18,7 +18,6 @@ first one stops the run. Reading, workers and temporary files work as in megafas
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import signal
@@ -33,7 +32,7 @@ import numpy as np
 
 from megafast.data.chat_template import TEMPLATE_MODES, ChatTemplate
 from megafast.data.indexed_dataset import IndexedDatasetBuilder, best_fitting_dtype
-from megafast.data.preprocess import _read_blocks, input_format
+from megafast.data.preprocess import _read_blocks, input_format, iter_json_lines
 from megafast.data.sft_format import BadRecord, parse_record, sft_paths, write_info
 from megafast.data.tokenizer import build_tokenizer
 
@@ -141,18 +140,7 @@ class _Encoder:
     def __call__(self, data: bytes, first_line: int) -> _Result:
         bad: list[tuple[int, str]] = []
         parsed = []  # (line, task, pieces)
-        for offset, raw in enumerate(data.split(b"\n")):
-            if not raw.strip():
-                continue
-            line = first_line + offset
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                bad.append((line, "not valid UTF-8"))
-                continue
-            except ValueError as exc:
-                bad.append((line, f"invalid JSON ({str(exc).split(':')[0]})"))
-                continue
+        for line, obj in iter_json_lines(data, first_line, bad):
             try:
                 conversation = parse_record(obj)
                 parsed.append((line, conversation.task, self.template.pieces(conversation)))
