@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 from types import SimpleNamespace
 
+import torch
+
 try:
     import triton
     import triton.language as tl
@@ -55,3 +57,9 @@ def num_programs(x_is_cuda: bool, rows: int, device=None) -> int:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         return max(1, min(rows, 2 * sms))
     return max(1, min(rows, 4))
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` viewed as [rows, last dim] with unit stride along the last dim (copied only if needed)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()

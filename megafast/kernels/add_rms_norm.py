@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from megafast.kernels._triton import num_programs, row_settings, tl, triton
+from megafast.kernels._triton import as_rows, num_programs, row_settings, tl, triton
 from megafast.kernels.rms_norm import rms_norm_reference
 
 # ---------------------------------------------------------------------------------------- kernels
@@ -83,11 +83,6 @@ def _add_rms_norm_bwd_kernel(
 # -------------------------------------------------------------------------------------- launchers
 
 
-def _as_rows(x: torch.Tensor) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
 def add_rms_norm_forward(x, residual, weight, eps):
     """-> (y in promote(x, w) dtype, h = x + residual in x's dtype, rstd [rows] fp32)."""
     n = x.shape[-1]
@@ -97,7 +92,7 @@ def add_rms_norm_forward(x, residual, weight, eps):
         )
     if weight.shape != (n,):
         raise ValueError(f"RMSNorm weight has shape {tuple(weight.shape)}, expected ({n},)")
-    x2, r2 = _as_rows(x), _as_rows(residual)
+    x2, r2 = as_rows(x), as_rows(residual)
     rows = x2.shape[0]
     h = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     y = torch.empty((rows, n), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
@@ -126,8 +121,8 @@ def add_rms_norm_forward(x, residual, weight, eps):
 def add_rms_norm_backward(dy, dh, h, weight, rstd):
     """-> (dx = dresidual like h, dw like weight); ``dh`` may be None (h unused downstream)."""
     n = h.shape[-1]
-    h2, dy2 = _as_rows(h), _as_rows(dy)
-    dh2 = _as_rows(dh) if dh is not None else dy2
+    h2, dy2 = as_rows(h), as_rows(dy)
+    dh2 = as_rows(dh) if dh is not None else dy2
     rows = h2.shape[0]
     dx = torch.empty((rows, n), dtype=h.dtype, device=h.device)
     programs = num_programs(h.is_cuda, rows, h.device)

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megafast.kernels._triton import num_programs, row_settings, tl, triton
+from megafast.kernels._triton import as_rows, num_programs, row_settings, tl, triton
 
 # ---------------------------------------------------------------------------------------- kernels
 
@@ -91,11 +91,6 @@ def _layer_norm_bwd_kernel(
 # -------------------------------------------------------------------------------------- launchers
 
 
-def _as_rows(x: torch.Tensor) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
 def layer_norm_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -103,7 +98,7 @@ def layer_norm_forward(
     n = x.shape[-1]
     if weight.shape != (n,) or (bias is not None and bias.shape != (n,)):
         raise ValueError(f"LayerNorm weight/bias must have shape ({n},)")
-    x2 = _as_rows(x)
+    x2 = as_rows(x)
     rows = x2.shape[0]
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     mean = torch.empty(rows, dtype=torch.float32, device=x.device)
@@ -131,7 +126,7 @@ def layer_norm_forward(
 def layer_norm_backward(dy, x, weight, bias, mean, rstd):
     """-> (dx like x, dw like weight, db like bias or None)."""
     n = x.shape[-1]
-    x2, dy2 = _as_rows(x), _as_rows(dy)
+    x2, dy2 = as_rows(x), as_rows(dy)
     rows = x2.shape[0]
     dx = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     programs = num_programs(x.is_cuda, rows, x.device)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from megafast.kernels._triton import num_programs, row_settings, tl, triton
+from megafast.kernels._triton import as_rows, num_programs, row_settings, tl, triton
 
 # ---------------------------------------------------------------------------------------- kernels
 
@@ -73,17 +73,12 @@ def _rms_norm_bwd_kernel(
 # -------------------------------------------------------------------------------------- launchers
 
 
-def _as_rows(x: torch.Tensor) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (y with x's shape in promote(x, w) dtype, rstd [rows] fp32)."""
     n = x.shape[-1]
     if weight.shape != (n,):
         raise ValueError(f"RMSNorm weight has shape {tuple(weight.shape)}, expected ({n},)")
-    x2 = _as_rows(x)
+    x2 = as_rows(x)
     rows = x2.shape[0]
     y = torch.empty((rows, n), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
@@ -100,7 +95,7 @@ def rms_norm_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (dx like x, dw like weight)."""
     n = x.shape[-1]
-    x2, dy2 = _as_rows(x), _as_rows(dy)
+    x2, dy2 = as_rows(x), as_rows(dy)
     rows = x2.shape[0]
     dx = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     programs = num_programs(x.is_cuda, rows, x.device)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megafast.kernels._triton import tl, triton
+from megafast.kernels._triton import as_rows, tl, triton
 
 BLOCK = 1024
 
@@ -52,11 +52,6 @@ def _swiglu_bwd_kernel(DY, X, DX, stride_dy, stride_x, stride_dx, n_cols, BLOCK:
 # -------------------------------------------------------------------------------------- launchers
 
 
-def _as_rows(x: torch.Tensor) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
 def _grid(rows: int, f: int) -> tuple[int, int, int]:
     block = min(BLOCK, triton.next_power_of_2(f))
     return (rows, triton.cdiv(f, block)), block, 8 if block >= 1024 else 4
@@ -66,7 +61,7 @@ def swiglu_forward(x: torch.Tensor) -> torch.Tensor:
     if x.shape[-1] % 2:
         raise ValueError(f"SwiGLU input's last dimension must be even ([gate; up]), got {x.shape[-1]}")
     f = x.shape[-1] // 2
-    x2 = _as_rows(x)
+    x2 = as_rows(x)
     y = torch.empty((x2.shape[0], f), dtype=x.dtype, device=x.device)
     grid, block, warps = _grid(x2.shape[0], f)
     if x2.shape[0]:
@@ -76,7 +71,7 @@ def swiglu_forward(x: torch.Tensor) -> torch.Tensor:
 
 def swiglu_backward(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     f = x.shape[-1] // 2
-    x2, dy2 = _as_rows(x), _as_rows(dy)
+    x2, dy2 = as_rows(x), as_rows(dy)
     dx = torch.empty((x2.shape[0], 2 * f), dtype=x.dtype, device=x.device)
     grid, block, warps = _grid(x2.shape[0], f)
     if x2.shape[0]:
