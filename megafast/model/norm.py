@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from megafast.config import GPTConfig
-from megafast.kernels import KernelConfig, add_rms_norm, layer_norm, rms_norm
+from megafast.kernels import KernelConfig, layer_norm, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -36,10 +36,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps, backend=self.kernels.backend)
 
-    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``h = x + residual``; returns ``(self(h), h)`` in one fused pass with Triton."""
-        return add_rms_norm(x, residual, self.weight, self.eps, backend=self.kernels.backend)
-
 
 class LayerNorm(nn.Module):
     def __init__(
@@ -60,11 +56,6 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return layer_norm(x, self.weight, self.bias, self.eps, backend=self.kernels.backend)
-
-    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``h = x + residual``; returns ``(self(h), h)`` (not fused for LayerNorm)."""
-        h = x + residual
-        return self(h), h
 
 
 def build_norm(config: GPTConfig, sequence_parallel: bool, **factory) -> nn.Module:
