@@ -51,8 +51,12 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     g.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
-                   help="accepted for compatibility; full recompute checkpoints every layer")
-    g.add_argument("--recompute-num-layers", type=int, default=None, help="accepted for compatibility")
+                   help="full recompute: uniform = checkpoint groups of --recompute-num-layers layers "
+                        "(default), block = checkpoint only the first --recompute-num-layers layers "
+                        "of each pipeline stage (model chunk)")
+    g.add_argument("--recompute-num-layers", type=int, default=None,
+                   help="layers per checkpointed group (uniform) or checkpointed layers per stage (block); "
+                        "default 1")
     g.add_argument("--kernels", choices=list(KERNEL_BACKENDS), default="auto",
                    help="fused norms, RoPE, activations, cross-entropy: auto = Triton on CUDA, torch on CPU")
     g.add_argument("--rope-kernel", choices=list(ROPE_BACKENDS), default="auto",
@@ -60,6 +64,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", choices=list(ATTENTION_BACKENDS), default="auto",
                    help="auto = flash-attn when installed (CUDA fp16/bf16) else torch SDPA; triton = our "
                         "Triton flash attention (needs --attention-dropout 0)")
+    g.add_argument("--fused-linear-cross-entropy", action="store_true",
+                   help="output layer + cross-entropy fused and chunked over tokens: the [tokens, vocab] "
+                        "logits are never held in memory (Triton under --kernels; the loss is unchanged)")
 
 
 def _add_parallel(p: argparse.ArgumentParser) -> None:
@@ -218,9 +225,12 @@ def model_config(args: argparse.Namespace, vocab_size: int) -> GPTConfig:
         init_method_std=args.init_method_std,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
         kernels=args.kernels,
         rope_kernel=args.rope_kernel,
         attention_backend=args.attention_backend,
+        fused_linear_cross_entropy=args.fused_linear_cross_entropy,
     )
 
 
@@ -327,6 +337,9 @@ def validate_args(args: argparse.Namespace, world_size: int, vocab_size: Optiona
         _fail("--lr is required")
     if args.bf16 and args.fp16:
         _fail("--bf16 and --fp16 are exclusive: choose one")
+    if args.recompute_granularity != "full" and (args.recompute_method or args.recompute_num_layers):
+        _fail("--recompute-method and --recompute-num-layers apply to full recomputation: "
+              "add --recompute-granularity full or drop them")
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
     if args.position_embedding_type == "learned_absolute" and args.seq_length > args.max_position_embeddings:

@@ -15,6 +15,7 @@ Normalization = Literal["LayerNorm", "RMSNorm"]
 PositionEmbedding = Literal["learned_absolute", "rope", "none"]
 Activation = Literal["gelu", "gelu_tanh", "swiglu"]
 Recompute = Optional[Literal["full", "selective"]]
+RecomputeMethod = Literal["uniform", "block"]
 KERNEL_BACKENDS = ("auto", "triton", "torch")  # --kernels (megafast.kernels.dispatch)
 ROPE_BACKENDS = ("auto", "triton", "cuda", "torch")  # --rope-kernel; auto follows --kernels
 ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "triton")  # --attention-backend
@@ -50,11 +51,20 @@ class GPTConfig:
     init_method_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
     recompute_granularity: Recompute = None
+    # Full recompute (Megatron's --recompute-method/--recompute-num-layers, per model chunk):
+    # uniform checkpoints groups of N consecutive layers (only each group's input is kept), block
+    # checkpoints the first N layers one by one and keeps the others' activations.
+    # Ignored unless recompute_granularity == "full"; see megafast.model.recompute.
+    recompute_method: Optional[RecomputeMethod] = None  # default uniform
+    recompute_num_layers: Optional[int] = None  # default 1
     # Fused-op implementations (megafast.kernels.dispatch). auto: Triton on CUDA, torch on CPU;
     # attention auto: flash-attn when importable on CUDA fp16/bf16, else torch SDPA.
     kernels: str = "auto"
     rope_kernel: str = "auto"
     attention_backend: str = "auto"
+    # Output layer + loss by megafast.kernels.fused_linear_cross_entropy (chunked over tokens,
+    # never holding the [tokens, V/p] logits; Triton under ``kernels``, else the unfused torch ops).
+    fused_linear_cross_entropy: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size"):
@@ -85,6 +95,12 @@ class GPTConfig:
             raise ValueError(
                 f"unknown recompute granularity {self.recompute_granularity!r}: use 'full' or 'selective'"
             )
+        if self.recompute_method not in (None, "uniform", "block"):
+            raise ValueError(
+                f"unknown --recompute-method {self.recompute_method!r}: use 'uniform' or 'block'"
+            )
+        if self.recompute_num_layers is not None and self.recompute_num_layers < 1:
+            raise ValueError(f"--recompute-num-layers must be >= 1, got {self.recompute_num_layers}")
         for flag, value, choices in (
             ("--kernels", self.kernels, KERNEL_BACKENDS),
             ("--rope-kernel", self.rope_kernel, ROPE_BACKENDS),

@@ -33,18 +33,21 @@ FLOPs per token (2 per multiply-accumulate; s sequence length)::
 The trainer's TFLOP/s and MFU use :func:`training_flops_per_token` (model FLOPs, as Megatron-LM
 reports them: recomputation is not counted, so MFU does not reward recomputing). The step-time
 model counts what the device really executes (``include_recompute=True``): full recompute adds
-one forward of every transformer layer, selective recompute one forward of the attention core.
+one forward of every recomputed transformer layer (all of them with the uniform method, the first
+N of each model chunk with block), selective recompute one forward of the attention core.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
 import torch
 
-from megafast.config import GPTConfig, ParallelConfig, Recompute, validate_layout
+from megafast.config import GPTConfig, ParallelConfig, Recompute, RecomputeMethod, validate_layout
+from megafast.model.recompute import recomputed_layers
 from megafast.pipeline.partition import partition_layers
 
 # Dense bf16 peak of known accelerators, TFLOP/s (vendor figures, no sparsity). Matched against
@@ -88,6 +91,8 @@ class Layout:
     num_model_chunks: int = 1
     sequence_parallel: bool = False
     recompute: Recompute = None
+    recompute_method: RecomputeMethod = "uniform"  # full recompute only (megafast.model.recompute)
+    recompute_num_layers: int = 1
     distributed_optimizer: bool = False
     dtype: DType = "bf16"
     optimizer: Literal["adam", "lion"] = "adam"
@@ -106,6 +111,11 @@ class Layout:
             raise ValueError(f"unknown optimizer {self.optimizer!r}: use adam or lion")
         if self.recompute not in (None, "selective", "full"):
             raise ValueError(f"unknown recompute {self.recompute!r}: use None, 'selective' or 'full'")
+        if self.recompute_method not in ("uniform", "block") or self.recompute_num_layers < 1:
+            raise ValueError(
+                f"bad recompute method {self.recompute_method!r} x {self.recompute_num_layers} layers: "
+                "use 'uniform' or 'block' with >= 1 layers"
+            )
         if self.num_model_chunks > 1 and self.pp < 2:
             raise ValueError("interleaved pipelining (num_model_chunks > 1) needs pp > 1")
         if self.sequence_parallel and self.tp == 1:
@@ -180,6 +190,16 @@ class Stage:
     @property
     def num_layers(self) -> int:
         return self.layer_range[1] - self.layer_range[0]
+
+
+def layout_config(config: GPTConfig, layout: Layout) -> GPTConfig:
+    """``config`` with the layout's recomputation (the planner varies it; the model reads the config)."""
+    return dataclasses.replace(
+        config,
+        recompute_granularity=layout.recompute,
+        recompute_method=layout.recompute_method,
+        recompute_num_layers=layout.recompute_num_layers,
+    )
 
 
 def rank_stages(config: GPTConfig, layout: Layout, pp_rank: int) -> list[Stage]:
@@ -316,9 +336,10 @@ def forward_flops_per_token(c: GPTConfig, seq_length: int, tp_size: int = 1) -> 
 
 
 def recompute_flops_per_token(c: GPTConfig, seq_length: int) -> float:
-    """Extra forward work of recomputation: every layer (full) or the attention core (selective)."""
+    """Extra forward work of recomputation, all layers in one model chunk: the recomputed layers
+    (full) or every attention core (selective)."""
     if c.recompute_granularity == "full":
-        return c.num_layers * layer_forward_flops_per_token(c, seq_length)
+        return recomputed_layers(c, c.num_layers) * layer_forward_flops_per_token(c, seq_length)
     if c.recompute_granularity == "selective":
         return c.num_layers * attention_flops_per_token(c, seq_length)
     return 0.0
@@ -370,6 +391,7 @@ __all__ = [
     "ParamSpec",
     "Stage",
     "device_peak_tflops",
+    "layout_config",
     "forward_flops_per_token",
     "known_peak_tflops",
     "layer_parameters",

@@ -33,9 +33,12 @@ Triton kernels)::
                   output (H + 2G) when q/k/v are views of it, rotated q (H) and k (G) copies,
                   GQA k/v expanded to H heads for SDPA) + e T H d / t output + 4 T H / t
                   logsumexp (selective recompute: q, k, v before any expansion, and the output)
-    full recompute  e Th/u per layer (the checkpointed layer input)
+    full recompute  e Th/u per checkpointed group (its input; megafast.model.recompute): every
+                  layer under uniform 1, every N layers under uniform N, the first N under block
     first stage   8T ids (+ T mask with TP) + 8s positions + m Th/u embedding dropout mask
-    last stage    norm + eTh + 4 T V / t softmax (the cross-entropy gradient) + 10T targets/masks
+    last stage    norm + eTh + loss: torch 4 T V / t softmax (the cross-entropy gradient) + 10T
+                  targets/masks; Triton cross-entropy e T V / t logits + 13T targets, fp32 lse,
+                  mask; fused linear + cross-entropy 13T
     pipeline      + eTh/u output kept for backward (all but the last stage) + eTh/u received
                   input (all but the first stage, unless a norm or checkpoint already keeps it)
 
@@ -44,8 +47,9 @@ Triton one); SDPA's math fallback (CPU with attention dropout) would keep s x s 
 
 A rank holds the activations of the microbatches in flight: ``min(p - r, M)`` under 1F1B, M
 under GPipe, and for interleaving the peak found by walking the rank's schedule. On top of them
-comes a transient working set (an estimate, checked on GPU): the loss (logits in the model
-dtype plus fp32 copies, ``(e + 4) T V / t``), one layer rematerialised under recomputation,
+comes a transient working set (an estimate, checked on GPU): the loss (torch: logits in the model
+dtype plus fp32 copies, ``(e + 4) T V / t``; Triton: the logits' gradient; fused: a chunk of
+logits and dx), one checkpointed group rematerialised under full recomputation,
 the gradients of one layer's largest activations and the largest parameter's gradient before
 it is added into ``main_grad``.
 """
@@ -61,7 +65,16 @@ from typing import Literal, Optional
 from megafast.config import GPTConfig
 from megafast.pipeline.engine import schedule_name
 from megafast.pipeline.schedules import FORWARD, Action, build_schedule
-from megafast.planner import DTYPE_BYTES, Layout, ParamSpec, Stage, rank_parameters, rank_stages
+from megafast.model.recompute import recompute_plan
+from megafast.planner import (
+    DTYPE_BYTES,
+    Layout,
+    ParamSpec,
+    Stage,
+    layout_config,
+    rank_parameters,
+    rank_stages,
+)
 
 Device = Literal["cuda", "cpu"]
 GRAD_BYTES = 4  # fp32 main_grad
@@ -217,12 +230,14 @@ def static_memory(config: GPTConfig, layout: Layout, pp_rank: int, dp_rank: int 
 @dataclass(frozen=True)
 class Kernels:
     """The implementations whose saved tensors differ (``megafast.kernels.dispatch`` picks them):
-    element-wise ops ``torch`` (the references) or ``triton``, RoPE ``torch``/``triton``/``cuda``
-    and attention ``sdpa``, ``flash`` (flash-attn) or ``triton``."""
+    element-wise ops ``torch`` (the references) or ``triton``, RoPE ``torch``/``triton``/``cuda``,
+    attention ``sdpa``, ``flash`` (flash-attn) or ``triton``, and the loss ``torch``, ``triton``
+    (cross-entropy kernel) or ``fused`` (Triton fused linear + cross-entropy)."""
 
     ops: str
     rope: str
     attention: str
+    loss: str
 
 
 def resolve_kernels(config: GPTConfig, layout: Layout, device: Device) -> Kernels:
@@ -237,7 +252,8 @@ def resolve_kernels(config: GPTConfig, layout: Layout, device: Device) -> Kernel
         attention = (
             "flash" if device == "cuda" and half and importlib.util.find_spec("flash_attn") else "sdpa"
         )
-    return Kernels(ops, rope, attention)
+    loss = "fused" if ops == "triton" and config.fused_linear_cross_entropy else ops
+    return Kernels(ops, rope, attention, loss)
 
 
 def _mask_bytes(config: GPTConfig, e: int, device: Device) -> int:
@@ -306,22 +322,49 @@ def chunk_activation_bytes(config: GPTConfig, layout: Layout, stage: Stage, devi
     s, tokens = layout.seq_length, layout.seq_length * layout.micro_batch_size
     u = t if layout.sequence_parallel else 1
     h, hidden = c.hidden_size, e * tokens * c.hidden_size / u  # one [s/u, b, h] tensor
-    full = layout.recompute == "full"
-    total = stage.num_layers * (hidden if full else layer_activation_bytes(c, layout, device))
-    if c.position_embedding_type == "rope" and not full and (k.rope != "torch" or e == 4):
+    plan = recompute_plan(layout_config(c, layout), stage.num_layers)
+    layer = layer_activation_bytes(c, layout, device)
+    # a checkpointed group keeps only its input; the other layers keep everything
+    total = sum(hidden if ckpt else (end - start) * layer for start, end, ckpt in plan)
+    plain = not all(ckpt for _, _, ckpt in plan)
+    if c.position_embedding_type == "rope" and plain and (k.rope != "torch" or e == 4):
         total += 2 * 4 * s * c.head_dim  # the fp32 cos/sin tables, shared by the layers
     if stage.pre_process:
         total += 8 * tokens + (tokens if t > 1 else 0)  # (local) token ids, out-of-shard mask
         total += 8 * s if c.position_embedding_type == "learned_absolute" else 0
         total += _mask_bytes(c, e, device) * tokens * h / u
-    elif k.ops == "torch" and e != 4 and not full:
+    elif k.ops == "torch" and e != 4 and not plan[0][2]:
         total += hidden  # the received input, kept besides the fp32 copy its norm saved
     if stage.post_process:
         total += _norm_bytes(c, tokens / u, e, k.ops) + e * tokens * h
-        total += 4 * tokens * c.padded_vocab_size(t) // t + 10 * tokens  # softmax, targets, masks
+        total += _loss_bytes(c, k.loss, tokens, e, t)
     else:
         total += hidden  # the output, kept for the backward started by the next stage's gradient
     return int(total)
+
+
+def _loss_bytes(config: GPTConfig, loss: str, tokens: int, e: int, t: int) -> int:
+    """What the loss keeps besides the output layer's input. torch: the fp32 softmax (its
+    gradient), local targets and two masks; Triton: the logits, targets, fp32 log-sum-exp and the
+    ignore mask; fused linear + cross-entropy: only the last three."""
+    vocab = config.padded_vocab_size(t) // t
+    if loss == "torch":
+        return 4 * tokens * vocab + 10 * tokens
+    return (0 if loss == "fused" else e * tokens * vocab) + 13 * tokens
+
+
+def _loss_transient_bytes(config: GPTConfig, loss: str, tokens: int, e: int, t: int) -> int:
+    """The loss's working set. torch: the logits' fp32 copy besides them (when they are not fp32 or
+    are padded); Triton: the logits' gradient; fused: one chunk of logits and dx (dW, like any
+    parameter's gradient before it reaches ``main_grad``, is counted by the caller)."""
+    vocab, h = config.padded_vocab_size(t) // t, config.hidden_size
+    if loss == "torch":
+        return (e + (4 if e != 4 or vocab * t != config.vocab_size else 0)) * tokens * vocab
+    if loss == "triton":
+        return e * tokens * vocab
+    from megafast.kernels.fused_linear_cross_entropy import default_chunk_size
+
+    return e * (default_chunk_size(tokens, vocab, h) * vocab + tokens * h)
 
 
 def _in_flight(layout: Layout, pp_rank: int, per_chunk: list[int]) -> tuple[int, int]:
@@ -371,17 +414,17 @@ def activation_memory(
     layer = layer_activation_bytes(c, layout, device)
     fc1 = c.ffn_hidden_size * (2 if c.activation == "swiglu" else 1) // t
     backward = e * tokens * (fc1 + 2 * c.hidden_size)  # gradients of a layer's widest activations
-    if layout.recompute == "full":
-        backward += layer
+    if layout.recompute == "full":  # the longest checkpointed group, rematerialised at once
+        groups = [recompute_plan(layout_config(c, layout), st.num_layers) for st in stages]
+        backward += max(end - start for plan in groups for start, end, ckpt in plan if ckpt) * layer
     elif layout.recompute == "selective":
         backward += (
             e * tokens * c.num_attention_heads // t * c.head_dim * 3 + 4 * tokens * c.num_attention_heads // t
         )
     transient = backward
     if any(st.post_process for st in stages):
-        vocab = c.padded_vocab_size(t)
-        copies = e + (4 if e != 4 or vocab != c.vocab_size else 0)
-        transient = max(transient, copies * tokens * vocab // t)
+        loss = resolve_kernels(c, layout, device).loss
+        transient = max(transient, _loss_transient_bytes(c, loss, tokens, e, t))
     largest = rank_parameter_state(c, layout, pp_rank).largest
     return ActivationMemory(tuple(per_chunk), count, stored, int(transient + e * largest))
 

@@ -2,7 +2,8 @@
 
 Compute. A microbatch on pipeline rank r costs ``tokens * F_r / t`` FLOPs, F_r the hardware
 FLOPs per token of r's layers (:func:`~megafast.planner.training_flops_per_token` terms,
-recomputation included, the output layer on the last stage), run at
+recomputation included, the output layer on the last stage: one more forward of it with the fused
+linear + cross-entropy, which recomputes the logits in backward), run at
 ``gpu_tflops * compute_efficiency``. ``compute_efficiency`` (default 0.6) is the fraction of
 the dense peak that a whole transformer layer sustains: GEMMs reach 70-80% of peak at good
 shapes, flash attention less, and the memory-bound norms, activations and elementwise work add
@@ -19,8 +20,8 @@ Communication, with ring algorithms over n ranks at ``bandwidth * comm_efficienc
 - TP, per layer and microbatch (N = e * s * b * h): forward 2 all-reduces (after linear_proj
   and linear_fc2), backward 2 more (the inputs' gradients of linear_qkv and linear_fc1); with
   sequence parallelism each all-reduce becomes an all-gather + a reduce-scatter of the same N,
-  the same time. Full recompute repeats the forward's 2. The embedding and the output layer add
-  one each on the first and last stage. TP collectives are synchronous in megafast: they add to
+  the same time. Full recompute repeats the forward's 2 for each recomputed layer. The embedding
+  and the output layer add one each on the first and last stage. TP collectives are synchronous in megafast: they add to
   the compute time.
 - PP: each chunk boundary sends the activation (N / t with sequence parallelism) forward and
   its gradient backward, per microbatch, blocking in the schedule.
@@ -41,11 +42,11 @@ model FLOPs per token * tokens/s / (GPUs * peak), the trainer's definition.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 from megafast.config import GPTConfig
+from megafast.model.recompute import recomputed_layers
 from megafast.pipeline.engine import schedule_name
 from megafast.pipeline.schedules import bubble_fraction
 from megafast.planner import (
@@ -53,6 +54,7 @@ from megafast.planner import (
     Layout,
     attention_flops_per_token,
     layer_forward_flops_per_token,
+    layout_config,
     output_forward_flops_per_token,
     rank_stages,
     training_flops_per_token,
@@ -132,17 +134,18 @@ def step_time(config: GPTConfig, layout: Layout, cluster: Cluster) -> StepTime:
     """The step-time model of the module docstring."""
     c, t, p, d = config, layout.tp, layout.pp, layout.dp
     e, v, m = DTYPE_BYTES[layout.dtype], layout.num_model_chunks, layout.num_microbatches
-    cfg = dataclasses.replace(c, recompute_granularity=layout.recompute)
+    cfg = layout_config(c, layout)
     tokens = layout.seq_length * layout.micro_batch_size
     rate = cluster.gpu_tflops * 1e12 * cluster.compute_efficiency
-    layer_flops = 3 * layer_forward_flops_per_token(cfg, layout.seq_length)
-    if layout.recompute == "full":
-        layer_flops += layer_forward_flops_per_token(cfg, layout.seq_length)
-    elif layout.recompute == "selective":
+    layer_forward = layer_forward_flops_per_token(cfg, layout.seq_length)
+    layer_flops = 3 * layer_forward
+    if layout.recompute == "selective":
         layer_flops += attention_flops_per_token(cfg, layout.seq_length)
+    # the fused linear + cross-entropy recomputes the logits in backward: 4 output-layer matmuls
+    output_passes = 4 if c.fused_linear_cross_entropy else 3
     activation = e * tokens * c.hidden_size  # one [s, b, h] tensor
     tp_bw, dp_bw, pp_bw = cluster.bandwidth(t), cluster.bandwidth(t * d), cluster.bandwidth(t * d * p)
-    tp_per_layer = (6 if layout.recompute == "full" else 4) * all_reduce_seconds(activation, t, tp_bw)
+    tp_per_layer = 4 * all_reduce_seconds(activation, t, tp_bw)
     p2p = activation / (t if layout.sequence_parallel else 1) / pp_bw if p > 1 else 0.0
 
     slowest = (0.0, 0.0, 0.0)  # (compute, tp, pp) of one microbatch on the slowest rank
@@ -150,10 +153,13 @@ def step_time(config: GPTConfig, layout: Layout, cluster: Cluster) -> StepTime:
     for r in range(p):
         stages = rank_stages(cfg, layout, r)
         layers = sum(st.num_layers for st in stages)
+        again = sum(recomputed_layers(cfg, st.num_layers) for st in stages)  # full recompute
         pre, post = sum(st.pre_process for st in stages), sum(st.post_process for st in stages)
-        flops = layers * layer_flops + post * 3 * output_forward_flops_per_token(c, t)
+        flops = layers * layer_flops + again * layer_forward
+        flops += post * output_passes * output_forward_flops_per_token(c, t)
         compute = tokens * flops / t / rate
-        tp = layers * tp_per_layer + (pre + post) * all_reduce_seconds(activation, t, tp_bw)
+        tp = (layers * tp_per_layer + again * 2 * all_reduce_seconds(activation, t, tp_bw)
+              + (pre + post) * all_reduce_seconds(activation, t, tp_bw))
         boundaries = 2 * v - pre - post  # chunk inputs received + chunk outputs sent
         times = (compute, tp, boundaries * 2 * p2p)  # each boundary: activation out, gradient back
         if sum(times) > sum(slowest):
@@ -256,12 +262,15 @@ def search(
     distributed_optimizer: Iterable[bool] = (False, True),
     sequence_parallel: Optional[bool] = None,
     layers_per_virtual_stage: Optional[int] = None,
+    recompute_method: str = "uniform",
+    recompute_num_layers: int = 1,
 ) -> Plan:
     """Estimate every (TP, PP, DP, micro-batch, recompute, distributed optimizer) layout of
     ``cluster.num_gpus`` GPUs; rank the ones that fit by tokens/s.
 
     ``tp``/``pp`` fix those sizes (else every divisor of the GPU count is tried);
-    ``sequence_parallel`` None turns it on whenever TP > 1 (it saves memory at equal traffic).
+    ``sequence_parallel`` None turns it on whenever TP > 1 (it saves memory at equal traffic);
+    ``recompute_method``/``recompute_num_layers`` apply to the full-recompute layouts.
     """
     if global_batch_size < 1 or seq_length < 1:
         raise ValueError(
@@ -305,6 +314,8 @@ def search(
                             num_model_chunks=v,
                             sequence_parallel=(t > 1) if sequence_parallel is None else sequence_parallel,
                             recompute=rc,
+                            recompute_method=recompute_method,
+                            recompute_num_layers=recompute_num_layers,
                             distributed_optimizer=dist,
                             **sizes,
                         )

@@ -88,11 +88,14 @@ def test_command_line_flags_reach_the_model_config():
             "0",
             "--fused-optimizer",
             "torch",
+            "--fused-linear-cross-entropy",
         ]
     )
     args.max_position_embeddings = 4
     config = model_config(args, 16)
     assert (config.kernels, config.rope_kernel, config.attention_backend) == ("triton", "cuda", "triton")
+    assert config.fused_linear_cross_entropy
+    assert not model_config(parse_args(base), 16).fused_linear_cross_entropy
     args = parse_args(base + ["--attention-backend", "triton"])  # Megatron's default attention dropout 0.1
     args.max_position_embeddings = 4
     with pytest.raises(ValueError, match="attention-dropout"):

@@ -49,6 +49,14 @@ CONFIGS = {
     "llama_tied_qkvbias": lambda: llama_config(tie_embeddings=True, add_qkv_bias=True, num_query_groups=8),
     "gpt2": gpt2_config,
     "gpt2_tanh": lambda: gpt2_config(activation="gelu_tanh", num_layers=1),
+    # the output layer + loss fused (torch ops here; Triton below), and the Triton kernels
+    # (interpreted): vocabulary-parallel cross-entropy and the fused residual-add + RMSNorm
+    "llama_fused_ce": lambda: llama_config(fused_linear_cross_entropy=True),
+    "llama_triton": lambda: llama_config(num_layers=2, kernels="triton", attention_backend="sdpa"),
+    "llama_tied_triton_fused_ce": lambda: llama_config(
+        num_layers=2, tie_embeddings=True, kernels="triton", attention_backend="sdpa",
+        fused_linear_cross_entropy=True,
+    ),
 }
 
 

@@ -187,3 +187,26 @@ def test_memory_column_is_the_breakdown_total(plan_tool, capsys):
     assert parts == pytest.approx(m["total"])
     assert only["layout"]["tp"] == 8 and only["layout"]["pp"] == 4 and only["layout"]["distributed_optimizer"]
     assert m["total"] < 80 * 0.9 and GB == 1e9
+
+
+def test_recompute_method_and_fused_loss_flags(plan_tool, capsys):
+    """block recompute of 2 layers keeps more than uniform (every layer checkpointed) and runs
+    faster; the fused linear + cross-entropy keeps less on the last stage."""
+
+    def best(*flags: str, pp: str = "4") -> dict:
+        argv = [*LLAMA_70B, "--num-gpus", "64", "--tensor-model-parallel-size", "8",
+                "--pipeline-model-parallel-size", pp, "--micro-batch-size", "1",
+                "--no-distributed-optimizer", "--gpu-memory-gb", "1000", "--json", *flags]
+        assert plan_tool.main(argv) == 0
+        (layout,) = json.loads(capsys.readouterr().out)["feasible"]
+        return layout
+
+    uniform = best("--recompute-granularity", "full")
+    block = best("--recompute-granularity", "full", "--recompute-method", "block",
+                 "--recompute-num-layers", "2")
+    assert block["layout"]["recompute_method"] == "block" and block["layout"]["recompute_num_layers"] == 2
+    assert block["memory_gb"]["activations"] > uniform["memory_gb"]["activations"]
+    assert block["tokens_per_s"] > uniform["tokens_per_s"]
+    plain = best("--recompute-granularity", "none", pp="1")
+    fused = best("--recompute-granularity", "none", "--fused-linear-cross-entropy", pp="1")
+    assert fused["memory_gb"]["activations"] < plain["memory_gb"]["activations"]

@@ -443,22 +443,32 @@ def test_activation_bytes_equal_saved_tensors(arch, rc, dropout, dtype):
     )
 
 
-# Triton RMSNorm + SwiGLU + RoPE with SDPA (GQA expanded), and LayerNorm + GELU with Triton attention.
-TRITON_CASES = [("llama", 2, None, "sdpa", "bf16"), ("gpt2", 8, "selective", "triton", "fp32")]
+# Triton RMSNorm (+ fused residual add) + SwiGLU + RoPE + cross-entropy with SDPA (GQA expanded),
+# LayerNorm + GELU with Triton attention, and the fused linear + cross-entropy (Triton and torch).
+TRITON_CASES = [
+    ("llama", 2, None, "sdpa", "bf16", "triton", False),
+    ("gpt2", 8, "selective", "triton", "fp32", "triton", False),
+    ("llama", 2, "selective", "sdpa", "fp32", "triton", True),
+    ("gpt2", 8, None, "sdpa", "bf16", "triton", True),
+    ("llama", 2, None, "sdpa", "bf16", "torch", True),
+]
 
 
-@pytest.mark.parametrize("arch,groups,rc,attention,dtype", TRITON_CASES)
-def test_activation_bytes_equal_saved_tensors_with_triton_kernels(arch, groups, rc, attention, dtype):
-    """The Triton norms, SwiGLU, RoPE and flash attention keep other tensors than the torch ops
-    (run by Triton's interpreter on CPU: TRITON_INTERPRET=1, set by conftest.py)."""
+@pytest.mark.parametrize("arch,groups,rc,attention,dtype,kernels,fused", TRITON_CASES)
+def test_activation_bytes_equal_saved_tensors_with_triton_kernels(
+    arch, groups, rc, attention, dtype, kernels, fused
+):
+    """The Triton norms, SwiGLU, RoPE, cross-entropy and flash attention keep other tensors than the
+    torch ops (run by Triton's interpreter on CPU: TRITON_INTERPRET=1, set by conftest.py)."""
     pytest.importorskip("triton")
     make = gpt2 if arch == "gpt2" else llama
     config = make(
         num_layers=2,
         num_query_groups=groups,
         recompute_granularity=rc,
-        kernels="triton",
+        kernels=kernels,
         attention_backend=attention,
+        fused_linear_cross_entropy=fused,
     )
     model = GPTModel(config, seed=1, params_dtype=DTYPES[dtype])
     ids = torch.randint(0, config.vocab_size, (2, 32))

@@ -111,12 +111,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="fp32 training (pretrain_gpt.py without --bf16/--fp16)",
     )
     g.add_argument("--optimizer", choices=["adam", "lion"], default="adam")
+    g.add_argument("--fused-linear-cross-entropy", action="store_true",
+                   help="the output layer + loss fused (pretrain_gpt.py's flag): no [tokens, vocab] "
+                        "logits kept")
 
     g = p.add_argument_group("layout (each one given is fixed, else searched)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=None)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=None)
     g.add_argument("--micro-batch-size", type=int, default=None, help="default: search 1, 2, 4, 8")
     g.add_argument("--recompute-granularity", choices=["full", "selective", "none"], default=None)
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform",
+                   help="for full recompute (pretrain_gpt.py's meaning)")
+    g.add_argument("--recompute-num-layers", type=int, default=1, help="for full recompute")
     g.add_argument(
         "--use-distributed-optimizer",
         action="store_true",
@@ -249,6 +255,7 @@ def model_from_args(args: argparse.Namespace) -> tuple[GPTConfig, int]:
                 f"error: --hf-config {args.hf_config} has no {e} entry: is it a model config.json?"
             ) from None
         config.make_vocab_size_divisible_by = args.make_vocab_size_divisible_by
+        config.fused_linear_cross_entropy = args.fused_linear_cross_entropy
         if args.hidden_dropout is not None:
             config.hidden_dropout = args.hidden_dropout
         return config, args.seq_length or config.max_position_embeddings
@@ -279,6 +286,7 @@ def model_from_args(args: argparse.Namespace) -> tuple[GPTConfig, int]:
         tie_embeddings=not args.untie_embeddings_and_output_weights,
         hidden_dropout=0.1 if args.hidden_dropout is None else args.hidden_dropout,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        fused_linear_cross_entropy=args.fused_linear_cross_entropy,
     )
     return config, args.seq_length
 
@@ -301,6 +309,8 @@ def make_plan(args: argparse.Namespace, config: GPTConfig, seq_length: int, clus
         else [args.use_distributed_optimizer],
         sequence_parallel=args.sequence_parallel,
         layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
     )
 
 
@@ -321,7 +331,9 @@ def estimate_dict(est: Estimate, tokens: Optional[float]) -> dict:
 
 
 def _recompute(layout: Layout) -> str:
-    return layout.recompute or "-"
+    if layout.recompute != "full" or (layout.recompute_method, layout.recompute_num_layers) == ("uniform", 1):
+        return layout.recompute or "-"
+    return f"full ({layout.recompute_method} {layout.recompute_num_layers})"
 
 
 def print_tables(

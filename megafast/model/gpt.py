@@ -13,6 +13,7 @@ and marked ``shared_embedding``: the trainer sums its gradient with the first st
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -20,14 +21,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from megafast.config import GPTConfig, ParallelConfig, validate_layout
+from megafast.kernels import fused_linear_cross_entropy, vocab_parallel_cross_entropy
 from megafast.model import init
 from megafast.model.kv_cache import InferenceParams
 from megafast.model.norm import build_norm
 from megafast.model.packing import PackedSeqParams
 from megafast.model.rotary import RotaryEmbedding
+from megafast.model.recompute import recompute_plan
 from megafast.model.transformer import TransformerLayer
-from megafast.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megafast.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, column_parallel_linear
+from megafast.parallel.layers import (
+    ColumnParallelLinear,
+    VocabParallelEmbedding,
+    column_parallel_input,
+    column_parallel_linear,
+)
 from megafast.parallel.mappings import scatter_to_sequence_parallel_region
 from megafast.parallel.random import checkpointed, model_parallel_rng_tracker
 from megafast.parallel.state import ParallelState
@@ -69,6 +76,13 @@ class Embedding(nn.Module):
         if self.position_embeddings is not None:
             x = x + self.position_embeddings(position_ids.t())
         return x
+
+
+def _run(layers: list[TransformerLayer], x: torch.Tensor, rope, packed_seq_params, inference_params=None):
+    """The layers one after the other (one recompute group)."""
+    for layer in layers:
+        x = layer(x, rope, packed_seq_params, inference_params)
+    return x
 
 
 class Decoder(nn.Module):
@@ -196,25 +210,43 @@ class GPTModel(nn.Module):
         elif self.rotary is not None:
             rope = self.rotary(seq_len, x.device)  # [s, 1, 1, d] each
 
-        for layer in self.decoder.layers.values():
-            if self.config.recompute_granularity == "full" and self.training:
-                x = checkpointed(layer, self.tracker, x, rope, packed_seq_params)
+        layers = list(self.decoder.layers.values())
+        plan = recompute_plan(self.config, len(layers)) if self.training else [(0, len(layers), False)]
+        for start, end, recompute in plan:
+            if recompute:  # keeps only x; backward reruns layers[start:end] with the same dropout
+                group = functools.partial(_run, layers[start:end])
+                x = checkpointed(group, self.tracker, x, rope, packed_seq_params)
             else:
-                x = layer(x, rope, packed_seq_params, inference_params)
+                x = _run(layers[start:end], x, rope, packed_seq_params, inference_params)
         if not self.post_process:
             return x
 
         x = self.decoder.final_layernorm(x)
+        state, kernels = self.state, self.config.kernel_config
+        owner = self.output_layer if self.output_layer is not None else self.embedding.word_embeddings
+        weight = owner.weight  # [V/p, h]
+        # (a LoRA adapter on the output layer needs its logits: the unfused path)
+        if labels is not None and self.config.fused_linear_cross_entropy and self._output_adapter() is None:
+            # x [s(/p), b, h] -> [s, b, h] on every TP rank; backward all-reduces (reduce-scatters) dx
+            x = column_parallel_input(x, state.tp_group, state.sequence_parallel)
+            loss = fused_linear_cross_entropy(
+                x, weight, labels.t(), tp_group=state.tp_group, vocab_size=self.config.vocab_size,
+                backend=kernels.backend,
+            )
+            return loss.t()  # [b, s]
         if self.output_layer is not None:
             logits = self.output_layer(x)  # [s, b, V/p]
         else:  # tied on this stage: the embedding matrix is the output layer's weight
-            logits = column_parallel_linear(
-                x, self.embedding.word_embeddings.weight, None, self.state.tp_group, self.state.sequence_parallel
-            )
+            logits = column_parallel_linear(x, weight, None, state.tp_group, state.sequence_parallel)
         if labels is None:
             return logits.transpose(0, 1)
-        loss = vocab_parallel_cross_entropy(logits, labels.t(), self.state.tp_group, self.config.vocab_size)
+        loss = vocab_parallel_cross_entropy(
+            logits, labels.t(), state.tp_group, self.config.vocab_size, backend=kernels.backend
+        )
         return loss.t()  # [b, s]
+
+    def _output_adapter(self) -> Optional[nn.Module]:
+        return self.output_layer.adapter if self.output_layer is not None else None
 
     def _embedding_dropout(self, x: torch.Tensor) -> torch.Tensor:
         p = self.config.hidden_dropout

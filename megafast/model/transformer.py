@@ -3,8 +3,9 @@
     x = x + dropout(attention(input_layernorm(x)))
     x = x + dropout(mlp(pre_mlp_layernorm(x)))
 
-Activations are [s, b, h], or [s/p, b, h] with sequence parallelism (norms, dropout and residuals
-then run on this rank's sequence shard).
+With RMSNorm the first residual add and pre_mlp_layernorm are one fused op
+(``megafast.kernels.add_rms_norm``). Activations are [s, b, h], or [s/p, b, h] with sequence
+parallelism (norms, dropout and residuals then run on this rank's sequence shard).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from torch import nn
 
 from megafast import kernels
 from megafast.config import GPTConfig
+from megafast.kernels import add_rms_norm
 from megafast.model import init
 from megafast.model.attention import SelfAttention
 from megafast.model.kv_cache import InferenceParams
-from megafast.model.norm import build_norm
+from megafast.model.norm import RMSNorm, build_norm
 from megafast.model.packing import PackedSeqParams
 from megafast.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megafast.parallel.random import RNGStatesTracker
@@ -104,6 +106,13 @@ class TransformerLayer(nn.Module):
         packed_seq_params: Optional[PackedSeqParams] = None,
         inference_params: Optional[InferenceParams] = None,
     ) -> torch.Tensor:
-        attention = self.self_attention(self.input_layernorm(x), rope, packed_seq_params, inference_params)
-        x = x + self.dropout(attention)
-        return x + self.dropout(self.mlp(self.pre_mlp_layernorm(x)))
+        attention = self.dropout(
+            self.self_attention(self.input_layernorm(x), rope, packed_seq_params, inference_params)
+        )
+        norm = self.pre_mlp_layernorm
+        if isinstance(norm, RMSNorm):  # x + attention and its norm in one pass (Triton) or two (torch)
+            normed, x = add_rms_norm(attention, x, norm.weight, norm.eps, backend=norm.kernels.backend)
+        else:
+            x = x + attention
+            normed = norm(x)
+        return x + self.dropout(self.mlp(normed))

@@ -149,11 +149,15 @@ def column_parallel_linear(
     sequence_parallel: bool,
 ) -> torch.Tensor:
     """X A_i + b_i for this rank's column shard A_i; also used with a tied embedding as A_i."""
+    return F.linear(column_parallel_input(x, tp_group, sequence_parallel), weight, bias)
+
+
+def column_parallel_input(x: torch.Tensor, tp_group: Group, sequence_parallel: bool) -> torch.Tensor:
+    """The full input every rank's column shard multiplies: identity forward and all-reduced
+    gradient, or with sequence parallelism [s/p, b, h] -> [s, b, h] gathered, gradient reduce-scattered."""
     if sequence_parallel and group_size(tp_group) > 1:
-        x = gather_from_sequence_parallel_region(x, tp_group)  # [s/p, b, h] -> [s, b, h]
-    else:
-        x = copy_to_tensor_parallel_region(x, tp_group)
-    return F.linear(x, weight, bias)
+        return gather_from_sequence_parallel_region(x, tp_group)
+    return copy_to_tensor_parallel_region(x, tp_group)
 
 
 class RowParallelLinear(nn.Module):
