@@ -42,9 +42,8 @@ import sentencepiece as spm  # noqa: E402
 
 from megafast.data.indexed_dataset import IndexedDatasetBuilder, best_fitting_dtype  # noqa: E402
 from megafast.data.preprocess import PreprocessConfig, preprocess  # noqa: E402
+from doc_section import write_section  # noqa: E402
 
-_SECTION_START = "<!-- bench_preprocess:start -->"
-_SECTION_END = "<!-- bench_preprocess:end -->"
 
 # ---- (b) Megatron's approach: per-document encode in a Pool, one writer ----
 
@@ -162,22 +161,6 @@ def markdown_table(rows: list[tuple[str, float, float]], docs: int, mbytes: floa
     return "\n".join(lines)
 
 
-def write_doc(path: str, section: str) -> None:
-    """Put our section into docs/benchmarks.md, replacing an older one, keeping the rest."""
-    block = f"{_SECTION_START}\n{section.rstrip()}\n{_SECTION_END}\n"
-    text = open(path).read() if os.path.exists(path) else "# megafast benchmarks\n"
-    if _SECTION_START in text and _SECTION_END in text:
-        head, rest = text.split(_SECTION_START, 1)
-        tail = rest.split(_SECTION_END, 1)[1].lstrip("\n")
-        text = head + block + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", help="jsonl corpus with a 'text' key (default: make one)")
@@ -265,7 +248,7 @@ def main() -> None:
             "per-word cache (megafast/data/word_cache.py: proven for SentencePiece BPE, unigram "
             "models fall back to (d)'s plain batched encoding).",
         ] + ([args.note] if args.note else []))
-        write_doc(args.write_doc, section)
+        write_section(args.write_doc, "bench_preprocess", section)
         print(f"wrote {args.write_doc}", file=sys.stderr)
 
 

@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
-# Everything issue 5 needs a GPU for, in one call on the GPU machine (the device tool's `run`):
-#   1. build megafast._C with the CUDA kernels (pip install --no-build-isolation -e ., sm_90a);
-#   2. the gpu-marked tests (Triton kernels compiled for real, bf16 flash attention, the CUDA RoPE
-#      and multi-tensor AdamW/Lion, the optimizer and the model wired to them);
-#   3. benchmarks/bench_kernels.py (extra arguments are passed on to it).
-# Results land in $OUT (the device tool's folder; ./gpu_results elsewhere): env.txt, build.log,
-# pytest_gpu.log, bench_kernels.{log,json,md}. The benchmark gets the time left of a 10-minute call
-# and writes its tables after each section, so a run cut short still reports what it measured.
+# The GPU measurements, each mode one call of at most 10 minutes on the GPU machine (the device
+# tool's `run`). Both first build megafast._C with the CUDA kernels (pip install
+# --no-build-isolation -e ., sm_90a; build.log), then:
+#   kernels (default): the gpu-marked tests (Triton kernels compiled for real, bf16 flash attention,
+#      the CUDA RoPE and multi-tensor AdamW/Lion, the model wired to them, the planner's activation
+#      peak vs torch.cuda.max_memory_allocated) and benchmarks/bench_kernels.py;
+#   train: benchmarks/bench_train.py, a ~1B Llama (seq 2048, bf16) trained by pretrain_gpt.py's code
+#      next to plain PyTorch + transformers, and the planner's predicted step time and memory.
+# Extra arguments go to the benchmark. Results land in $OUT (./gpu_results elsewhere): env.txt,
+# build.log, pytest_gpu.log, bench_kernels.{log,json,md} or bench_train.{log,json,md}; the
+# benchmarks write after each section, so a run cut short still reports what it measured. Record
+# them here afterwards, e.g. python benchmarks/bench_train.py --from-json F --write-doc docs/benchmarks.md
 # Liger-Kernel (the comparison) is not on the machine: carry its wheel in .whl/ (see docs) and
 # it is installed from there; without it the Liger columns are simply absent.
 #
 #   device run:  bash benchmarks/run_gpu.sh            (carry [".whl"] when the wheel is there)
+#                bash benchmarks/run_gpu.sh train
 set -uo pipefail
 cd "$(dirname "$0")/.."
+MODE=kernels
+if [ "${1:-}" = train ] || [ "${1:-}" = kernels ]; then MODE=$1; shift; fi
 OUT=${OUT:-$PWD/gpu_results}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -39,6 +46,14 @@ if ! "$PY" -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 
 fi
 "$PY" -c "import megafast._C as C; assert C.has_cuda, 'built without CUDA'; print('megafast._C has_cuda:', C.has_cuda)" \
   2>&1 | tee -a "$OUT/build.log" || exit 1
+
+if [ "$MODE" = train ]; then
+  left=$((BUDGET_S - SECONDS))
+  echo "== [$SECONDS s] training benchmark (${left} s left)"
+  timeout --signal=INT "$left" "$PY" benchmarks/bench_train.py --out "$OUT" "$@" 2>&1 \
+    | tee "$OUT/bench_train.log"
+  exit "${PIPESTATUS[0]}"
+fi
 
 echo "== [$SECONDS s] gpu tests"
 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfEs tests/ 2>&1 | tee "$OUT/pytest_gpu.log"
