@@ -82,6 +82,9 @@ LAYOUTS = [  # (nproc, extra flags)
     (4, ["--pipeline-model-parallel-size", "2", "--use-distributed-optimizer"]),
     (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
     (2, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]),
+    # recomputation and the fused output layer + loss change memory, not the losses
+    (2, ["--pipeline-model-parallel-size", "2", "--recompute-granularity", "full", "--recompute-method",
+         "block", "--recompute-num-layers", "1", "--fused-linear-cross-entropy"]),
 ]
 
 
