@@ -122,6 +122,7 @@ MODELS = {
     "gpt2": dict(num_layers=2, hidden_size=40, num_attention_heads=2),
     "gpt2_tanh": dict(num_layers=1, hidden_size=40, num_attention_heads=2, activation="gelu_tanh"),
 }
+MODELS["llama_fused_ce"] = dict(MODELS["llama"], fused_linear_cross_entropy=True)  # output layer + loss
 VOCAB, B, S = 203, 2, 19
 
 
