@@ -21,8 +21,8 @@ Communication, with ring algorithms over n ranks at ``bandwidth * comm_efficienc
   and linear_fc2), backward 2 more (the inputs' gradients of linear_qkv and linear_fc1); with
   sequence parallelism each all-reduce becomes an all-gather + a reduce-scatter of the same N,
   the same time. Full recompute repeats the forward's 2 for each recomputed layer. The embedding
-  and the output layer add one each on the first and last stage. TP collectives are synchronous in megafast: they add to
-  the compute time.
+  and the output layer add one each on the first and last stage. TP collectives are synchronous
+  in megafast: they add to the compute time.
 - PP: each chunk boundary sends the activation (N / t with sequence parallelism) forward and
   its gradient backward, per microbatch, blocking in the schedule.
 - DP: the fp32 gradient buffer (4 bytes per element, padding included) is all-reduced, or
@@ -59,7 +59,7 @@ from megafast.planner import (
     rank_stages,
     training_flops_per_token,
 )
-from megafast.planner_memory import GB, RankMemory, peak_memory, rank_parameter_state
+from megafast.planner_memory import GB, RankMemory, peak_memory, rank_parameter_state, resolve_kernels
 
 SECONDS_PER_DAY = 86400.0
 
@@ -142,7 +142,7 @@ def step_time(config: GPTConfig, layout: Layout, cluster: Cluster) -> StepTime:
     if layout.recompute == "selective":
         layer_flops += attention_flops_per_token(cfg, layout.seq_length)
     # the fused linear + cross-entropy recomputes the logits in backward: 4 output-layer matmuls
-    output_passes = 4 if c.fused_linear_cross_entropy else 3
+    output_passes = 4 if resolve_kernels(c, layout, "cuda").loss == "fused" else 3
     activation = e * tokens * c.hidden_size  # one [s, b, h] tensor
     tp_bw, dp_bw, pp_bw = cluster.bandwidth(t), cluster.bandwidth(t * d), cluster.bandwidth(t * d * p)
     tp_per_layer = 4 * all_reduce_seconds(activation, t, tp_bw)
