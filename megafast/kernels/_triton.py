@@ -59,6 +59,17 @@ def num_programs(x_is_cuda: bool, rows: int, device=None) -> int:
     return max(1, min(rows, 4))
 
 
+def norm_grad_buffers(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """For a norm's backward over the rows of ``x2`` [rows, n]: (dx like x2, fp32 weight-gradient
+    partial sums [programs, n], programs, rows per program); each program sums its rows' dw."""
+    rows, n = x2.shape
+    programs = num_programs(x2.is_cuda, rows, x2.device)
+    per_program = triton.cdiv(rows, programs) if rows else 1
+    dx = torch.empty((rows, n), dtype=x2.dtype, device=x2.device)
+    dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x2.device)
+    return dx, dw_partial, programs, per_program
+
+
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` viewed as [rows, last dim] with unit stride along the last dim (copied only if needed)."""
     x2 = x.reshape(-1, x.shape[-1])

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from megafast.kernels._triton import as_rows, num_programs, row_settings, tl, triton
+from megafast.kernels._triton import as_rows, norm_grad_buffers, row_settings, tl, triton
 from megafast.kernels.rms_norm import rms_norm_reference
 
 # ---------------------------------------------------------------------------------------- kernels
@@ -124,10 +124,7 @@ def add_rms_norm_backward(dy, dh, h, weight, rstd):
     h2, dy2 = as_rows(h), as_rows(dy)
     dh2 = as_rows(dh) if dh is not None else dy2
     rows = h2.shape[0]
-    dx = torch.empty((rows, n), dtype=h.dtype, device=h.device)
-    programs = num_programs(h.is_cuda, rows, h.device)
-    per_program = triton.cdiv(rows, programs) if rows else 1
-    dw_partial = torch.empty((programs, n), dtype=torch.float32, device=h.device)
+    dx, dw_partial, programs, per_program = norm_grad_buffers(h2)
     block, warps = row_settings(n, h.element_size())
     _add_rms_norm_bwd_kernel[(programs,)](
         dy2,

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megafast.kernels._triton import as_rows, num_programs, row_settings, tl, triton
+from megafast.kernels._triton import as_rows, norm_grad_buffers, row_settings, tl, triton
 
 # ---------------------------------------------------------------------------------------- kernels
 
@@ -128,13 +128,8 @@ def layer_norm_backward(dy, x, weight, bias, mean, rstd):
     n = x.shape[-1]
     x2, dy2 = as_rows(x), as_rows(dy)
     rows = x2.shape[0]
-    dx = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    programs = num_programs(x.is_cuda, rows, x.device)
-    per_program = triton.cdiv(rows, programs) if rows else 1
-    dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
-    db_partial = (
-        torch.empty((programs, n), dtype=torch.float32, device=x.device) if bias is not None else dw_partial
-    )
+    dx, dw_partial, programs, per_program = norm_grad_buffers(x2)
+    db_partial = torch.empty_like(dw_partial) if bias is not None else dw_partial
     block, warps = row_settings(n, x.element_size())
     _layer_norm_bwd_kernel[(programs,)](
         dy2,

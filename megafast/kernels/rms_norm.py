@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from megafast.kernels._triton import as_rows, num_programs, row_settings, tl, triton
+from megafast.kernels._triton import as_rows, norm_grad_buffers, row_settings, tl, triton
 
 # ---------------------------------------------------------------------------------------- kernels
 
@@ -97,10 +97,7 @@ def rms_norm_backward(
     n = x.shape[-1]
     x2, dy2 = as_rows(x), as_rows(dy)
     rows = x2.shape[0]
-    dx = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    programs = num_programs(x.is_cuda, rows, x.device)
-    per_program = triton.cdiv(rows, programs) if rows else 1
-    dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
+    dx, dw_partial, programs, per_program = norm_grad_buffers(x2)
     block, warps = row_settings(n, x.element_size())
     _rms_norm_bwd_kernel[(programs,)](
         dy2,
