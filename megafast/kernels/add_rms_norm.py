@@ -5,7 +5,7 @@
 
 One pass reads x and residual and writes h and y (instead of add, then norm re-reading h).
 Backward receives dy and dh (the gradient flowing along the residual stream) and writes one
-tensor, dx = dresidual = dh + RMSNorm-backward(dy).
+tensor, dx = dresidual = dh + RMSNorm-backward(dy): RMSNorm's backward kernel with dh added.
 
 Layout: kernels -> launchers -> autograd.Function -> ``add_rms_norm_triton`` -> ``add_rms_norm_reference``.
 """
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from megafast.kernels._triton import as_rows, norm_grad_buffers, row_settings, tl, triton
-from megafast.kernels.rms_norm import rms_norm_reference
+from megafast.kernels._triton import as_rows, row_settings, tl, triton
+from megafast.kernels.rms_norm import rms_norm_backward, rms_norm_reference
 
 # ---------------------------------------------------------------------------------------- kernels
 
@@ -37,47 +37,6 @@ def _add_rms_norm_fwd_kernel(
     hhat = (h * rstd).to(H.dtype.element_ty).to(tl.float32)
     tl.store(Y + row * stride_y + cols, (hhat * w).to(Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + row, rstd)
-
-
-@triton.jit
-def _add_rms_norm_bwd_kernel(
-    DY,
-    DH,
-    H,
-    W,
-    RSTD,
-    DX,
-    DW_PARTIAL,
-    stride_dy,
-    stride_dh,
-    stride_h,
-    stride_dx,
-    n_rows,
-    n_cols,
-    rows_per_program,
-    HAS_DH: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK], dtype=tl.float32)
-    row_start = pid.to(tl.int64) * rows_per_program
-    row_end = tl.minimum(row_start + rows_per_program, n_rows)
-    for row in range(row_start, row_end):
-        h = tl.load(H + row * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + row)
-        hhat = h * rstd
-        dhhat = dy * w
-        c = tl.sum(dhhat * hhat, axis=0) / n_cols
-        dx = rstd * (dhhat - hhat * c)
-        if HAS_DH:
-            dx += tl.load(DH + row * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-        dw += dy * hhat
-    tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=mask)
 
 
 # -------------------------------------------------------------------------------------- launchers
@@ -118,36 +77,6 @@ def add_rms_norm_forward(x, residual, weight, eps):
     return y.view(x.shape), h.view(x.shape), rstd
 
 
-def add_rms_norm_backward(dy, dh, h, weight, rstd):
-    """-> (dx = dresidual like h, dw like weight); ``dh`` may be None (h unused downstream)."""
-    n = h.shape[-1]
-    h2, dy2 = as_rows(h), as_rows(dy)
-    dh2 = as_rows(dh) if dh is not None else dy2
-    rows = h2.shape[0]
-    dx, dw_partial, programs, per_program = norm_grad_buffers(h2)
-    block, warps = row_settings(n, h.element_size())
-    _add_rms_norm_bwd_kernel[(programs,)](
-        dy2,
-        dh2,
-        h2,
-        weight,
-        rstd,
-        dx,
-        dw_partial,
-        dy2.stride(0),
-        dh2.stride(0),
-        h2.stride(0),
-        dx.stride(0),
-        rows,
-        n,
-        per_program,
-        HAS_DH=dh is not None,
-        BLOCK=block,
-        num_warps=warps,
-    )
-    return dx.view(h.shape), dw_partial.sum(0).to(weight.dtype)
-
-
 # --------------------------------------------------------------------------------- autograd.Function
 
 
@@ -163,7 +92,7 @@ class AddRMSNormFunction(torch.autograd.Function):
         h, weight, rstd = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(h, dtype=torch.promote_types(h.dtype, weight.dtype))
-        dx, dw = add_rms_norm_backward(dy, dh, h, weight, rstd)
+        dx, dw = rms_norm_backward(dy, h, weight, rstd, dh)  # dresidual = dx: h = x + residual
         return dx, dx, dw, None
 
 

@@ -14,6 +14,8 @@ Layout: kernels -> launchers -> autograd.Function -> ``rms_norm_triton`` -> ``rm
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from megafast.kernels._triton import as_rows, norm_grad_buffers, row_settings, tl, triton
@@ -37,19 +39,23 @@ def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, BLOCK: 
 @triton.jit
 def _rms_norm_bwd_kernel(
     DY,
+    DH,
     X,
     W,
     RSTD,
     DX,
     DW_PARTIAL,
     stride_dy,
+    stride_dh,
     stride_x,
     stride_dx,
     n_rows,
     n_cols,
     rows_per_program,
+    HAS_DH: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """dx (+ dh: the residual stream's gradient, for the fused add + RMSNorm) and dw partials."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -65,6 +71,8 @@ def _rms_norm_bwd_kernel(
         dxhat = dy * w
         c = tl.sum(dxhat * xhat, axis=0) / n_cols
         dx = rstd * (dxhat - xhat * c)
+        if HAS_DH:
+            dx += tl.load(DH + row64 * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
         dw += dy * xhat
     tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=mask)
@@ -91,27 +99,35 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple
 
 
 def rms_norm_backward(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    dh: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (dx like x, dw like weight)."""
+    """-> (dx like x, dw like weight); ``dh`` (like x) is added to dx when given."""
     n = x.shape[-1]
     x2, dy2 = as_rows(x), as_rows(dy)
+    dh2 = as_rows(dh) if dh is not None else dy2  # dy2: a valid pointer the kernel never reads
     rows = x2.shape[0]
     dx, dw_partial, programs, per_program = norm_grad_buffers(x2)
     block, warps = row_settings(n, x.element_size())
     _rms_norm_bwd_kernel[(programs,)](
         dy2,
+        dh2,
         x2,
         weight,
         rstd,
         dx,
         dw_partial,
         dy2.stride(0),
+        dh2.stride(0),
         x2.stride(0),
         dx.stride(0),
         rows,
         n,
         per_program,
+        HAS_DH=dh is not None,
         BLOCK=block,
         num_warps=warps,
     )

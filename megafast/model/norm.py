@@ -14,10 +14,12 @@ import torch
 from torch import nn
 
 from megafast.config import GPTConfig
-from megafast.kernels import KernelConfig, layer_norm, rms_norm
+from megafast.kernels import KernelConfig, add_rms_norm, layer_norm, rms_norm
 
 
-class RMSNorm(nn.Module):
+class _Norm(nn.Module):
+    """Weight (ones) over the last dimension, ``eps`` and the kernel choice, shared by both norms."""
+
     def __init__(
         self,
         hidden_size: int,
@@ -33,26 +35,26 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=params_dtype, device=device))
         self.weight.sequence_parallel = sequence_parallel
 
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h = x + residual``; returns ``(norm(h), h)`` (the pre-norm layer's residual step)."""
+        h = x + residual
+        return self(h), h
+
+
+class RMSNorm(_Norm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps, backend=self.kernels.backend)
 
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One fused pass with Triton (``megafast.kernels.add_rms_norm``)."""
+        return add_rms_norm(x, residual, self.weight, self.eps, backend=self.kernels.backend)
 
-class LayerNorm(nn.Module):
-    def __init__(
-        self,
-        hidden_size: int,
-        eps: float,
-        sequence_parallel: bool = False,
-        params_dtype: torch.dtype = torch.float32,
-        device=None,
-        kernels: Optional[KernelConfig] = None,
-    ) -> None:
-        super().__init__()
-        self.eps = eps
-        self.kernels = kernels or KernelConfig()
-        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=params_dtype, device=device))
-        self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=params_dtype, device=device))
-        self.weight.sequence_parallel = self.bias.sequence_parallel = sequence_parallel
+
+class LayerNorm(_Norm):
+    def __init__(self, hidden_size: int, eps: float, sequence_parallel: bool = False, **kw) -> None:
+        super().__init__(hidden_size, eps, sequence_parallel, **kw)
+        self.bias = nn.Parameter(torch.zeros_like(self.weight))
+        self.bias.sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return layer_norm(x, self.weight, self.bias, self.eps, backend=self.kernels.backend)

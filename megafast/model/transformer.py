@@ -18,11 +18,10 @@ from torch import nn
 
 from megafast import kernels
 from megafast.config import GPTConfig
-from megafast.kernels import add_rms_norm
 from megafast.model import init
 from megafast.model.attention import SelfAttention
 from megafast.model.kv_cache import InferenceParams
-from megafast.model.norm import RMSNorm, build_norm
+from megafast.model.norm import build_norm
 from megafast.model.packing import PackedSeqParams
 from megafast.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megafast.parallel.random import RNGStatesTracker
@@ -109,10 +108,5 @@ class TransformerLayer(nn.Module):
         attention = self.dropout(
             self.self_attention(self.input_layernorm(x), rope, packed_seq_params, inference_params)
         )
-        norm = self.pre_mlp_layernorm
-        if isinstance(norm, RMSNorm):  # x + attention and its norm in one pass (Triton) or two (torch)
-            normed, x = add_rms_norm(attention, x, norm.weight, norm.eps, backend=norm.kernels.backend)
-        else:
-            x = x + attention
-            normed = norm(x)
+        normed, x = self.pre_mlp_layernorm.add_and_norm(attention, x)  # fused for RMSNorm
         return x + self.dropout(self.mlp(normed))
