@@ -58,6 +58,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from megafast.arguments import model_config, parse_args, validate_args  # noqa: E402
+from megafast.atomic_file import atomic_write  # noqa: E402
 from megafast.config import GPTConfig  # noqa: E402
 from megafast.data.mock_dataset import MockGPTDataset  # noqa: E402
 from megafast.data.sampler import MicroBatchSampler  # noqa: E402
@@ -574,10 +575,9 @@ def render_markdown(results: dict) -> str:
 
 def save(results: dict, out: str) -> None:
     results["ratios"] = ratios(results)
-    with open(os.path.join(out, "bench_train.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(out, "bench_train.md"), "w", encoding="utf-8") as f:
-        f.write(render_markdown(results))
+    for name, text in (("bench_train.json", json.dumps(results, indent=1)),
+                       ("bench_train.md", render_markdown(results))):
+        atomic_write(os.path.join(out, name), lambda f, text=text: f.write(text.encode("utf-8")))
 
 
 # -------------------------------------------------------------------------------------- main
