@@ -12,18 +12,15 @@ asks each for `ceil(ceil(size * w_d) * 1.005)` samples so that it does.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from megafast.data.cached_dataset import CachedIndexDataset
 from megafast.data.gpt_dataset import GPTDataset
 from megafast.data.helpers import build_blending_indices
-from megafast.data.index_cache import Arrays, CacheSync, IndexCache, MappedIndices, load_or_build
-
-INDEX_NAMES = ("dataset_index", "dataset_sample_index")
-_CACHE_FORMAT = "megafast-blend-indices-1"
+from megafast.data.index_cache import Arrays, CacheSync
 
 
 def normalize_weights(weights: Sequence[float]) -> list[float]:
@@ -32,7 +29,7 @@ def normalize_weights(weights: Sequence[float]) -> list[float]:
     return (w / np.sum(w)).tolist()
 
 
-class BlendedDataset(MappedIndices, torch.utils.data.Dataset):
+class BlendedDataset(CachedIndexDataset):
     """`size` samples drawn from `datasets` in proportion to `weights`.
 
     Args:
@@ -45,6 +42,10 @@ class BlendedDataset(MappedIndices, torch.utils.data.Dataset):
     Item i is item `dataset_sample_index[i]` of dataset `dataset_index[i]`, with a `dataset_id`
     entry (int64 scalar tensor) added, as Megatron's blend returns it.
     """
+
+    CACHE_NAME = "BlendedDataset"
+    CACHE_FORMAT = "megafast-blend-indices-1"
+    INDEX_NAMES = ("dataset_index", "dataset_sample_index")
 
     def __init__(
         self,
@@ -68,30 +69,15 @@ class BlendedDataset(MappedIndices, torch.utils.data.Dataset):
         self.split = datasets[0].split
         self.weights = normalize_weights(weights)
         self.size = int(size)
+        self._load_indices(cache_dir, sync)
 
-        cache = None
-        if cache_dir is not None:
-            cache = IndexCache(cache_dir, f"BlendedDataset-{self.split}", self.description)
-        arrays, self.cache_hit = load_or_build(cache, sync, INDEX_NAMES, self._build_indices, self._check)
-        self._cache_paths = {n: cache.array_path(n) for n in INDEX_NAMES} if cache else None
-        self._set_indices(arrays)
-
-    @property
-    def identity(self) -> dict[str, Any]:
-        """Everything the blend indices depend on (JSON-serialisable)."""
+    def _identity_fields(self) -> dict[str, Any]:
         return {
-            "format": _CACHE_FORMAT,
-            "class": "BlendedDataset",
             "datasets": [d.identity for d in self.datasets],
             "split": self.split,
             "weights": self.weights,
             "size": self.size,
         }
-
-    @property
-    def description(self) -> str:
-        """`identity` as indented JSON; its md5 names the cache files."""
-        return json.dumps(self.identity, indent=4)
 
     def _build_indices(self) -> Arrays:
         dataset_index, dataset_sample_index = build_blending_indices(self.weights, self.size)

@@ -22,7 +22,6 @@ sample `shuffle_index[i]`: `s = L + 1` tokens, `tokens = s[:-1]`, `labels = s[1:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -31,8 +30,9 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from megafast.data.cached_dataset import CachedIndexDataset
 from megafast.data.helpers import build_sample_idx, num_samples_in_stream, sample_idx_dtype
-from megafast.data.index_cache import Arrays, CacheSync, IndexCache, MappedIndices, load_or_build
+from megafast.data.index_cache import Arrays, CacheSync
 from megafast.data.indexed_dataset import IndexedDataset
 
 logger = logging.getLogger(__name__)
@@ -40,8 +40,6 @@ logger = logging.getLogger(__name__)
 SPLIT_NAMES = ("train", "valid", "test")
 # A last epoch giving fewer than this fraction of an epoch's samples is shuffled on its own.
 SEPARATE_LAST_EPOCH_THRESHOLD = 0.80
-INDEX_NAMES = ("document_index", "sample_index", "shuffle_index")
-_CACHE_FORMAT = "megafast-gpt-indices-1"
 
 
 @dataclass(frozen=True)
@@ -129,7 +127,7 @@ def build_shuffle_index(num_first: int, total: int, rng: np.random.RandomState) 
     return np.concatenate((first, last))
 
 
-class GPTDataset(MappedIndices, torch.utils.data.Dataset):
+class GPTDataset(CachedIndexDataset):
     """Samples of `seq_length + 1` tokens from the sequences `[beg, end)` of an indexed dataset.
 
     Args:
@@ -143,6 +141,10 @@ class GPTDataset(MappedIndices, torch.utils.data.Dataset):
     Item i is a dict of tensors of length L: `tokens` int64, `labels` int64 (tokens shifted by
     one), `loss_mask` float32, `position_ids` int64 (`arange(L)`).
     """
+
+    CACHE_NAME = "GPTDataset"
+    CACHE_FORMAT = "megafast-gpt-indices-1"
+    INDEX_NAMES = ("document_index", "sample_index", "shuffle_index")
 
     def __init__(
         self,
@@ -182,21 +184,12 @@ class GPTDataset(MappedIndices, torch.utils.data.Dataset):
         )
         self._max_length = int(lengths.max())
 
-        cache = None
-        if config.cache_dir is not None:
-            cache = IndexCache(config.cache_dir, f"GPTDataset-{split}", self.description)
-        arrays, self.cache_hit = load_or_build(cache, sync, INDEX_NAMES, self._build_indices, self._check)
-        self._cache_paths = {n: cache.array_path(n) for n in INDEX_NAMES} if cache else None
-        self._set_indices(arrays)
+        self._load_indices(config.cache_dir, sync)
 
     # ---- identity ----
 
-    @property
-    def identity(self) -> dict[str, Any]:
-        """Everything the index arrays depend on (JSON-serialisable)."""
+    def _identity_fields(self) -> dict[str, Any]:
         return {
-            "format": _CACHE_FORMAT,
-            "class": "GPTDataset",
             "dataset_path": os.path.abspath(self.indexed.path_prefix),
             "dataset_num_sequences": len(self.indexed),
             "sequence_range": list(self.sequence_range),
@@ -208,11 +201,6 @@ class GPTDataset(MappedIndices, torch.utils.data.Dataset):
             "drop_last_partial_sequence": self.drop_last_partial_sequence,
             "add_extra_token_to_sequence": True,
         }
-
-    @property
-    def description(self) -> str:
-        """`identity` as indented JSON; its md5 names the cache files."""
-        return json.dumps(self.identity, indent=4)
 
     # ---- index building and checking ----
 
@@ -267,7 +255,7 @@ class GPTDataset(MappedIndices, torch.utils.data.Dataset):
             a = arrays[name]
             if a.dtype != dtype or a.shape != shape:
                 return f"{name} is {a.dtype}{list(a.shape)}, expected {dtype}{list(shape)}"
-        doc, sample, shuffle = (arrays[k] for k in INDEX_NAMES)
+        doc, sample, shuffle = (arrays[k] for k in self.INDEX_NAMES)
         if not (beg <= int(doc[0]) < end and beg <= int(doc[-1]) < end):
             return "document_index holds ids outside the split"
         if int(sample[0, 0]) != 0 or int(sample[0, 1]) != 0 or not 0 <= int(sample[-1, 0]) < num_docs:

@@ -174,27 +174,3 @@ def load_or_build(
     assert arrays is not None
     return arrays, hit
 
-
-class MappedIndices:
-    """Index arrays held as attributes named like their cache files.
-
-    Pickling (DataLoader workers) sends the cache paths, not the arrays; unpickling maps the
-    files again. Subclasses set ``self._cache_paths`` (None when built in memory).
-    """
-
-    _cache_paths: dict[str, str] | None
-
-    def _set_indices(self, arrays: Mapping[str, np.ndarray]) -> None:
-        for name, array in arrays.items():
-            setattr(self, name, array)
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        for name in self._cache_paths or ():
-            del state[name]
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        if self._cache_paths is not None:
-            self._set_indices({n: np.load(p, mmap_mode="r") for n, p in self._cache_paths.items()})

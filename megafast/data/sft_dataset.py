@@ -22,7 +22,6 @@ names of all ``--data-path`` datasets, in order of first appearance.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -35,16 +34,15 @@ import torch
 
 from megafast.data.blended_dataset import BlendedDataset, normalize_weights
 from megafast.data.builder import MID_LEVEL_SURPLUS, parse_data_path, parse_split, split_bookends, split_range
+from megafast.data.cached_dataset import CachedIndexDataset
 from megafast.data.gpt_dataset import SPLIT_NAMES
-from megafast.data.index_cache import Arrays, CacheSync, IndexCache, MappedIndices, load_or_build
+from megafast.data.index_cache import Arrays, CacheSync
 from megafast.data.indexed_dataset import IndexedDataset, bin_path_of
 from megafast.data.sft_format import read_info, sft_paths
 
 logger = logging.getLogger(__name__)
 
 MAX_OPEN_BINS = 64
-INDEX_NAMES = ("item_offsets", "item_records")
-_CACHE_FORMAT = "megafast-sft-indices-1"
 
 
 class SFTSource:
@@ -122,7 +120,7 @@ def pack_first_fit(costs: np.ndarray, capacity: int, max_open: int = MAX_OPEN_BI
     return closed + members
 
 
-class SFTDataset(MappedIndices, torch.utils.data.Dataset):
+class SFTDataset(CachedIndexDataset):
     """Items of one split of one SFT dataset (module docstring).
 
     Args:
@@ -134,6 +132,10 @@ class SFTDataset(MappedIndices, torch.utils.data.Dataset):
         task_map: global task id of each of the source's task ids.
         sync: which rank builds the cache and the barrier the others wait on.
     """
+
+    CACHE_NAME = "SFTDataset"
+    CACHE_FORMAT = "megafast-sft-indices-1"
+    INDEX_NAMES = ("item_offsets", "item_records")
 
     def __init__(
         self,
@@ -167,16 +169,10 @@ class SFTDataset(MappedIndices, torch.utils.data.Dataset):
             logger.warning("%s (%s): %d records longer than --seq-length + 1 = %d tokens are cut, %d of them left "
                            "out (no answer token left)", source.path_prefix, split, self.num_truncated,
                            config.seq_length + 1, len(self.unlearnable))
-        cache = IndexCache(config.cache_dir, f"SFTDataset-{split}", self.description) if config.cache_dir else None
-        arrays, self.cache_hit = load_or_build(cache, sync, INDEX_NAMES, self._build_indices, self._check)
-        self._cache_paths = {n: cache.array_path(n) for n in INDEX_NAMES} if cache else None
-        self._set_indices(arrays)
+        self._load_indices(config.cache_dir or None, sync)
 
-    @property
-    def identity(self) -> dict[str, Any]:
+    def _identity_fields(self) -> dict[str, Any]:
         return {
-            "format": _CACHE_FORMAT,
-            "class": "SFTDataset",
             "dataset_path": os.path.abspath(self.source.path_prefix),
             "dataset_num_records": len(self.source),
             "record_range": list(self.record_range),
@@ -187,10 +183,6 @@ class SFTDataset(MappedIndices, torch.utils.data.Dataset):
             "packing": self.config.packing,
             "max_open_bins": MAX_OPEN_BINS,
         }
-
-    @property
-    def description(self) -> str:
-        return json.dumps(self.identity, indent=4)
 
     def _build_indices(self) -> Arrays:
         """``item_records``: record ids of all items back to back; ``item_offsets`` [items + 1]."""
