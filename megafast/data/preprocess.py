@@ -20,12 +20,12 @@ Inputs, by file name:
   list column (as Spark writes token ids) is written as-is, without EOD, ids checked against the
   vocabulary. A row with a null in any key column is a bad row.
 
-Pipeline: the main process reads the input in chunks of about `chunk_bytes` (whole lines, whole
-documents), hands them to `workers` processes (each holding its own tokenizer and word cache,
-see `megafast.data.word_cache`) and writes their results in input order to one
-`IndexedDatasetBuilder` per key. At most `4 * workers` chunks are in flight, so memory does not
-grow with the input. Output goes to temporary names that are renamed only when everything
-succeeded; on any failure (or Ctrl-C) the temporary files are deleted.
+Pipeline (megafast.data.worker_pool): the main process reads the input in chunks of about
+`chunk_bytes` (whole lines, whole documents), hands them to `workers` processes (each holding its
+own tokenizer and word cache, see `megafast.data.word_cache`) and writes their results in input
+order to one `IndexedDatasetBuilder` per key. At most `4 * workers` chunks are in flight, so
+memory does not grow with the input. Output goes to temporary names that are renamed only when
+everything succeeded; on any failure (or Ctrl-C) the temporary files are deleted.
 
 Bad input lines (invalid JSON, not an object, missing key, a non-string value, bytes that are not
 UTF-8, a string with lone surrogates, text the tokenizer rejects) are skipped in every key, counted
@@ -37,12 +37,9 @@ from __future__ import annotations
 
 import gzip
 import json
-import multiprocessing
 import os
-import signal
 import sys
 import time
-from collections import deque
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from typing import IO, Any, Iterator, Sequence
@@ -52,6 +49,7 @@ import numpy as np
 from megafast.data.indexed_dataset import IndexedDatasetBuilder, best_fitting_dtype
 from megafast.data.tokenizer import Tokenizer, build_tokenizer
 from megafast.data.word_cache import make_encoder
+from megafast.data.worker_pool import IndexedOutputs, Progress, WorkerPool
 
 _JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 
@@ -293,20 +291,6 @@ class _ChunkEncoder:
                 [(numbers[i], r) for i, r in reasons.items()])
 
 
-_worker: _ChunkEncoder | None = None  # set in each pool process by _init_worker, never in main
-
-
-def _init_worker(spec: _EncoderSpec) -> None:
-    global _worker
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled (once) by the main process
-    _worker = _ChunkEncoder(spec)
-
-
-def _work(chunk: _Chunk) -> _Result:
-    assert _worker is not None, "worker not initialised"
-    return _worker(chunk)
-
-
 # ---- readers (main process) ----
 
 
@@ -419,38 +403,6 @@ def _token_column(column: Any, path: str, key: str, numbers: list[int], vocab_si
 # ---- the run ----
 
 
-class _Progress:
-    """A tqdm bar on a terminal, else a log line every `log_interval` documents."""
-
-    def __init__(self, total: int, enabled: bool | None, log_interval: int, name: str) -> None:
-        self.bar = None
-        self.log_interval = log_interval
-        self.next_log = log_interval
-        self.start = time.perf_counter()
-        self.position = 0
-        if enabled is None:
-            enabled = sys.stderr.isatty()
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=name, smoothing=0.1)
-
-    def update(self, documents: int, position: int) -> None:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"{documents / elapsed:,.0f} docs/s", refresh=False)
-            self.bar.update(position - self.position)
-        elif documents >= self.next_log:
-            print(f"processed {documents} documents ({documents / elapsed:,.0f} docs/s, "
-                  f"{position / elapsed / 1e6:.2f} MB/s)", file=sys.stderr, flush=True)
-            self.next_log = (documents // self.log_interval + 1) * self.log_interval
-        self.position = position
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _describe_bad(stats: PreprocessStats, unit: str) -> str:
     shown = "; ".join(f"{unit} {n}: {reason}" for n, reason in stats.bad_examples)
     more = "" if stats.bad_lines <= len(stats.bad_examples) else "; ..."
@@ -481,52 +433,21 @@ def preprocess(config: PreprocessConfig) -> PreprocessStats:
                         config.word_cache)
     stats = PreprocessStats(tokens={k: 0 for k in keys}, empty_documents={k: 0 for k in keys},
                             input_bytes=os.path.getsize(config.input))
-    out_dir = os.path.dirname(os.path.abspath(config.output_prefix))
-    os.makedirs(out_dir, exist_ok=True)
     start = time.perf_counter()
     with ExitStack() as stack:
-        builders = {}
-        for key in keys:
-            prefix = output_prefix_of(config.output_prefix, key)
-            builders[key] = stack.enter_context(IndexedDatasetBuilder(prefix + ".bin", dtype))
-        pool = None
-        inline = None
-        if config.workers > 1 and text_keys:
-            methods = multiprocessing.get_all_start_methods()
-            context = multiprocessing.get_context("fork" if "fork" in methods else None)
-            pool = context.Pool(config.workers, _init_worker, (spec,))
-            stack.callback(pool.terminate)  # runs after close/join on success; kills on failure
-        else:
-            inline = _ChunkEncoder(spec, tokenizer)
-        progress = _Progress(stats.input_bytes, config.progress, config.log_interval,
-                             os.path.basename(config.input))
+        outputs = IndexedOutputs(stack, {k: (output_prefix_of(config.output_prefix, k), dtype) for k in keys})
+        # Token columns need no worker: with no text key, everything runs here.
+        workers = config.workers if text_keys else 1
+        inline = _ChunkEncoder(spec, tokenizer) if workers == 1 else None  # shares our tokenizer
+        pool = WorkerPool(stack, workers, _ChunkEncoder, (spec,), inline)
+        progress = Progress(stats.input_bytes, config.progress, config.log_interval,
+                            os.path.basename(config.input), "documents", "docs")
         stack.callback(progress.close)
-        pending: deque[tuple[_Chunk, Any]] = deque()
-        limit = 4 * config.workers
-
-        def write_oldest() -> None:
-            chunk, job = pending.popleft()
-            result = job.get() if pool is not None else job
-            _write(chunk, result, keys, text_keys, builders, dtype, stats, config, unit)
+        # Token columns stay here: the workers get a copy without them.
+        for chunk, result in pool.imap(chunks, send=lambda c: replace(c, pretokenized=None)):
+            _write(chunk, result, keys, text_keys, outputs.builders, dtype, stats, config, unit)
             progress.update(stats.documents, chunk.end_position)
-
-        for chunk in chunks:
-            if pool is not None:  # token columns stay here: send a copy without them
-                job = pool.apply_async(_work, (replace(chunk, pretokenized=None),))
-            else:
-                assert inline is not None
-                job = inline(chunk)
-            pending.append((chunk, job))
-            while len(pending) > (limit if pool is not None else 0):
-                write_oldest()
-        while pending:
-            write_oldest()
-        if pool is not None:
-            pool.close()
-            pool.join()
-        for key in keys:
-            builders[key].finalize(output_prefix_of(config.output_prefix, key) + ".idx")
-            stats.outputs.append(output_prefix_of(config.output_prefix, key))
+        stats.outputs += outputs.finalize()
     stats.seconds = time.perf_counter() - start
     if stats.bad_lines:
         print("warning: " + _describe_bad(stats, unit), file=sys.stderr)

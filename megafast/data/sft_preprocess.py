@@ -13,17 +13,14 @@ nothing is cut here; training truncates samples longer than ``--seq-length + 1``
 
 Bad records (see sft_format) are skipped, counted and listed with their line numbers in the
 report (``P_K_sft.json`` keeps up to 10000 of them, stderr the first few); with ``strict`` the
-first one stops the run. Reading, workers and temporary files work as in megafast.data.preprocess.
+first one stops the run. Reading works as in megafast.data.preprocess; workers, order, progress
+lines and temporary files are megafast.data.worker_pool's.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import signal
-import sys
 import time
-from collections import deque
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,10 +28,11 @@ from typing import Any
 import numpy as np
 
 from megafast.data.chat_template import TEMPLATE_MODES, ChatTemplate
-from megafast.data.indexed_dataset import IndexedDatasetBuilder, best_fitting_dtype
-from megafast.data.preprocess import _read_blocks, input_format, iter_json_lines
+from megafast.data.indexed_dataset import best_fitting_dtype
+from megafast.data.preprocess import _Chunk, _read_blocks, input_format, iter_json_lines
 from megafast.data.sft_format import BadRecord, parse_record, sft_paths, write_info
 from megafast.data.tokenizer import build_tokenizer
+from megafast.data.worker_pool import IndexedOutputs, Progress, WorkerPool
 
 TRUNCATION_POLICIES = ("truncate", "drop")
 MAX_LISTED_BAD_RECORDS = 10000
@@ -137,10 +135,10 @@ class _Encoder:
         self.max_len = config.max_seq_length
         self.truncation = config.truncation
 
-    def __call__(self, data: bytes, first_line: int) -> _Result:
+    def __call__(self, chunk: _Chunk) -> _Result:
         bad: list[tuple[int, str]] = []
         parsed = []  # (line, task, pieces)
-        for line, obj in iter_json_lines(data, first_line, bad):
+        for line, obj in iter_json_lines(chunk.data, chunk.first_line, bad):
             try:
                 conversation = parse_record(obj)
                 parsed.append((line, conversation.task, self.template.pieces(conversation)))
@@ -162,20 +160,6 @@ class _Encoder:
         return result
 
 
-_worker: _Encoder | None = None  # set in each pool process by _init_worker, never in main
-
-
-def _init_worker(config: SFTPreprocessConfig) -> None:
-    global _worker
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled (once) by the main process
-    _worker = _Encoder(config)
-
-
-def _work(data: bytes, first_line: int) -> _Result:
-    assert _worker is not None, "worker not initialised"
-    return _worker(data, first_line)
-
-
 class _Writer:
     """Appends results, in input order, to the three builders and the statistics."""
 
@@ -183,9 +167,10 @@ class _Writer:
         self.config = config
         self.paths = sft_paths(f"{config.output_prefix}_{config.json_key}_document")
         self.dtype = best_fitting_dtype(vocab_size)
-        self.tokens = stack.enter_context(IndexedDatasetBuilder(self.paths.tokens + ".bin", self.dtype))
-        self.mask = stack.enter_context(IndexedDatasetBuilder(self.paths.loss_mask + ".bin", np.uint8))
-        self.tasks = stack.enter_context(IndexedDatasetBuilder(self.paths.task_ids + ".bin", TASK_ID_DTYPE))
+        self.outputs = IndexedOutputs(stack, {"tokens": (self.paths.tokens, self.dtype),
+                                              "loss_mask": (self.paths.loss_mask, np.uint8),
+                                              "task_ids": (self.paths.task_ids, TASK_ID_DTYPE)})
+        self.tokens, self.mask, self.tasks = (self.outputs[k] for k in ("tokens", "loss_mask", "task_ids"))
         self.task_ids: dict[str, int] = {}
         self.stats = SFTStats()
 
@@ -222,10 +207,7 @@ class _Writer:
             stats.answer_tokens += answer
 
     def finalize(self, template: dict[str, Any]) -> None:
-        for builder, prefix in ((self.tokens, self.paths.tokens), (self.mask, self.paths.loss_mask),
-                                (self.tasks, self.paths.task_ids)):
-            builder.finalize(prefix + ".idx")
-            self.stats.outputs.append(prefix)
+        self.stats.outputs += self.outputs.finalize()
         s = self.stats
         write_info(self.paths.info, {
             "tasks": list(self.task_ids), "records": s.records, "tokens": s.tokens,
@@ -242,35 +224,15 @@ def preprocess_sft(config: SFTPreprocessConfig) -> SFTStats:
     """Run the whole conversion; ValueError (one line) for user errors. Returns the statistics."""
     inline = _Encoder(config)  # also validates the tokenizer and template before any work
     vocab_size = inline.template.tokenizer.vocab_size
-    os.makedirs(os.path.dirname(os.path.abspath(config.output_prefix)), exist_ok=True)
     start = time.perf_counter()
-    next_log = config.log_interval
     with ExitStack() as stack:
         writer = _Writer(stack, config, vocab_size)
-        pool = None
-        if config.workers > 1:
-            methods = multiprocessing.get_all_start_methods()
-            context = multiprocessing.get_context("fork" if "fork" in methods else None)
-            pool = context.Pool(config.workers, _init_worker, (config,))
-            stack.callback(pool.terminate)
-        pending: deque[Any] = deque()
-        for chunk in _read_blocks(config.input, config.chunk_bytes, "jsonl"):
-            if pool is not None:
-                pending.append(pool.apply_async(_work, (chunk.data, chunk.first_line)))
-            else:
-                pending.append(inline(chunk.data, chunk.first_line))
-            while len(pending) > (4 * config.workers if pool is not None else 0):
-                job = pending.popleft()
-                writer.write(job.get() if pool is not None else job)
-                if writer.stats.records >= next_log:
-                    print(f"processed {writer.stats.records} records", file=sys.stderr, flush=True)
-                    next_log = (writer.stats.records // config.log_interval + 1) * config.log_interval
-        while pending:
-            job = pending.popleft()
-            writer.write(job.get() if pool is not None else job)
-        if pool is not None:
-            pool.close()
-            pool.join()
+        pool = WorkerPool(stack, config.workers, _Encoder, (config,), inline)
+        progress = Progress(os.path.getsize(config.input), False, config.log_interval,
+                            os.path.basename(config.input), "records")
+        for chunk, result in pool.imap(_read_blocks(config.input, config.chunk_bytes, "jsonl")):
+            writer.write(result)
+            progress.update(writer.stats.records, chunk.end_position)
         if writer.stats.records == 0:
             raise ValueError(f"--input {config.input}: no usable record (" +
                              ("; ".join(writer.stats.report(config.max_bad_examples)[1:]) or "empty input") + ")")
