@@ -111,8 +111,12 @@ def test_no_token_attends_across_a_sample_boundary(monkeypatch):
     monkeypatch.setattr(F, "scaled_dot_product_attention", original)
     assert len(recorded) == 2  # one per layer
     assert torch.allclose(via_weights, plain, rtol=1e-5, atol=1e-5)  # the recorded weights are the computation
-    seg = data["segments"]
-    allowed = (seg[:, :, None] == seg[:, None, :]) & torch.ones(S, S, dtype=torch.bool).tril()  # [b, s, s]
+    # Allowed: the earlier tokens of the same sample, from LENGTHS by hand (not from the segment ids
+    # given to the model); a padding token may attend only to earlier padding.
+    allowed = torch.zeros(len(LENGTHS), S, S, dtype=torch.bool)  # [b, s, s]
+    for r, start, end in spans() + [(r, sum(lengths), S) for r, lengths in enumerate(LENGTHS)]:
+        allowed[r, start:end, start:end] = True
+    allowed &= torch.ones(S, S, dtype=torch.bool).tril()
     for weights in recorded:
         assert torch.all(weights.masked_select(~allowed[:, None]) == 0), "attention crosses a sample boundary"
         assert torch.allclose(weights.sum(-1), torch.ones(()), atol=1e-6)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -53,19 +54,25 @@ def train_records(path: Path) -> dict[int, dict]:
     return out
 
 
+class Corpus(NamedTuple):
+    prefix: str
+    seed: int  # drawn afresh each run; failure messages (and the corpus's path) name it
+
+
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> str:
+def dataset(tmp_path_factory) -> Corpus:
     """A small indexed dataset of learnable documents (uint16 tokens, EOD = VOCAB - 1): each counts
     up from a random start with a random stride, so the loss falls within a few iterations."""
-    prefix = str(tmp_path_factory.mktemp("data") / "corpus_text_document")
-    rng = np.random.default_rng()
+    seed = random.SystemRandom().randrange(1 << 31)
+    prefix = str(tmp_path_factory.mktemp(f"corpus_seed{seed}_") / "corpus_text_document")
+    rng = np.random.default_rng(seed)
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
     for _ in range(300):
         start, stride, length = rng.integers(0, VOCAB - 1), rng.integers(1, 4), rng.integers(5, 60)
         doc = ((start + stride * np.arange(length)) % (VOCAB - 1)).tolist() + [VOCAB - 1]
         builder.add_document(doc, [len(doc)])
     builder.finalize(prefix + ".idx")
-    return prefix
+    return Corpus(prefix, seed)
 
 
 def data_args(prefix: str, tmp: Path) -> list[str]:
@@ -92,16 +99,17 @@ def test_every_layout_trains_the_same_model(dataset, tmp_path):
     losses = []
     for i, (nproc, extra) in enumerate(LAYOUTS):
         log = tmp_path / f"layout{i}.jsonl"
-        torchrun(nproc, MODEL + TRAIN + data_args(dataset, tmp_path) + extra +
+        torchrun(nproc, MODEL + TRAIN + data_args(dataset.prefix, tmp_path) + extra +
                  ["--train-iters", "10", "--attention-dropout", "0", "--hidden-dropout", "0", "--log-jsonl", str(log)])
         recs = train_records(log)
         assert sorted(recs) == list(range(1, 11))
         losses.append([recs[it]["lm_loss"] for it in range(1, 11)])
     ref = np.array(losses[0])
-    assert ref[-1] < ref[0], f"loss did not fall: {ref}"
+    assert ref[-1] < ref[0], f"loss did not fall: {ref} (corpus seed {dataset.seed})"
     for (nproc, extra), got in zip(LAYOUTS[1:], losses[1:]):
         err = np.max(np.abs(np.array(got) - ref) / np.abs(ref))
-        assert err <= 1e-5, f"layout {nproc} procs {extra}: lm_loss relative error {err:.2e}\n{got}\n{ref.tolist()}"
+        assert err <= 1e-5, (f"layout {nproc} procs {extra}: lm_loss relative error {err:.2e} (corpus seed "
+                             f"{dataset.seed})\n{got}\n{ref.tolist()}")
 
 
 @pytest.mark.parametrize("nproc,extra", [
@@ -109,7 +117,7 @@ def test_every_layout_trains_the_same_model(dataset, tmp_path):
     (2, ["--use-distributed-optimizer", "--async-save"]),
 ])
 def test_resume_is_bit_exact(dataset, tmp_path, nproc, extra):
-    common = MODEL + TRAIN + data_args(dataset, tmp_path) + extra + ["--train-iters", "20", "--save-interval", "10"]
+    common = MODEL + TRAIN + data_args(dataset.prefix, tmp_path) + extra + ["--train-iters", "20", "--save-interval", "10"]
     straight = tmp_path / "straight.jsonl"
     torchrun(nproc, common + ["--save", str(tmp_path / "a"), "--log-jsonl", str(straight)])
     resumed = tmp_path / "resumed.jsonl"
@@ -120,12 +128,13 @@ def test_resume_is_bit_exact(dataset, tmp_path, nproc, extra):
     assert sorted(b) == list(range(1, 21))
     for it in range(1, 21):  # dropout is on (default 0.1): RNG states must be restored too
         for key in ("lm_loss", "grad_norm", "lr", "consumed_samples"):
-            assert a[it][key] == b[it][key], f"iteration {it} {key}: {a[it][key]} != {b[it][key]}"
+            assert a[it][key] == b[it][key], (f"iteration {it} {key}: {a[it][key]} != {b[it][key]} "
+                                              f"(corpus seed {dataset.seed})")
 
 
 def test_bf16_tracks_fp32(dataset, tmp_path):
     """bf16 compute with fp32 master weights follows the fp32 run within bf16 precision."""
-    common = MODEL + TRAIN + data_args(dataset, tmp_path) + [
+    common = MODEL + TRAIN + data_args(dataset.prefix, tmp_path) + [
         "--pipeline-model-parallel-size", "2", "--train-iters", "10", "--hidden-dropout", "0", "--attention-dropout", "0"]
     losses = {}
     for name, extra in (("fp32", []), ("bf16", ["--bf16"])):
@@ -134,8 +143,8 @@ def test_bf16_tracks_fp32(dataset, tmp_path):
         recs = train_records(log)
         losses[name] = np.array([recs[it]["lm_loss"] for it in range(1, 11)])
     err = np.max(np.abs(losses["bf16"] - losses["fp32"]) / losses["fp32"])
-    assert 0 < err <= 2e-2, f"bf16 vs fp32 relative loss difference {err:.2e}"
-    assert losses["bf16"][-1] < losses["bf16"][0]
+    assert 0 < err <= 2e-2, f"bf16 vs fp32 relative loss difference {err:.2e} (corpus seed {dataset.seed})"
+    assert losses["bf16"][-1] < losses["bf16"][0], f"bf16 loss did not fall (corpus seed {dataset.seed})"
 
 
 def _line_count(path: Path) -> int:
@@ -160,7 +169,7 @@ def _kill_one_worker(proc: subprocess.Popen, log: Path, delay: float) -> bool:
 
 
 def test_killed_run_resumes_from_last_commit(dataset, tmp_path):
-    common = MODEL + TRAIN + data_args(dataset, tmp_path) + [
+    common = MODEL + TRAIN + data_args(dataset.prefix, tmp_path) + [
         "--tensor-model-parallel-size", "2", "--train-iters", "12", "--save-interval", "1", "--max-checkpoints", "2"]
     ref_log = tmp_path / "ref.jsonl"
     torchrun(2, common + ["--save", str(tmp_path / "ref"), "--log-jsonl", str(ref_log)])
@@ -181,7 +190,8 @@ def test_killed_run_resumes_from_last_commit(dataset, tmp_path):
     assert kills >= 1, "no worker was killed: the test did not exercise a fault"
     ref, got = train_records(ref_log), train_records(log)
     for it in range(1, 13):
-        assert got[it]["lm_loss"] == ref[it]["lm_loss"], f"iteration {it}: {got[it]['lm_loss']} != {ref[it]['lm_loss']}"
+        assert got[it]["lm_loss"] == ref[it]["lm_loss"], (f"iteration {it}: {got[it]['lm_loss']} != "
+                                                          f"{ref[it]['lm_loss']} (corpus seed {dataset.seed})")
     kept = sorted(p.name for p in save.iterdir() if p.name.startswith("iter_"))
     assert kept == ["iter_0000011", "iter_0000012"]
 
@@ -194,7 +204,7 @@ def test_killed_run_resumes_from_last_commit(dataset, tmp_path):
     (["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", "/nonexistent/sp.model"], "/nonexistent/sp.model"),
 ])
 def test_bad_configuration_fails_before_training(dataset, tmp_path, flags, message):
-    args = MODEL + TRAIN + data_args(dataset, tmp_path) + ["--train-iters", "2"]
+    args = MODEL + TRAIN + data_args(dataset.prefix, tmp_path) + ["--train-iters", "2"]
     for i in range(0, len(flags), 2):  # replace or append
         if flags[i] in args:
             args[args.index(flags[i]) + 1] = flags[i + 1]

@@ -19,6 +19,7 @@ from megafast.data.sft_dataset import (
 
 VOCAB = 64
 S = 20
+TASK_MAP = [2, 0, 1]  # the dataset's task ids -> the run's global ones (not the identity, to be checked)
 
 
 def test_first_fit_packing():
@@ -30,18 +31,20 @@ def test_first_fit_packing():
     assert len(pack_first_fit(np.array([15, 15, 15]), 20, max_open=2)) == 3
 
 
-def check_item(item: dict, ds: SFTDataset, members: list[int]) -> None:
+def check_item(item: dict, records: list[tuple[list[int], list[int], int]], members: list[int]) -> None:
+    """``item`` holds ``members`` back to back, each as the test wrote it (``records``), cut to S + 1."""
     pos = 0
     for k, rid in enumerate(members):
-        tokens, mask = ds.record(rid)
+        ids, mask, task = records[rid]
+        tokens, mask = ids[:S + 1], mask[:S + 1]
         n = len(tokens) - 1
-        assert item["tokens"][pos:pos + n].tolist() == tokens[:-1].tolist()
-        assert item["labels"][pos:pos + n].tolist() == tokens[1:].tolist()
-        assert item["loss_mask"][pos:pos + n].tolist() == mask[1:].astype(float).tolist()
+        assert item["tokens"][pos:pos + n].tolist() == tokens[:-1], f"record {rid}"
+        assert item["labels"][pos:pos + n].tolist() == tokens[1:], f"record {rid}"
+        assert item["loss_mask"][pos:pos + n].tolist() == [float(m) for m in mask[1:]], f"record {rid}"
         assert item["position_ids"][pos:pos + n].tolist() == list(range(n))
         if "segment_ids" in item:
             assert set(item["segment_ids"][pos:pos + n].tolist()) == {k}
-        assert set(item["task_ids"][pos:pos + n].tolist()) == {int(ds.task_map[ds.source.task_ids[rid]])}
+        assert set(item["task_ids"][pos:pos + n].tolist()) == {TASK_MAP[task]}, f"record {rid}"
         pos += n
     assert item["loss_mask"][pos:].sum() == 0
 
@@ -53,13 +56,13 @@ def test_items_hold_whole_records(tmp_path, packing):
     records.append(([1] * 10 + [2] * 20, [0] * 10 + [1] * 20, 1))  # cut, keeps an answer
     prefix = write_sft_dataset(str(tmp_path / "d"), records, ["a", "b", "c"])
     config = SFTDatasetConfig(S, seed=3, packing=packing, cache_dir=str(tmp_path / "cache"))
-    ds = SFTDataset(SFTSource(prefix), (0, len(records)), 100, "train", config, [0, 1, 2])
+    ds = SFTDataset(SFTSource(prefix), (0, len(records)), 100, "train", config, TASK_MAP)
     assert ds.num_truncated == 2 and ds.unlearnable.tolist() == [40]
     assert len(ds) >= 100 and ds.cache_hit is False
     first_epoch = []
     for i in range(len(ds)):
         members = ds.item_records[ds.item_offsets[i]:ds.item_offsets[i + 1]].tolist()
-        check_item(ds[i], ds, members)
+        check_item(ds[i], records, members)
         if len(first_epoch) < len(records) - 1:
             first_epoch += members
         if packing:
@@ -69,7 +72,7 @@ def test_items_hold_whole_records(tmp_path, packing):
         assert len(ds) < 100 * 1.2 and np.mean(np.diff(ds.item_offsets)) > 1.5  # several records per item
     else:
         assert (np.diff(ds.item_offsets) == 1).all()
-    again = SFTDataset(SFTSource(prefix), (0, len(records)), 100, "train", config, [0, 1, 2])
+    again = SFTDataset(SFTSource(prefix), (0, len(records)), 100, "train", config, TASK_MAP)
     assert again.cache_hit and np.array_equal(again.item_records, ds.item_records)
 
 

@@ -158,22 +158,40 @@ def test_bad_records_are_counted_and_reported_with_line_numbers(tokenizers, tmp_
     assert not list(tmp_path.glob("strict*")), "a failed run left files behind"
 
 
+def default_template_by_hand(hf, user: str, answer: str) -> tuple[list[int], list[int]]:
+    """(ids, loss mask) of a user question and its answer under the default ChatML-like template,
+    written out from its definition (megafast.data.chat_template's docstring) and tokenized piece by
+    piece by the Hugging Face tokenizer itself: prompt text, answer, EOS id, closing newline."""
+    prompt = hf.encode(f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    learned = hf.encode(answer, add_special_tokens=False) + [hf.eos_token_id]
+    tail = hf.encode("\n", add_special_tokens=False)
+    return prompt + learned + tail, [0] * len(prompt) + [1] * len(learned) + [0] * len(tail)
+
+
 def test_truncation_policy_is_applied_and_counted(tokenizers, tmp_path):
-    tok = build_tokenizer("HuggingFaceTokenizer", tokenizers["<|endoftext|>"])
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(tokenizers["<|endoftext|>"])
     long_answer = {"messages": [{"role": "user", "content": "short"},
                                 {"role": "assistant", "content": "word " * 40}]}
     long_prompt = {"messages": [{"role": "user", "content": "word " * 40}, {"role": "assistant", "content": "ok"}]}
     rows = [RECORDS[5][0], long_answer, long_prompt, RECORDS[1][0]]
+    turns = [("Say yes", "yes"), ("short", "word " * 40), ("word " * 40, "ok"), ("hi", "hello there")]  # of rows
+    full = [default_template_by_hand(hf, user, answer) for user, answer in turns]
     limit = 30
-    short = [len(ChatTemplate.build(tok, "default").encode(parse_record(r))[0]) for r in rows]
-    assert short[0] <= limit and short[3] <= limit and short[1] > limit and short[2] > limit
+    assert [len(ids) > limit for ids, _ in full] == [False, True, True, False]
+    assert any(full[1][1][:limit]) and not any(full[2][1][:limit])  # only the long prompt loses its answer
     stats, _, tokens, masks = run(tmp_path, tokenizers["<|endoftext|>"], rows, "cut", max_seq_length=limit,
                                   chat_template="default")
     assert (stats.records, stats.truncated, stats.dropped_no_answer, stats.dropped_too_long) == (3, 1, 1, 0)
-    assert len(tokens[1]) == limit and masks[1].any()
-    stats, _, tokens, _ = run(tmp_path, tokenizers["<|endoftext|>"], rows, "drop", max_seq_length=limit,
-                              truncation="drop", chat_template="default")
+    kept = [full[0], (full[1][0][:limit], full[1][1][:limit]), full[3]]  # the first `limit` tokens of row 1
+    for i, (ids, mask) in enumerate(kept):
+        assert tokens[i].tolist() == ids and masks[i].tolist() == mask, f"truncate: record {i}"
+    stats, _, tokens, masks = run(tmp_path, tokenizers["<|endoftext|>"], rows, "drop", max_seq_length=limit,
+                                  truncation="drop", chat_template="default")
     assert (stats.records, stats.truncated, stats.dropped_no_answer, stats.dropped_too_long) == (2, 0, 0, 2)
+    for i, (ids, mask) in enumerate([full[0], full[3]]):
+        assert tokens[i].tolist() == ids and masks[i].tolist() == mask, f"drop: record {i}"
     assert "2 dropped as too long" in stats.report()[1]
 
 
