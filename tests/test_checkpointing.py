@@ -17,12 +17,9 @@ from megafast.config import GPTConfig, ParallelConfig
 from megafast.model import GPTModel
 from megafast.parallel import ParallelState
 from megafast.training import checkpointing as ckpt_mod
-from megafast.training.checkpointing import (
-    Checkpointer,
-    load_checkpoint,
-    read_latest_checkpoint,
-    save_checkpoint,
-)
+from megafast.checkpoint.commit import read_latest_checkpoint
+from megafast.checkpoint.state_dict import atomic_torch_save, atomic_write_text
+from megafast.training.checkpointing import Checkpointer, load_checkpoint, save_checkpoint
 
 
 def tiny_config(**kw) -> GPTConfig:
@@ -304,8 +301,8 @@ def test_virtual_chunks_finetune_and_release(tmp_path):
     # A release checkpoint: model only, iteration 0, even without finetune.
     model = GPTModel(tiny_config(), state, seed=1)
     release_file = tmp_path / "rel/release/mp_rank_00_000/model_optim_rng.pt"
-    ckpt_mod.atomic_torch_save({"model": model.state_dict()}, str(release_file))
-    ckpt_mod.atomic_write_text(str(tmp_path / "rel/latest_checkpointed_iteration.txt"), "release")
+    atomic_torch_save({"model": model.state_dict()}, str(release_file))
+    atomic_write_text(str(tmp_path / "rel/latest_checkpointed_iteration.txt"), "release")
     other = GPTModel(tiny_config(), state, seed=4)
     opt = torch.optim.AdamW(other.parameters())
     assert load_checkpoint(str(tmp_path / "rel"), other, opt, TinyScheduler(opt), state).iteration == 0
@@ -335,10 +332,10 @@ def test_missing_directories_and_no_commit(tmp_path):
     assert load_checkpoint(str(tmp_path / "nowhere"), model, opt, sched, state, missing_ok=True) is None
     os.makedirs(tmp_path / "iter_0000005/mp_rank_00_000")  # written but never committed
     assert load_checkpoint(str(tmp_path), model, opt, sched, state) is None
-    ckpt_mod.atomic_write_text(str(tmp_path / "latest_checkpointed_iteration.txt"), "7")
+    atomic_write_text(str(tmp_path / "latest_checkpointed_iteration.txt"), "7")
     with pytest.raises(ValueError, match=r"commits iteration 7 but .*iter_0000007 does not exist"):
         load_checkpoint(str(tmp_path), model, opt, sched, state)
-    ckpt_mod.atomic_write_text(str(tmp_path / "latest_checkpointed_iteration.txt"), "seven")
+    atomic_write_text(str(tmp_path / "latest_checkpointed_iteration.txt"), "seven")
     with pytest.raises(ValueError, match="expected an iteration number or 'release'"):
         load_checkpoint(str(tmp_path), model, opt, sched, state)
 

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from megafast.config import GPTConfig
-from megafast.convert import layout
+from megafast.checkpoint import layout
 from megafast.convert.hf_keymap import Rule
 
 ARCHITECTURES = {"GPT2LMHeadModel": "gpt2"}

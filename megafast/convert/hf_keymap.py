@@ -25,7 +25,7 @@ from typing import Callable, Literal
 import torch
 
 from megafast.config import GPTConfig
-from megafast.convert import layout
+from megafast.checkpoint import layout
 
 Kind = Literal["copy", "transpose", "qkv", "qkv_concat", "qkv_conv1d", "gate_up"]
 
