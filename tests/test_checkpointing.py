@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-
 from dist import run_distributed
+
 from megafast.checkpoint.args import config_from_args
 from megafast.checkpoint.commit import read_latest_checkpoint
 from megafast.checkpoint.state_dict import atomic_torch_save, atomic_write_text
@@ -71,7 +71,8 @@ def setup(state: ParallelState, seed: int = 7, *, bf16: bool = True, zero1: bool
     chunks = build_model_chunks(config, state, seed=seed, num_chunks=num_chunks, params_dtype=dtype)
     ddp = DataParallel(chunks, state, BUCKET_MB, use_distributed_optimizer=zero1)
     opt = build_optimizer(chunks, ddp, state, OptimizerConfig(
-        optimizer=optimizer, lr=1e-2, weight_decay=0.1, clip_grad=0.5, bf16=bf16, use_distributed_optimizer=zero1,
+        optimizer=optimizer, lr=1e-2, weight_decay=0.1, clip_grad=0.5, bf16=bf16,
+        use_distributed_optimizer=zero1,
     ))
     sched = LRScheduler(max_lr=1e-2, min_lr=1e-3, warmup_steps=2, decay_steps=20)
     engine = PipelineEngine(chunks, state, (SEQ, MICRO_BATCH, config.hidden_size), dtype, torch.device("cpu"))
@@ -145,7 +146,9 @@ def assert_same(a, b, what: str = "") -> None:
         assert a == b, f"{what}: {a!r} != {b!r}"
 
 
-def resume_matches_uninterrupted(state: ParallelState, root: str, rank: int, zero1: bool, bf16: bool = True) -> None:
+def resume_matches_uninterrupted(
+    state: ParallelState, root: str, rank: int, zero1: bool, bf16: bool = True
+) -> None:
     """Uninterrupted K + N steps == K steps, save, fresh model from another seed, load, N steps."""
     end = SAVE_AT + RESUMED_STEPS
     seed_rng(rank)
@@ -161,7 +164,8 @@ def resume_matches_uninterrupted(state: ParallelState, root: str, rank: int, zer
                    args={"lr": 1e-2}, distributed_optimizer=zero1)
     seed_rng(1000 + rank)  # the restarted process's streams: the checkpoint must replace them
     resumed = setup(state, seed=99, bf16=bf16, zero1=zero1)
-    result = load_checkpoint(root, resumed.chunks, resumed.opt, resumed.sched, state, distributed_optimizer=zero1)
+    result = load_checkpoint(root, resumed.chunks, resumed.opt, resumed.sched, state,
+                             distributed_optimizer=zero1)
     assert (result.iteration, result.consumed_samples, result.consumed_valid_samples) == (SAVE_AT, 80, 8)
     assert result.args == {"lr": 1e-2}
     train(resumed, range(SAVE_AT, end))
@@ -185,17 +189,17 @@ def shard_ranges(t: Trainee) -> list[tuple[str, int, int]]:
 
 
 def worker(rank: int, world: int, root: str, tp: int, pp: int) -> dict:
-    state = ParallelState.create(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+    config = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    state = ParallelState.create(config)
     zero1 = state.dp_size > 1  # the real ZeRO-1 shards, one file per DP rank
     resume_matches_uninterrupted(state, root, rank, zero1)
     with open(os.path.join(root, "latest_checkpointed_iteration.txt")) as f:
         out = {"listing": listing(root), "latest_text": f.read()}
     if zero1:
         out["shards"] = shard_ranges(setup(state, zero1=True))
-        out["shard_file"] = torch.load(
-            os.path.join(root, f"iter_{SAVE_AT:07d}", "mp_rank_00_000", f"distrib_optim_dp{state.dp_rank:03d}.pt"),
-            weights_only=False,
-        )["optimizer"]["layout"]
+        name = f"distrib_optim_dp{state.dp_rank:03d}.pt"
+        path = os.path.join(root, f"iter_{SAVE_AT:07d}", "mp_rank_00_000", name)
+        out["shard_file"] = torch.load(path, weights_only=False)["optimizer"]["layout"]
         out["crash"] = crash_then_resave(state, root, rank)
     if tp > 1:
         out["async"] = async_matches_sync(state, root, rank)
@@ -368,7 +372,8 @@ def test_virtual_chunks_finetune_and_release(tmp_path):
 
     # A release checkpoint: model only, iteration 0, even without finetune.
     model = GPTModel(tiny_config(), state, seed=1)
-    atomic_torch_save({"model": model.state_dict()}, str(tmp_path / "rel/release/mp_rank_00_000/model_optim_rng.pt"))
+    release_file = tmp_path / "rel/release/mp_rank_00_000/model_optim_rng.pt"
+    atomic_torch_save({"model": model.state_dict()}, str(release_file))
     atomic_write_text(str(tmp_path / "rel/latest_checkpointed_iteration.txt"), "release")
     other = setup(state, seed=4, bf16=False)
     assert load_checkpoint(str(tmp_path / "rel"), other.chunks, other.opt, other.sched, state).iteration == 0
@@ -426,7 +431,7 @@ def test_layout_mismatch_and_damaged_files(tmp_path):
     with pytest.raises(ValueError, match="was saved without --use-distributed-optimizer"):
         load_checkpoint(str(tmp_path), t.chunks, t.opt, t.sched, single, distributed_optimizer=True)
     lion = setup(single, optimizer="lion")
-    with pytest.raises(ValueError, match=r"cannot load the optimizer from .*resume with the same --optimizer"):
+    with pytest.raises(ValueError, match=r"cannot load the optimizer from .*the same --optimizer"):
         load_checkpoint(str(tmp_path), lion.chunks, lion.opt, lion.sched, single)
 
     path = tmp_path / "iter_0000003/mp_rank_00_000/model_optim_rng.pt"
@@ -472,20 +477,21 @@ def test_config_is_rebuilt_from_the_saved_args_alone():
     ])
     args = dict(vars(ns))
     want = GPTConfig(
-        num_layers=3, hidden_size=64, num_attention_heads=8, vocab_size=250, ffn_hidden_size=96, num_query_groups=2,
-        max_position_embeddings=32, position_embedding_type="rope", normalization="RMSNorm", activation="swiglu",
+        num_layers=3, hidden_size=64, num_attention_heads=8, vocab_size=250, ffn_hidden_size=96,
+        num_query_groups=2, max_position_embeddings=32, position_embedding_type="rope",
+        normalization="RMSNorm", activation="swiglu",
         add_bias_linear=False, tie_embeddings=False, hidden_dropout=0.1, attention_dropout=0.1,
         recompute_granularity="selective", kernels="torch",
     )
     assert config_from_args(args) == want  # max_position_embeddings None -> seq_length, vocab from vocab_size
     assert config_from_args(args, vocab_size=300) == dataclasses.replace(want, vocab_size=300)
 
-    with pytest.raises(ValueError, match=r"^ckpt/iter_1: its args lack ffn_hidden_size, rotary_base: they do not"):
+    with pytest.raises(ValueError, match=r"^ckpt/iter_1: its args lack ffn_hidden_size, rotary_base: they"):
         config_from_args({k: v for k, v in args.items() if k not in ("ffn_hidden_size", "rotary_base")},
                          where="ckpt/iter_1")
-    with pytest.raises(ValueError, match=r"unknown normalization='ScaleNorm': megafast knows LayerNorm, RMSNorm"):
+    with pytest.raises(ValueError, match=r"unknown normalization='ScaleNorm': megafast knows LayerNorm, RMS"):
         config_from_args({**args, "normalization": "ScaleNorm"})
-    with pytest.raises(ValueError, match=r"describe no valid model: 8 attention heads are not divisible by 3"):
+    with pytest.raises(ValueError, match=r"no valid model: 8 attention heads are not divisible by 3"):
         config_from_args({**args, "num_query_groups": 3})
     with pytest.raises(ValueError, match="name no tokenizer and no vocab_size: pass --true-vocab-size"):
         config_from_args({**args, "vocab_size": None})

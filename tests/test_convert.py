@@ -398,8 +398,8 @@ def test_convert_tool_reports_errors_in_one_line(models, tmp_path):
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_layout_partition_matches_the_model_parameters(kind):
-    from megafast.config import GPTConfig
     from megafast.checkpoint import layout
+    from megafast.config import GPTConfig
     from megafast.model import GPTModel
 
     base = dict(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=50)

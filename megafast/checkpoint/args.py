@@ -29,9 +29,10 @@ HF_METADATA = "hf_metadata"  # HF config fields megafast does not model (token i
 # Architecture entries (Megatron's flag names) a checkpoint's args must hold to rebuild its model.
 ARCHITECTURE_ARGS = (
     "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "kv_channels",
-    "group_query_attention", "num_query_groups", "max_position_embeddings", "position_embedding_type", "rotary_base", "normalization",
-    "norm_epsilon", "swiglu", "openai_gelu", "untie_embeddings_and_output_weights", "disable_bias_linear",
-    "add_qkv_bias", "hidden_dropout", "attention_dropout", "init_method_std", "make_vocab_size_divisible_by",
+    "group_query_attention", "num_query_groups", "max_position_embeddings", "position_embedding_type",
+    "rotary_base", "normalization", "norm_epsilon", "swiglu", "openai_gelu",
+    "untie_embeddings_and_output_weights", "disable_bias_linear", "add_qkv_bias", "hidden_dropout",
+    "attention_dropout", "init_method_std", "make_vocab_size_divisible_by",
 )
 # Run-time options that are GPTConfig fields under the same name; GPTConfig's default when absent.
 RUNTIME_ARGS = (

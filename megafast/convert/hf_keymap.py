@@ -24,8 +24,8 @@ from typing import Callable, Literal
 
 import torch
 
-from megafast.config import GPTConfig
 from megafast.checkpoint import layout
+from megafast.config import GPTConfig
 
 Kind = Literal["copy", "transpose", "qkv", "qkv_concat", "qkv_conv1d", "gate_up"]
 

@@ -41,8 +41,8 @@ from typing import Any
 
 import torch
 
-from megafast.config import GPTConfig
 from megafast.checkpoint import layout
+from megafast.config import GPTConfig
 from megafast.convert.hf_keymap import Rule
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
