@@ -495,3 +495,27 @@ def test_config_is_rebuilt_from_the_saved_args_alone():
         config_from_args({**args, "num_query_groups": 3})
     with pytest.raises(ValueError, match="name no tokenizer and no vocab_size: pass --true-vocab-size"):
         config_from_args({**args, "vocab_size": None})
+
+
+def test_checkpoint_format_sits_below_training_convert_and_generation():
+    """megafast.checkpoint imports nothing above it; convert and generation build on it, not on
+    training or the training CLI (every import statement, lazy ones included)."""
+    import ast
+
+    package = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "megafast")
+    forbidden = {
+        "checkpoint": ("megafast.training", "megafast.convert", "megafast.generation", "megafast.arguments"),
+        "convert": ("megafast.training", "megafast.arguments"),
+        "generation": ("megafast.training", "megafast.arguments"),
+    }
+    found = []
+    for sub, bad in forbidden.items():
+        for name in sorted(os.listdir(os.path.join(package, sub))):
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(package, sub, name)
+            for node in ast.walk(ast.parse(open(path).read(), path)):
+                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                found += [f"{sub}/{name} imports {m}" for m in modules if m.startswith(bad)]
+    assert not found, found
