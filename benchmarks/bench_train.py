@@ -310,7 +310,8 @@ def _read_jsonl(path: str) -> list[dict]:
 def hf_state_dict(config: GPTConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """megafast parameters (one TP=1 chunk) -> HF Llama tensors: unpad the vocabulary, then the
     converter's explicit key map (fused QKV split per group, fc1 split into gate and up)."""
-    from megafast.convert import hf_keymap, hf_llama, layout
+    from megafast.checkpoint import layout
+    from megafast.convert import hf_keymap, hf_llama
 
     full = {n: (t[: config.vocab_size] if n in layout.VOCAB_TENSORS else t) for n, t in weights.items()}
     expected = {n for _, specs in layout.groups(config) for n in specs}

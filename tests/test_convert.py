@@ -21,9 +21,9 @@ import pytest
 import torch
 from dist import run_distributed
 
-from megafast.convert.checkpoint_args import config_from_args
+from megafast.checkpoint.args import config_from_args
+from megafast.checkpoint.reader import MegafastCheckpointReader
 from megafast.convert.converter import ConvertOptions, convert_checkpoint, finetune_flags
-from megafast.convert.megafast_checkpoint import MegafastCheckpointReader
 from megafast.convert.reshard import reshard_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -398,8 +398,8 @@ def test_convert_tool_reports_errors_in_one_line(models, tmp_path):
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_layout_partition_matches_the_model_parameters(kind):
+    from megafast.checkpoint import layout
     from megafast.config import GPTConfig
-    from megafast.convert import layout
     from megafast.model import GPTModel
 
     base = dict(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=50)

@@ -18,9 +18,9 @@ import hf_models
 import pytest
 import torch
 
+from megafast.checkpoint.reader import MegafastCheckpointReader
 from megafast.config import GPTConfig
 from megafast.convert.converter import ConvertOptions, convert_checkpoint
-from megafast.convert.megafast_checkpoint import MegafastCheckpointReader
 from megafast.generation.generator import Generator, load_for_generation
 from megafast.generation.sampling import SamplingConfig, sample, top_k_filter, top_p_filter
 from megafast.model import GPTModel

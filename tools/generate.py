@@ -25,9 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from megafast.checkpoint.args import HF_METADATA, tokenizer_from_args  # noqa: E402
+from megafast.checkpoint.reader import MegafastCheckpointReader  # noqa: E402
 from megafast.config import ParallelConfig  # noqa: E402
-from megafast.convert.checkpoint_args import HF_METADATA, tokenizer_from_args  # noqa: E402
-from megafast.convert.megafast_checkpoint import MegafastCheckpointReader  # noqa: E402
 from megafast.generation.generator import Generator, load_for_generation  # noqa: E402
 from megafast.generation.sampling import SamplingConfig  # noqa: E402
 from megafast.parallel.state import ParallelState  # noqa: E402

@@ -1,8 +1,8 @@
 """Checkpoint conversion: a loader yields full tensors group by group, a saver writes them.
 
     loader hf        -> HFSource        (hf_io.HFCheckpoint + the family's key map)
-    loader megafast  -> MegafastSource  (megafast_checkpoint.MegafastCheckpointReader)
-    saver megafast   -> MegafastSink    (MegafastCheckpointWriter at the target TP/PP)
+    loader megafast  -> MegafastSource  (megafast.checkpoint.reader.MegafastCheckpointReader)
+    saver megafast   -> MegafastSink    (megafast_checkpoint.MegafastCheckpointWriter at the target TP/PP)
     saver hf         -> HFSink          (the family's key map + hf_io.SafetensorsShardWriter)
 
 megafast -> megafast is re-sharding (unshard every tensor, shard it for the new layout) with no
@@ -25,18 +25,18 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from megafast.config import GPTConfig, ParallelConfig, validate_layout
-from megafast.convert import hf_gpt2, hf_keymap, hf_llama, layout
-from megafast.convert.checkpoint_args import (
-    DTYPE_NAMES,
+from megafast.checkpoint import layout
+from megafast.checkpoint.args import (
     HF_METADATA,
     TOKENIZER_DIR,
     args_from_config,
     model_args,
-    model_flags,
     precision_args,
     resolve_path,
 )
+from megafast.checkpoint.reader import MegafastCheckpointReader
+from megafast.config import GPTConfig, ParallelConfig, validate_layout
+from megafast.convert import hf_gpt2, hf_keymap, hf_llama
 from megafast.convert.hf_io import (
     CONFIG_FILE,
     GENERATION_CONFIG_FILE,
@@ -46,8 +46,9 @@ from megafast.convert.hf_io import (
     write_json,
 )
 from megafast.convert.hf_tokenizer import copy_hf_tokenizer_files, export_tokenizer
-from megafast.convert.megafast_checkpoint import MegafastCheckpointReader, MegafastCheckpointWriter
+from megafast.convert.megafast_checkpoint import MegafastCheckpointWriter
 
+DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FAMILIES: tuple[ModuleType, ...] = (hf_llama, hf_gpt2)
 LOADERS = SAVERS = ("hf", "megafast")
 
@@ -351,6 +352,50 @@ def convert_checkpoint(opts: ConvertOptions) -> str:
     except BaseException:
         sink.abort()
         raise
+
+
+def model_flags(config: GPTConfig) -> list[str]:
+    """The ``pretrain_gpt.py`` model flags that build ``config`` (for ``--load DIR --finetune``)."""
+    flags = [
+        "--num-layers",
+        str(config.num_layers),
+        "--hidden-size",
+        str(config.hidden_size),
+        "--num-attention-heads",
+        str(config.num_attention_heads),
+        "--ffn-hidden-size",
+        str(config.ffn_hidden_size),
+        "--kv-channels",
+        str(config.kv_channels),
+        "--max-position-embeddings",
+        str(config.max_position_embeddings),
+        "--position-embedding-type",
+        config.position_embedding_type,
+        "--normalization",
+        config.normalization,
+        "--norm-epsilon",
+        repr(config.norm_epsilon),
+        "--make-vocab-size-divisible-by",
+        str(config.make_vocab_size_divisible_by),
+        "--attention-dropout",
+        repr(config.attention_dropout),
+        "--hidden-dropout",
+        repr(config.hidden_dropout),
+        "--init-method-std",
+        repr(config.init_method_std),
+    ]
+    if config.num_query_groups != config.num_attention_heads:
+        flags += ["--group-query-attention", "--num-query-groups", str(config.num_query_groups)]
+    if config.position_embedding_type == "rope":
+        flags += ["--rotary-base", repr(config.rotary_base)]
+    flags += {"swiglu": ["--swiglu"], "gelu_tanh": ["--openai-gelu"], "gelu": []}[config.activation]
+    if not config.tie_embeddings:
+        flags.append("--untie-embeddings-and-output-weights")
+    if not config.add_bias_linear:
+        flags.append("--disable-bias-linear")
+    if config.add_qkv_bias:
+        flags.append("--add-qkv-bias")
+    return flags
 
 
 def finetune_flags(checkpoint_dir: str) -> list[str]:

@@ -40,8 +40,8 @@ from typing import Any
 
 import torch
 
+from megafast.checkpoint import layout
 from megafast.config import GPTConfig
-from megafast.convert import layout
 from megafast.convert.hf_keymap import Rule
 
 ARCHITECTURES = {"GPT2LMHeadModel": "gpt2"}

@@ -24,8 +24,8 @@ from typing import Callable, Literal
 
 import torch
 
+from megafast.checkpoint import layout
 from megafast.config import GPTConfig
-from megafast.convert import layout
 
 Kind = Literal["copy", "transpose", "qkv", "qkv_concat", "qkv_conv1d", "gate_up"]
 

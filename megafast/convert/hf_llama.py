@@ -41,8 +41,8 @@ from typing import Any
 
 import torch
 
+from megafast.checkpoint import layout
 from megafast.config import GPTConfig
-from megafast.convert import layout
 from megafast.convert.hf_keymap import Rule
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
@@ -202,7 +202,7 @@ def config_to_hf(config: GPTConfig, metadata: dict[str, Any], dtype: torch.dtype
 
 
 def rule_groups(config: GPTConfig, hf_names: set[str] | None = None) -> list[tuple[str, list[Rule]]]:
-    """The explicit key map, group by group (labels as megafast.convert.layout.groups)."""
+    """The explicit key map, group by group (labels as megafast.checkpoint.layout.groups)."""
     out = [("embedding", [Rule(layout.WORD_EMBEDDINGS, ("model.embed_tokens.weight",))])]
     for i in range(config.num_layers):
         m, h = layout.layer_prefix(i), f"model.layers.{i}."

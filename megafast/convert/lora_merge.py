@@ -17,58 +17,31 @@ run's args without the LoRA flags, so it loads as an ordinary model.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from typing import Any
 
-import torch
-
+from megafast.checkpoint.args import HF_METADATA, TOKENIZER_DIR
+from megafast.checkpoint.commit import committed, write_commit
+from megafast.checkpoint.paths import MODEL_FILE, TRACKER_FILE, iteration_dir, model_keys, rank_dirs
+from megafast.checkpoint.state_dict import atomic_torch_save, file_metadata, load_file
 from megafast.config import LoRAConfig
-from megafast.convert.checkpoint_args import HF_METADATA, TOKENIZER_DIR
 from megafast.model.lora import is_adapter_name, merge_state_dict
-from megafast.training.checkpointing import (
-    CHECKPOINT_VERSION,
-    MODEL_FILE,
-    RELEASE,
-    TRACKER_FILE,
-    atomic_torch_save,
-    atomic_write_text,
-    iteration_dir,
-    read_latest_checkpoint,
-)
 
-_MP_DIR = re.compile(r"mp_rank_(\d{2,})(?:_(\d{3,}))?")
-_MODEL_KEY = re.compile(r"model\d*")
 LORA_ARGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules")
 
 
 def _committed_dir(root: str, what: str) -> str:
     if not os.path.isdir(root):
         raise ValueError(f"{what} {root} does not exist")
-    latest = read_latest_checkpoint(root)
-    if latest is None:
+    commit = committed(root)
+    if commit is None:
         raise ValueError(f"{what} {root} has no {TRACKER_FILE}: not a committed megafast checkpoint")
-    directory = iteration_dir(root, latest[0], latest[1])
-    if not os.path.isdir(directory):
-        raise ValueError(f"{TRACKER_FILE} of {root} commits {directory}, which does not exist")
-    return directory
+    return commit.directory
 
 
 def _rank_files(directory: str) -> dict[tuple[int, int], str]:
     """(tp, pp) -> model file of every ``mp_rank_*`` directory of an iteration directory."""
-    files = {}
-    for name in sorted(os.listdir(directory)):
-        if m := _MP_DIR.fullmatch(name):
-            files[(int(m.group(1)), int(m.group(2) or 0))] = os.path.join(directory, name, MODEL_FILE)
-    if not files:
-        raise ValueError(f"{directory} holds no mp_rank_* directories: the checkpoint is incomplete")
-    return files
-
-
-def _load(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint file {path} is missing: the checkpoint is incomplete")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return {rank: os.path.join(path, MODEL_FILE) for rank, path in rank_dirs(directory).items()}
 
 
 def base_checkpoint_of(lora_args: dict[str, Any], lora_dir: str) -> str | None:
@@ -90,7 +63,7 @@ def merge_lora_checkpoint(lora_dir: str, save_dir: str, base_dir: str | None = N
     """
     lora_iter = _committed_dir(lora_dir, "LoRA checkpoint")
     lora_files = _rank_files(lora_iter)
-    first = _load(next(iter(lora_files.values())))
+    first = load_file(next(iter(lora_files.values())))
     if "lora" not in first:
         raise ValueError(f"{lora_iter} holds no LoRA adapters (no 'lora' entry): it is already a full model")
     lora = LoRAConfig.from_dict(first["lora"])
@@ -107,14 +80,14 @@ def merge_lora_checkpoint(lora_dir: str, save_dir: str, base_dir: str | None = N
         raise ValueError(f"--save-dir {save_dir} must differ from the LoRA and base checkpoints")
     args = {k: v for k, v in run_args.items() if k not in LORA_ARGS}
     args.update(lora_rank=0, merged_lora=lora.to_dict())
-    base_args = dict(_load(next(iter(base_files.values()))).get("args") or {})
+    base_args = dict(load_file(next(iter(base_files.values()))).get("args") or {})
     if base_args.get(HF_METADATA):  # a base converted from HF: keep what its export needs
         args[HF_METADATA] = base_args[HF_METADATA]
     out_dir = iteration_dir(save_dir, 0, release=True)
     for (tp, pp), lora_path in lora_files.items():
-        adapters, base = _load(lora_path), _load(base_files[(tp, pp)])
-        keys = sorted(k for k in adapters if _MODEL_KEY.fullmatch(k))
-        if keys != sorted(k for k in base if _MODEL_KEY.fullmatch(k)):
+        adapters, base = load_file(lora_path), load_file(base_files[(tp, pp)])
+        keys = model_keys(adapters)
+        if keys != model_keys(base):
             raise ValueError(f"{lora_path} and {base_files[(tp, pp)]} hold different model chunks: not the same model")
         merged = {}
         for key in keys:
@@ -125,15 +98,13 @@ def merge_lora_checkpoint(lora_dir: str, save_dir: str, base_dir: str | None = N
             state.update(adapters[key])
             merged[key] = merge_state_dict(state, lora.scale)
         rel = os.path.relpath(os.path.dirname(lora_path), lora_iter)
-        atomic_torch_save({
-            **merged, "iteration": 0, "consumed_samples": {"train": 0, "valid": 0}, "args": args,
-            "checkpoint_version": CHECKPOINT_VERSION,
-            "parallel_layout": dict(adapters.get("parallel_layout") or {}, distributed_optimizer=False),
-        }, os.path.join(out_dir, rel, MODEL_FILE))
+        layout = dict(adapters.get("parallel_layout") or {}, distributed_optimizer=False)
+        path = os.path.join(out_dir, rel, MODEL_FILE)
+        atomic_torch_save({**merged, **file_metadata(0, 0, 0, args, layout)}, path)
     tokenizer = os.path.join(base_dir, TOKENIZER_DIR)
     if os.path.isdir(tokenizer) and not os.path.exists(os.path.join(save_dir, TOKENIZER_DIR)):
         shutil.copytree(tokenizer, os.path.join(save_dir, TOKENIZER_DIR))
-    atomic_write_text(os.path.join(save_dir, TRACKER_FILE), RELEASE)
+    write_commit(save_dir, None)
     return out_dir
 
 

@@ -1,24 +1,16 @@
-"""megafast -> megafast at another TP/PP, on disk or straight into a model.
+"""megafast -> megafast at another TP/PP on disk.
 
-On disk, :func:`reshard_checkpoint` streams every full tensor (the TP shards unsharded with
+:func:`reshard_checkpoint` streams every full tensor (the TP shards unsharded with
 ``megafast.parallel.layers.unshard``) from the source files into a writer that shards it again
-for the target layout (``shard``), one layer at a time. In memory, :func:`load_resharded` fills
-this rank's model chunks from a checkpoint saved at any layout: each rank reads the full
-tensors of its own layers and keeps its shard (used by tools/generate.py, so a checkpoint can be
-served at a layout other than the one it was trained with).
+for the target layout (``shard``), one layer at a time. (Loading a checkpoint saved at any layout
+straight into a model is :func:`megafast.checkpoint.reader.load_resharded`.)
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
-import torch
-from torch import nn
-
-from megafast.convert import layout
 from megafast.convert.converter import ConvertOptions, convert_checkpoint
-from megafast.convert.megafast_checkpoint import MegafastCheckpointReader
-from megafast.parallel.state import ParallelState
 
 
 def reshard_checkpoint(
@@ -45,25 +37,3 @@ def reshard_checkpoint(
             progress=progress,
         )
     )
-
-
-@torch.no_grad()
-def load_resharded(
-    reader: MegafastCheckpointReader, chunks: Sequence[nn.Module], state: ParallelState
-) -> None:
-    """Copy the checkpoint into this rank's chunks (built for ``reader.config`` at any TP/PP).
-
-    A pipelined model with tied embeddings keeps ``output_layer.weight`` on its last stage: it
-    is filled from the embedding, as training keeps the two equal.
-    """
-    config = reader.config
-    for chunk in chunks:
-        for name, tensor in chunk.state_dict().items():
-            source = layout.WORD_EMBEDDINGS if name == layout.OUTPUT_LAYER and config.tie_embeddings else name
-            part = layout.shard_full(name, reader.full(source), config, state.tp_rank, state.tp_size)
-            if part.shape != tensor.shape:
-                raise ValueError(
-                    f"{reader.directory}: tensor {name} gives a shard of shape {list(part.shape)} but "
-                    f"the model expects {list(tensor.shape)}: the checkpoint args do not describe its weights"
-                )
-            tensor.copy_(part)

@@ -21,8 +21,7 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
-from megafast.convert.megafast_checkpoint import MegafastCheckpointReader
-from megafast.convert.reshard import load_resharded
+from megafast.checkpoint.reader import MegafastCheckpointReader, load_resharded
 from megafast.generation.sampling import SamplingConfig, sample
 from megafast.model.gpt import GPTModel
 from megafast.model.kv_cache import InferenceParams

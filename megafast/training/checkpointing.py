@@ -1,18 +1,14 @@
-"""Checkpoints in Megatron's layout, committed atomically, optionally written in the background.
+"""Training checkpoints: what a run saves and restores, committed atomically, optionally in the background.
 
-On disk (Megatron's ``get_checkpoint_name``: the ``_{pp:03d}`` suffix only when pp > 1)::
-
-    {save}/latest_checkpointed_iteration.txt                      the commit ("100"), written last
-    {save}/iter_0000100/mp_rank_{tp:02d}_{pp:03d}/model_optim_rng.pt  (Megatron's pp == 1 name
-                                                                      mp_rank_{tp:02d} is read too)
-    {save}/iter_0000100/mp_rank_.../distrib_optim_dp{dp:03d}.pt       DP-sharded optimizer only
+The format (paths, commit marker, file entries, Megatron names, args) is megafast.checkpoint; this
+module decides what goes into a training checkpoint and orchestrates writing it over the ranks.
 
 ``model_optim_rng.pt`` is written by the data-parallel rank 0 of each (tp, pp) and holds
 ``model`` (or ``model0``, ``model1``, ... for virtual pipeline chunks), ``optimizer`` (absent
-with a DP-sharded optimizer), ``opt_param_scheduler``, ``rng_state``, ``iteration``,
-``consumed_samples`` (``{"train": n, "valid": m}``), ``args`` (a dict), ``checkpoint_version``
-(3.0) and ``parallel_layout`` (the tp/pp/dp sizes it was saved with). A LoRA run's checkpoint
-holds only the adapter weights under ``model`` and its settings under ``lora``.
+with a DP-sharded optimizer), ``opt_param_scheduler``, ``rng_state``, then ``iteration``,
+``consumed_samples``, ``args`` (``vars(args)``), ``checkpoint_version`` and ``parallel_layout``
+(megafast.checkpoint.state_dict). A LoRA run's checkpoint holds only the adapter weights under
+``model`` and its settings under ``lora``.
 
 RNG states differ on every rank, so ``rng_state`` is Megatron's list with one entry per DP rank
 (gathered over a gloo DP group at save time; entry ``d`` is restored on DP rank ``d``); each entry
@@ -21,11 +17,11 @@ without CUDA) and ``rng_tracker_states`` (a list: one ``tracker.get_states()`` p
 With a DP-sharded optimizer every DP rank writes its own ``optimizer.state_dict()`` (its shard)
 to ``distrib_optim_dp{dp:03d}.pt`` and reads the same file back, so resuming needs the same layout.
 
-Commit protocol: every file is written to a temporary name, fsynced and renamed; all ranks then
-agree (a small all-reduce over a dedicated gloo group held by :class:`Checkpointer`) that their
-writes succeeded, and only then rank 0 writes the commit file the same way (and fsyncs the
-directory). :func:`load_checkpoint` reads only the committed iteration, so a half-written
-iteration directory is never loaded; saving that iteration again first removes it.
+Commit protocol: every file is written atomically; all ranks then agree (a small all-reduce over
+a dedicated gloo group held by :class:`Checkpointer`) that their writes succeeded, and only then
+rank 0 writes the commit file (megafast.checkpoint.commit). :func:`load_checkpoint` reads only
+the committed iteration, so a half-written iteration directory is never loaded; saving that
+iteration again first removes it.
 """
 
 from __future__ import annotations
@@ -33,29 +29,40 @@ from __future__ import annotations
 import copy
 import os
 import random
-import re
 import shutil
 import threading
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol, Sequence, Union
+from typing import Any, Optional, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from megafast.atomic_file import atomic_write
-from megafast.model.lora import adapter_state_dict, is_adapter_name
+from megafast.checkpoint.commit import committed, read_latest_checkpoint, write_commit
+from megafast.checkpoint.paths import (
+    MODEL_FILE,
+    TRACKER_FILE,
+    distrib_optim_name,
+    iteration_dir,
+    iterations,
+    mp_rank_dir,
+    saved_layout,
+)
+from megafast.checkpoint.state_dict import (
+    Chunks,
+    as_chunks,
+    atomic_torch_save,
+    file_metadata,
+    load_file,
+    load_into,
+    load_model_chunks,
+    model_state_dicts,
+    parallel_layout,
+)
 from megafast.parallel.state import ParallelState
-
-CHECKPOINT_VERSION = 3.0
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
-MODEL_FILE = "model_optim_rng.pt"
-RELEASE = "release"
-_MP_DIR = re.compile(r"mp_rank_(\d{2,})(?:_(\d{3,}))?")
-_ITER_DIR = re.compile(r"iter_(\d{7,})")
 
 
 class Stateful(Protocol):
@@ -64,9 +71,6 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
-
-
-Chunks = Union[nn.Module, Sequence[nn.Module]]
 
 
 @dataclass
@@ -80,79 +84,7 @@ class LoadResult:
     path: str = ""  # the iteration directory that was read
 
 
-# --------------------------------------------------------------------------------------- paths
-
-
-def iteration_dir(root: str, iteration: int, release: bool = False) -> str:
-    """``{root}/iter_{iteration:07d}`` (``{root}/release`` for a release checkpoint)."""
-    return os.path.join(root, RELEASE if release else f"iter_{iteration:07d}")
-
-
-def mp_rank_dir(
-    root: str, iteration: int, tp_rank: int, pp_rank: int, pp_size: int, release: bool = False
-) -> str:
-    """The per-(tp, pp) directory ``mp_rank_{tp:02d}_{pp:03d}`` (DESIGN.md).
-
-    A checkpoint written by Megatron-LM without pipelining names it ``mp_rank_{tp:02d}``; that
-    directory is used when it is the one that exists.
-    """
-    base = iteration_dir(root, iteration, release)
-    path = os.path.join(base, f"mp_rank_{tp_rank:02d}_{pp_rank:03d}")
-    megatron = os.path.join(base, f"mp_rank_{tp_rank:02d}")
-    if pp_size == 1 and not os.path.isdir(path) and os.path.isdir(megatron):
-        return megatron
-    return path
-
-
-def distrib_optim_name(dp_rank: int) -> str:
-    return f"distrib_optim_dp{dp_rank:03d}.pt"
-
-
-def read_latest_checkpoint(root: str) -> Optional[tuple[int, bool]]:
-    """The committed ``(iteration, is_release)`` of ``root``, or None when nothing was committed."""
-    path = os.path.join(root, TRACKER_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        text = f.read().strip()
-    if text == RELEASE:
-        return 0, True
-    if not text.isdigit():
-        raise ValueError(f"{path} holds {text[:40]!r}, expected an iteration number or 'release': fix it")
-    return int(text), False
-
-
-# ------------------------------------------------------------------------------ atomic writes
-
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save(obj, path)`` that never leaves a partial file under ``path``."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
-
-
 # ------------------------------------------------------------------------ state collection
-
-
-def _as_chunks(chunks: Chunks) -> list[nn.Module]:
-    """A list of model chunks with data-parallel wrappers (anything exposing ``.module``) removed."""
-    out = [chunks] if isinstance(chunks, nn.Module) else list(chunks)
-    if not out:
-        raise ValueError("no model chunks given")
-    unwrapped = []
-    for m in out:
-        while isinstance(getattr(m, "module", None), nn.Module):
-            m = m.module
-        unwrapped.append(m)
-    return unwrapped
-
-
-def _model_key(i: int, n: int) -> str:
-    return "model" if n == 1 else f"model{i}"
 
 
 def _snapshot(obj: Any, clone: bool) -> Any:
@@ -201,15 +133,6 @@ def _restore_rng(entry: dict[str, Any], chunks: list[nn.Module], path: str) -> N
     for chunk, states in zip(chunks, trackers):
         if hasattr(chunk, "tracker"):
             chunk.tracker.set_states(states)
-
-
-def _layout(state: ParallelState, distributed_optimizer: bool) -> dict[str, Any]:
-    return {
-        "tensor_model_parallel_size": state.tp_size,
-        "pipeline_model_parallel_size": state.pp_size,
-        "data_parallel_size": state.dp_size,
-        "distributed_optimizer": distributed_optimizer,
-    }
 
 
 # ----------------------------------------------------------------------------------- saving
@@ -337,7 +260,7 @@ class Checkpointer:
         if distributed_optimizer and optimizer is None:
             raise ValueError("distributed_optimizer=True needs the optimizer whose shard to save")
         self.finalize()
-        chunks = _as_chunks(chunks)
+        chunks = as_chunks(chunks)
         st = self.state
         if st.rank == 0:
             self._remove_stale(iteration)
@@ -345,27 +268,19 @@ class Checkpointer:
         rng = self._gather_rng(_rng_state(chunks))
         clone = self.async_save
         directory = mp_rank_dir(self.save_dir, iteration, st.tp_rank, st.pp_rank, st.pp_size)
-        layout = _layout(st, distributed_optimizer)
+        layout = parallel_layout(st.tp_size, st.pp_size, st.dp_size, distributed_optimizer)
         files: list[tuple[Any, str]] = []
         if st.dp_rank == 0:
-            ckpt: dict[str, Any] = {
-                _model_key(i, len(chunks)): _snapshot(c.state_dict() if lora is None else adapter_state_dict(c), clone)
-                for i, c in enumerate(chunks)
-            }
+            ckpt: dict[str, Any] = _snapshot(model_state_dicts(chunks, adapters_only=lora is not None), clone)
             if lora is not None:
                 ckpt["lora"] = dict(lora)
             if optimizer is not None and not distributed_optimizer:
                 ckpt["optimizer"] = _snapshot(optimizer.state_dict(), clone)
             if scheduler is not None:
                 ckpt["opt_param_scheduler"] = _snapshot(scheduler.state_dict(), clone)
-            ckpt.update(
-                rng_state=_snapshot(rng, clone),
-                iteration=iteration,
-                consumed_samples={"train": int(consumed_samples), "valid": int(consumed_valid_samples)},
-                args=_snapshot(dict(args), clone),
-                checkpoint_version=CHECKPOINT_VERSION,
-                parallel_layout=layout,
-            )
+            ckpt["rng_state"] = _snapshot(rng, clone)
+            ckpt.update(file_metadata(iteration, consumed_samples, consumed_valid_samples,
+                                      _snapshot(dict(args), clone), layout))
             files.append((ckpt, os.path.join(directory, MODEL_FILE)))
         if distributed_optimizer:
             shard = {"optimizer": _snapshot(optimizer.state_dict(), clone), "parallel_layout": layout}
@@ -404,7 +319,7 @@ class Checkpointer:
         commit_error: Optional[BaseException] = None
         if self.state.rank == 0:
             try:
-                atomic_write_text(os.path.join(self.save_dir, TRACKER_FILE), str(pending.iteration))
+                write_commit(self.save_dir, pending.iteration)
             except OSError as exc:
                 commit_error = exc
             else:
@@ -444,19 +359,15 @@ class Checkpointer:
     def _remove_stale(self, iteration: int) -> None:
         """Remove ``iter_{iteration}`` left uncommitted by a crashed save, so it is rewritten cleanly."""
         path = iteration_dir(self.save_dir, iteration)
-        committed = self._committed_iteration()
-        if os.path.isdir(path) and (committed is None or iteration > committed):
+        newest = self._committed_iteration()
+        if os.path.isdir(path) and (newest is None or iteration > newest):
             shutil.rmtree(path)
 
-    def _delete_old_checkpoints(self, committed: int) -> None:
+    def _delete_old_checkpoints(self, newest: int) -> None:
         """Keep the newest ``max_checkpoints`` committed iterations; never touch uncommitted newer ones."""
         if self.max_checkpoints is None:
             return
-        done = sorted(
-            int(m.group(1))
-            for name in os.listdir(self.save_dir)
-            if (m := _ITER_DIR.fullmatch(name)) and int(m.group(1)) <= committed
-        )
+        done = [it for it in iterations(self.save_dir) if it <= newest]
         for it in done[: -self.max_checkpoints]:
             try:
                 shutil.rmtree(iteration_dir(self.save_dir, it))
@@ -505,58 +416,6 @@ def save_checkpoint(
 # ---------------------------------------------------------------------------------- loading
 
 
-def _expected_model_keys(chunk: nn.Module, adapters_only: bool) -> tuple[set[str], bool]:
-    """The state-dict keys a checkpoint must hold for ``chunk``, and whether they are all of its keys.
-
-    With LoRA adapters on the model (megafast.model.lora): an adapter checkpoint holds exactly the
-    adapters; any other checkpoint is the base model, everything but the adapters (which then keep
-    their initial values: a fine-tuning run starting from a pretrained model).
-    """
-    keys = set(chunk.state_dict())
-    adapters = {k for k in keys if is_adapter_name(k)}
-    if adapters_only:
-        return adapters, adapters == keys
-    return keys - adapters, not adapters
-
-
-def _reason(exc: BaseException) -> str:
-    """An exception as one short line."""
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-
-
-def _read(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint file {path} is missing: the checkpoint is incomplete")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a damaged file
-        raise ValueError(
-            f"cannot read checkpoint file {path} ({_reason(exc)}): it is truncated or corrupted; "
-            f"restore it or point {TRACKER_FILE} at an earlier iteration"
-        ) from exc
-    if not isinstance(obj, dict):
-        raise ValueError(f"checkpoint file {path} does not hold a dict: not a megafast/Megatron checkpoint")
-    return obj
-
-
-def _saved_tp_pp(directory: str) -> tuple[int, int]:
-    tps, pps = {-1}, {0}
-    for name in os.listdir(directory):
-        if m := _MP_DIR.fullmatch(name):
-            tps.add(int(m.group(1)))
-            pps.add(int(m.group(2) or 0))
-    if len(tps) == 1:
-        raise ValueError(f"{directory} holds no mp_rank_* directories: the checkpoint is incomplete")
-    return max(tps) + 1, max(pps) + 1
-
-
-def _load_into(target: Any, sd: Any, what: str, path: str, **kw: Any) -> None:
-    try:
-        target.load_state_dict(sd, **kw)
-    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"cannot load the {what} from {path}: {_reason(exc)}") from exc
-
-
 def load_checkpoint(
     load_dir: str,
     chunks: Chunks,
@@ -583,19 +442,12 @@ def load_checkpoint(
         if missing_ok:
             return None
         raise ValueError(f"checkpoint directory {load_dir} does not exist: check --load")
-    latest = read_latest_checkpoint(load_dir)
-    if latest is None:
+    commit = committed(load_dir)
+    if commit is None:
         return None
-    iteration, release = latest
-    directory = iteration_dir(load_dir, iteration, release)
-    if not os.path.isdir(directory):
-        what = RELEASE if release else f"iteration {iteration}"
-        raise ValueError(
-            f"{os.path.join(load_dir, TRACKER_FILE)} commits {what} but {directory} "
-            "does not exist: it was moved or deleted; restore it or fix the commit file"
-        )
+    iteration, release, directory = commit.iteration, commit.release, commit.directory
     here = f"tp={state.tp_size}, pp={state.pp_size}, dp={state.dp_size}"
-    saved_tp, saved_pp = _saved_tp_pp(directory)
+    saved_tp, saved_pp = saved_layout(directory)
     if (saved_tp, saved_pp) != (state.tp_size, state.pp_size):
         raise ValueError(
             f"checkpoint {directory} was saved with tp={saved_tp}, pp={saved_pp} but this run uses {here}: "
@@ -604,10 +456,10 @@ def load_checkpoint(
     model_only = finetune or release
     load_optim = not model_only and not no_load_optim
     load_rng = not model_only and not no_load_rng
-    chunks = _as_chunks(chunks)
+    chunks = as_chunks(chunks)
     mp_dir = mp_rank_dir(load_dir, iteration, state.tp_rank, state.pp_rank, state.pp_size, release)
     path = os.path.join(mp_dir, MODEL_FILE)
-    ckpt = _read(path)
+    ckpt = load_file(path)
     layout = ckpt.get("parallel_layout", {})
     saved_dp = layout.get("data_parallel_size", state.dp_size)
     if saved_dp != state.dp_size and (load_rng or (load_optim and distributed_optimizer)):
@@ -617,27 +469,7 @@ def load_checkpoint(
             "--use-distributed-optimizer) or --finetune"
         )
 
-    keys = [_model_key(i, len(chunks)) for i in range(len(chunks))]
-    saved_keys = sorted(k for k in ckpt if re.fullmatch(r"model\d*", k))
-    if saved_keys != sorted(keys):
-        raise ValueError(
-            f"{path} holds model chunk(s) {saved_keys} but the model has {len(chunks)} chunk(s) {keys}: "
-            "use the same --num-layers-per-virtual-pipeline-stage as when saving"
-        )
-    for key, chunk in zip(keys, chunks):
-        want, complete = _expected_model_keys(chunk, "lora" in ckpt)
-        if "lora" in ckpt and not complete and not want:
-            raise ValueError(f"{path} holds LoRA adapters only (rank {ckpt['lora'].get('rank')}): load it into a "
-                             "model with the same --lora-* flags, on top of its --pretrained-checkpoint")
-        if strict:
-            got = set(ckpt[key])
-            missing, unexpected = sorted(want - got), sorted(got - want)
-            if missing or unexpected:
-                raise ValueError(
-                    f"{path}: {key} does not match the model (missing keys {missing[:4]}, unexpected keys "
-                    f"{unexpected[:4]}): was it saved with another model configuration?"
-                )
-        _load_into(chunk, ckpt[key], key, path, strict=strict and complete)
+    load_model_chunks(ckpt, chunks, path, strict)
 
     # Megatron loads the optimizer and the LR scheduler together unless --finetune/--no-load-optim.
     if load_optim and optimizer is not None:
@@ -648,16 +480,16 @@ def load_checkpoint(
                     "resume without it or pass --no-load-optim"
                 )
             shard_path = os.path.join(mp_dir, distrib_optim_name(state.dp_rank))
-            _load_into(optimizer, _read(shard_path)["optimizer"], "optimizer shard", shard_path)
+            load_into(optimizer, load_file(shard_path)["optimizer"], "optimizer shard", shard_path)
         elif "optimizer" not in ckpt:
             why = "--use-distributed-optimizer" if layout.get("distributed_optimizer") else "no optimizer"
             raise ValueError(f"{path} holds no 'optimizer' (saved with {why}): pass --no-load-optim")
         else:
-            _load_into(optimizer, ckpt["optimizer"], "optimizer", path)
+            load_into(optimizer, ckpt["optimizer"], "optimizer", path)
     if load_optim and scheduler is not None:
         if "opt_param_scheduler" not in ckpt:
             raise ValueError(f"{path} holds no 'opt_param_scheduler': pass --no-load-optim")
-        _load_into(scheduler, ckpt["opt_param_scheduler"], "LR scheduler", path)
+        load_into(scheduler, ckpt["opt_param_scheduler"], "LR scheduler", path)
 
     if load_rng:
         rng = ckpt.get("rng_state")
