@@ -26,13 +26,15 @@ baseline of each round and their median (the figure to read). Results go to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import platform
 import statistics
 import sys
-from typing import Any, Optional
+import time
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -57,6 +59,10 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup-iters", type=int, default=3)
     p.add_argument("--timed-iters", type=int, default=10)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="step times in wall seconds (default), or in CPU seconds of the process (all its "
+                        "threads; less sensitive to other jobs on a shared machine, run it with "
+                        "OMP_WAIT_POLICY=PASSIVE so that waiting threads do not spin)")
     p.add_argument("--out", default=os.environ.get("OUT") or "bench_results")
     p.add_argument("--write-doc", default=None, help="put the section into this markdown file")
     p.add_argument("--note", default="", help="a line added under the table")
@@ -64,6 +70,37 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if a.rounds < 1 or a.timed_iters < 1 or a.warmup_iters < 0:
         p.error("need --rounds >= 1, --timed-iters >= 1 and --warmup-iters >= 0")
     return a
+
+
+class _Clock:
+    """Stands in for the ``time`` module of the timing code of both sides (bench_train's baseline
+    loop, the trainer's Timer): ``perf_counter`` is ``clock``, the rest is the real module."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.perf_counter = clock
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+@contextlib.contextmanager
+def step_clock(kind: str) -> Iterator[None]:
+    """Within: both sides time their steps with ``kind`` ('wall': time.perf_counter, 'cpu':
+    time.process_time, CPU seconds of every thread of this process)."""
+    from megafast.training import logging as training_logging
+
+    if kind == "wall":
+        yield
+        return
+    modules = (bench_train, training_logging)
+    saved = [m.time for m in modules]
+    for m in modules:
+        m.time = _Clock(time.process_time)
+    try:
+        yield
+    finally:
+        for m, t in zip(modules, saved):
+            m.time = t
 
 
 def run_round(setup: bench_train.BenchSetup, megafast_first: bool) -> dict[str, dict]:
@@ -129,7 +166,10 @@ def render_markdown(results: dict) -> str:
          "LlamaForCausalLM (sdpa), F.cross_entropy, torch.optim.AdamW, clip_grad_norm_, megafast's initial "
          f"weights (largest relative loss difference over all iterations: {s['loss_max_rel_diff']:.1e})"),
         (f"- timing: {rounds} alternating rounds, each {cfg['warmup_iters']} warm-up + {cfg['timed_iters']} "
-         "timed iterations per side; a round's tokens/s from its mean timed step time"),
+         "timed iterations per side; a round's tokens/s from its mean timed step time, "
+         + ("wall time" if env.get("clock", "wall") == "wall" else
+            "in CPU seconds of the process (tokens per CPU-second, all threads; OMP_WAIT_POLICY="
+            f"{env.get('omp_wait_policy')})")),
         f"- command: `{env['command']}`",
         "",
         "| | tokens/s (median of rounds) | best round | step ms (median) |",
@@ -158,11 +198,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     env = bench_train.environment(setup)
     env.update(threads=torch.get_num_threads(),
                date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-               device=f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU",
+               device=f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU", clock=a.clock,
+               omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
                command="python benchmarks/bench_cpu_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv))
     rounds = []
     for r in range(a.rounds):
-        rounds.append(run_round(setup, megafast_first=r % 2 == 0))
+        with step_clock(a.clock):
+            rounds.append(run_round(setup, megafast_first=r % 2 == 0))
         print(f"round {r + 1}/{a.rounds}: megafast {rounds[-1]['megafast']['tokens_per_s']:,.0f} tokens/s, "
               f"transformers {rounds[-1]['hf']['tokens_per_s']:,.0f} tokens/s", flush=True)
     results = {"environment": env, "config": bench_train.config_record(setup, "CPU overhead model"),
