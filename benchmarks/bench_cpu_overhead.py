@@ -188,6 +188,19 @@ def render_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _command(argv: list[str]) -> str:
+    """The command line for the doc, without the note and the output folder."""
+    kept, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x in ("--note", "--out"):
+            skip = True
+        elif not x.startswith(("--note=", "--out=")):
+            kept.append(x)
+    return "python benchmarks/bench_cpu_overhead.py " + " ".join(kept)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     a = parse(argv)
     torch.set_num_threads(a.threads)
@@ -200,7 +213,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
                device=f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU", clock=a.clock,
                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
-               command="python benchmarks/bench_cpu_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv))
+               command=_command(sys.argv[1:] if argv is None else argv))
     rounds = []
     for r in range(a.rounds):
         with step_clock(a.clock):
