@@ -18,8 +18,8 @@ start from the same weights, so their losses must agree (to rounding in fp32, ~1
 1. megafast: ``pretrain_gpt.py``'s own code (``trainer.setup`` + ``trainer.train``) in this process,
    as ``python pretrain_gpt.py --mock-data --log-interval 1 --log-jsonl ...`` would run it (a world
    of one: nccl on CUDA, gloo on CPU); ``--bf16`` = bf16 weights, fp32 main grads and masters.
-   Per-iteration wall times come from its ``--log-jsonl`` (the trainer syncs on the loss each
-   iteration, so they are device times).
+   Per-iteration wall times come from its ``--log-jsonl`` (the trainer reads the loss on the host
+   at each log, here every iteration, so they are device times).
 2. baseline: ``transformers.LlamaForCausalLM`` (SDPA attention) of the same config with
    megafast's initial weights (megafast.convert.hf_llama's key map), fp32 parameters,
    ``torch.autocast(bfloat16)``, ``F.cross_entropy`` on float logits, ``torch.optim.AdamW(fused=True)``

@@ -17,7 +17,7 @@ see megafast.model.packing); their ``position_ids`` reach every stage. With ``ta
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -52,6 +52,16 @@ class StepLoss:
     loss_sum: torch.Tensor  # fp64 sum of mask * token_loss over this rank's microbatches (last stage)
     num_tokens: torch.Tensor  # fp64 count of unmasked tokens in this rank's microbatches
     task_loss_sums: Optional[torch.Tensor] = None  # fp64 [num_tasks]: unweighted token-loss sums per task
+
+
+def _scaled(loss: torch.Tensor, scale) -> torch.Tensor:
+    """``loss * scale`` with the same rounding as for a Python float ``scale`` (computed in the
+    loss's op-math dtype, fp32 for fp32/bf16/fp16 losses, then rounded to the loss dtype) when
+    ``scale`` is a 0-dim tensor on the device."""
+    if not isinstance(scale, torch.Tensor):
+        return loss * scale
+    factor = scale.to(torch.promote_types(loss.dtype, torch.float32))
+    return (loss * factor).to(loss.dtype)
 
 
 def schedule_name(pp_size: int, num_chunks: int, pipeline_schedule: str = "1f1b") -> str:
@@ -90,7 +100,7 @@ class PipelineEngine:
     def run(
         self,
         microbatches: Sequence[Microbatch],
-        denominator: float,
+        denominator: Union[float, torch.Tensor],
         loss_scale: float = 1.0,
         forward_only: bool = False,
         before_last_backward: Optional[Callable[[int], None]] = None,
@@ -101,6 +111,8 @@ class PipelineEngine:
         ``before_last_backward(chunk)`` is called right before the last backward of each chunk
         (data parallelism starts its gradient reduction there, overlapping the rest).
         ``num_tasks`` > 0: also sum the token losses of each task id (microbatches with ``task_ids``).
+        ``denominator`` may be a 0-dim fp64 tensor on the device (the trainer's, so that nothing
+        waits for the host); the returned sums stay on the device too.
         """
         state, M = self.state, len(microbatches)
         steps = build_schedule(self.schedule, state.pp_size, state.pp_rank, M, len(self.chunks))
@@ -113,6 +125,7 @@ class PipelineEngine:
         for mb in microbatches:
             num_tokens += mb.loss_mask.sum(dtype=torch.float64)
         task_sums = torch.zeros(num_tasks, dtype=torch.float64, device=self.device) if num_tasks else None
+        scale = loss_scale / denominator  # a float, or a 0-dim fp64 tensor
 
         for step in steps:
             ops = comm_ops(step)
@@ -136,7 +149,7 @@ class PipelineEngine:
                         task_sums += torch.bincount(microbatches[i].task_ids[valid], out.detach()[valid].double(),
                                                     minlength=num_tasks)[:num_tasks]
                     if not forward_only:
-                        outputs[(i, c)] = loss * (loss_scale / denominator)
+                        outputs[(i, c)] = _scaled(loss, scale)
                 else:
                     pending[Action(SEND_FORWARD, i, c)] = out.detach()
                     if not forward_only:

@@ -32,6 +32,7 @@ from megafast.arguments import (
 )
 from megafast.config import GPTConfig
 from megafast.data.mock_dataset import MockGPTDataset
+from megafast.data.prefetch import MicroBatchPrefetcher
 from megafast.data.sampler import MicroBatchSampler
 from megafast.data.sft_dataset import build_sft_datasets
 from megafast.data.tokenizer import build_tokenizer
@@ -235,18 +236,33 @@ def _load_pretrained(run: Run) -> None:
     run.logger.info(f"loaded pretrained weights from {loaded.path}")
 
 
+def _collate(items: list[dict[str, torch.Tensor]]) -> dict[str, Optional[torch.Tensor]]:
+    """Samples -> one micro-batch of CPU tensors, each [b, s]. Position ids that are just 0..s-1 in
+    every row are dropped (None): the model then uses its cached default positions, the same values
+    without a per-step gather (packed samples keep theirs)."""
+    batch: dict[str, Optional[torch.Tensor]] = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    pos = batch.get("position_ids")
+    if pos is not None and torch.equal(pos, torch.arange(pos.shape[1], dtype=pos.dtype).expand_as(pos)):
+        batch["position_ids"] = None
+    return batch
+
+
+def _as_microbatch(batch: dict[str, Optional[torch.Tensor]]) -> Microbatch:
+    return Microbatch(batch["tokens"], batch["labels"], batch["loss_mask"], batch.get("position_ids"),
+                      batch.get("segment_ids"), batch.get("task_ids"))
+
+
 def _microbatches(dataset, sampler: Iterator[list[int]], count: int, device: torch.device) -> list[Microbatch]:
+    """``count`` micro-batches read inline (evaluation; training reads through the prefetcher)."""
     out = []
     for _ in range(count):
-        items = [dataset[i] for i in next(sampler)]
-        stack = {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
-        out.append(Microbatch(stack["tokens"], stack["labels"], stack["loss_mask"], stack.get("position_ids"),
-                              stack.get("segment_ids"), stack.get("task_ids")))
+        batch = _collate([dataset[i] for i in next(sampler)])
+        out.append(_as_microbatch({k: None if t is None else t.to(device) for k, t in batch.items()}))
     return out
 
 
-def _dp_sum(values: list[float], run: Run) -> torch.Tensor:
-    t = torch.tensor(values, dtype=torch.float64, device=run.device)
+def _dp_sum_(t: torch.Tensor, run: Run) -> torch.Tensor:
+    """``t`` summed over DP in place, on the device (no host synchronisation)."""
     if run.state.dp_group is not None:
         dist.all_reduce(t, group=run.state.dp_group)
     return t
@@ -261,15 +277,15 @@ def evaluate(run: Run) -> Optional[float]:
         c.eval()
     sampler = iter(MicroBatchSampler(len(run.valid_ds), run.consumed_valid_samples, args.micro_batch_size,
                                      state.dp_rank, state.dp_size))
-    loss_sum = tokens = 0.0
+    totals = torch.zeros(2, dtype=torch.float64, device=run.device)  # (loss sum, tokens), read once at the end
     for _ in range(args.eval_iters):
         mbs = _microbatches(run.valid_ds, sampler, args.num_microbatches, run.device)
         result = run.engine.run(mbs, 1.0, forward_only=True)
-        summed = _dp_sum([result.loss_sum.item(), result.num_tokens.item()], run)
-        loss_sum, tokens = loss_sum + summed[0].item(), tokens + summed[1].item()
+        totals += _dp_sum_(torch.stack([result.loss_sum, result.num_tokens]), run)
         run.consumed_valid_samples += args.global_batch_size
     for c in run.chunks:
         c.train()
+    loss_sum, tokens = totals.tolist()
     return loss_sum / max(tokens, 1.0)
 
 
@@ -286,29 +302,48 @@ def _save(run: Run) -> None:
 
 
 def train(run: Run) -> None:
+    """The training loop. Host synchronisation, as Megatron's: the loss, its non-finite count and the
+    per-task losses are reduced over DP and accumulated on the device every iteration, and read on
+    the host only at ``--log-interval`` iterations; the optimizer reads the global gradient norm
+    each step (it decides whether the step is skipped). A non-finite loss does not stop training:
+    such iterations are counted ("number of nan iterations" in the log, from the device counter);
+    non-finite gradients skip the step, and too many in a row end the run (optimizer.step)."""
+    args = run.args
+    sampler = iter(MicroBatchSampler(len(run.train_ds), run.consumed_samples, args.micro_batch_size,
+                                     run.state.dp_rank, run.state.dp_size))
+    # the next step's micro-batches are read, collated and pinned while this one runs
+    prefetcher = MicroBatchPrefetcher(run.train_ds, sampler, _collate, run.device, depth=args.num_microbatches + 1)
+    try:
+        _train_loop(run, prefetcher)
+    finally:
+        prefetcher.close()
+
+
+def _train_loop(run: Run, prefetcher: MicroBatchPrefetcher) -> None:
     args, state = run.args, run.state
     gbs, seq = args.global_batch_size, args.seq_length
     total = args.train_iters * gbs
-    sampler = iter(MicroBatchSampler(len(run.train_ds), run.consumed_samples, args.micro_batch_size,
-                                     state.dp_rank, state.dp_size))
     flops_per_token = training_flops_per_token(run.config, seq, state.tp_size)  # model FLOPs (MFU numerator)
     peak = args.gpu_peak_tflops or device_peak_tflops(run.device, torch.bfloat16 if args.bf16 else torch.float32)
-    timer, interval_loss, interval_iters, nan_iterations = Timer(), 0.0, 0, 0
+    timer, interval_iters = Timer(), 0
+    interval_loss = torch.zeros((), dtype=torch.float64, device=run.device)  # sum of the interval's losses
+    nan_iterations = torch.zeros((), dtype=torch.int64, device=run.device)  # since the start of this run
     num_tasks = len(run.task_names)
     task_meter = TaskLossMeter(run.task_names)
     for c in run.chunks:
         c.train()
     while run.iteration < args.train_iters and run.consumed_samples < total:
-        mbs = _microbatches(run.train_ds, sampler, args.num_microbatches, run.device)
-        task_counts = _dp_sum(task_token_counts(mbs, num_tasks).tolist(), run) if num_tasks else None
+        mbs = [_as_microbatch(prefetcher.next()) for _ in range(args.num_microbatches)]
+        task_counts = _dp_sum_(task_token_counts(mbs, num_tasks).to(run.device), run) if num_tasks else None
         if args.task_loss_weighting == "equal":  # the per-task weights make the loss mask sum to 1
             apply_equal_task_weighting(mbs, task_counts)
-            denominator = 1.0
-        else:
-            denominator = _dp_sum([float(sum(mb.loss_mask.sum() for mb in mbs))], run)[0].item()
+            denominator = torch.ones((), dtype=torch.float64, device=run.device)
+        else:  # unmasked tokens of the global batch, kept on the device
+            local = sum(mb.loss_mask.sum() for mb in mbs).double().reshape(1)
+            denominator = _dp_sum_(local, run)[0].clamp_min(1.0)
         run.optimizer.set_lr(run.scheduler.lr)
         run.ddp.set_last_microbatch(False)
-        result = run.engine.run(mbs, max(denominator, 1.0), loss_scale=run.optimizer.loss_scale,
+        result = run.engine.run(mbs, denominator, loss_scale=run.optimizer.loss_scale,
                                 before_last_backward=lambda c: run.ddp.set_last_microbatch(True, chunk=c),
                                 num_tasks=num_tasks)
         try:
@@ -319,28 +354,30 @@ def train(run: Run) -> None:
             run.scheduler.step(gbs)
         run.iteration += 1
         run.consumed_samples += gbs
-        loss = _dp_sum([result.loss_sum.item()], run)[0].item() / max(denominator, 1.0)
+        loss = _dp_sum_(result.loss_sum.reshape(1).clone(), run)[0] / denominator
         if num_tasks:
-            task_meter.add(_dp_sum(result.task_loss_sums.tolist(), run), task_counts)
-        if not np.isfinite(loss):
-            nan_iterations += 1
-        interval_loss, interval_iters = interval_loss + loss, interval_iters + 1
+            task_meter.add(_dp_sum_(result.task_loss_sums.clone(), run), task_counts)
+        nan_iterations += ~torch.isfinite(loss)
+        interval_loss += loss
+        interval_iters += 1
         if run.checkpointer is not None:
             run.checkpointer.maybe_finalize()
 
         if run.iteration % args.log_interval == 0 or run.iteration == args.train_iters:
+            lm_loss = interval_loss.item() / interval_iters  # the host reads (and waits) here only
             elapsed = timer.reset() / interval_iters
             tokens_per_sec = gbs * seq / elapsed
             tflops = flops_per_token * tokens_per_sec / state.world_size / 1e12
             run.logger.log_iteration(IterationStats(
                 iteration=run.iteration, train_iters=args.train_iters, consumed_samples=run.consumed_samples,
                 elapsed_ms=1000 * elapsed, tokens_per_sec=tokens_per_sec, tflops_per_gpu=tflops, mfu=tflops / peak,
-                lr=run.optimizer.lr, global_batch_size=gbs, lm_loss=interval_loss / interval_iters,
+                lr=run.optimizer.lr, global_batch_size=gbs, lm_loss=lm_loss,
                 loss_scale=step.loss_scale, grad_norm=step.grad_norm if step.success else None,
-                skipped_iterations=step.num_skipped, nan_iterations=nan_iterations,
+                skipped_iterations=step.num_skipped, nan_iterations=int(nan_iterations.item()),
                 task_losses=task_meter.means() if num_tasks else None,
             ))
-            interval_loss, interval_iters = 0.0, 0
+            interval_loss.zero_()
+            interval_iters = 0
             task_meter.reset()
         if args.eval_interval and run.iteration % args.eval_interval == 0:
             val = evaluate(run)
