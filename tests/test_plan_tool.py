@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from megafast.planner import total_parameter_count
-from megafast.planner_memory import GB
+from megafast.planner.memory import GB
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "plan.py")

@@ -31,9 +31,16 @@ from typing import Optional, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megafast.config import GPTConfig  # noqa: E402
-from megafast.planner import Layout, total_parameter_count, training_flops_per_token  # noqa: E402
-from megafast.planner_memory import GB  # noqa: E402
-from megafast.planner_throughput import Cluster, Estimate, Plan, search  # noqa: E402
+from megafast.planner import (  # noqa: E402
+    GB,
+    Cluster,
+    Estimate,
+    Layout,
+    Plan,
+    search,
+    total_parameter_count,
+    training_flops_per_token,
+)
 
 SUFFIXES = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 
@@ -254,10 +261,12 @@ def model_from_args(args: argparse.Namespace) -> tuple[GPTConfig, int]:
             raise SystemExit(
                 f"error: --hf-config {args.hf_config} has no {e} entry: is it a model config.json?"
             ) from None
-        config.make_vocab_size_divisible_by = args.make_vocab_size_divisible_by
-        config.fused_linear_cross_entropy = args.fused_linear_cross_entropy
-        if args.hidden_dropout is not None:
-            config.hidden_dropout = args.hidden_dropout
+        config = dataclasses.replace(
+            config,
+            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+            fused_linear_cross_entropy=args.fused_linear_cross_entropy,
+            hidden_dropout=config.hidden_dropout if args.hidden_dropout is None else args.hidden_dropout,
+        )
         return config, args.seq_length or config.max_position_embeddings
     missing = [
         f

@@ -34,6 +34,7 @@ from megafast.pipeline.schedules import (
     Action,
     build_schedule,
     comm_ops,
+    schedule_name,
 )
 
 
@@ -52,12 +53,6 @@ class StepLoss:
     loss_sum: torch.Tensor  # fp64 sum of mask * token_loss over this rank's microbatches (last stage)
     num_tokens: torch.Tensor  # fp64 count of unmasked tokens in this rank's microbatches
     task_loss_sums: Optional[torch.Tensor] = None  # fp64 [num_tasks]: unweighted token-loss sums per task
-
-
-def schedule_name(pp_size: int, num_chunks: int, pipeline_schedule: str = "1f1b") -> str:
-    if pp_size == 1:
-        return "none"
-    return "interleaved" if num_chunks > 1 else pipeline_schedule
 
 
 class PipelineEngine:
@@ -173,4 +168,4 @@ class PipelineEngine:
         return torch.empty(self.activation_shape, dtype=self.dtype, device=self.device)
 
 
-__all__ = ["Microbatch", "PipelineEngine", "StepLoss", "schedule_name"]
+__all__ = ["Microbatch", "PipelineEngine", "StepLoss"]

@@ -39,7 +39,7 @@ from megafast.model.lora import apply_lora
 from megafast.parallel.state import ParallelState
 from megafast.pipeline.engine import Microbatch, PipelineEngine
 from megafast.pipeline.partition import build_model_chunks
-from megafast.planner import device_peak_tflops, training_flops_per_token
+from megafast.planner.flops import device_peak_tflops, training_flops_per_token
 from megafast.training.checkpointing import Checkpointer, load_checkpoint
 from megafast.training.data_parallel import DataParallel
 from megafast.training.logging import IterationStats, Timer, TrainingLogger

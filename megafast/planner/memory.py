@@ -56,25 +56,16 @@ it is added into ``main_grad``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib.util
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 from megafast.config import GPTConfig
-from megafast.pipeline.engine import schedule_name
-from megafast.pipeline.schedules import FORWARD, Action, build_schedule
 from megafast.model.recompute import recompute_plan
-from megafast.planner import (
-    DTYPE_BYTES,
-    Layout,
-    ParamSpec,
-    Stage,
-    layout_config,
-    rank_parameters,
-    rank_stages,
-)
+from megafast.pipeline.schedules import FORWARD, Action, build_schedule, schedule_name
+from megafast.planner.layout import DTYPE_BYTES, Layout, Stage, layout_config, rank_stages
+from megafast.planner.parameters import ParamSpec, rank_parameters
 
 Device = Literal["cuda", "cpu"]
 GRAD_BYTES = 4  # fp32 main_grad
@@ -156,8 +147,8 @@ def rank_parameter_state(config: GPTConfig, layout: Layout, pp_rank: int, dp_ran
     """Parameter, gradient-buffer and master element counts of one GPU.
 
     Plain optimizer: one master per parameter. Distributed: one per parameter piece inside this
-    DP rank's shard of each bucket. Memoised on the fields that matter (a search asks for the
-    same ranks under many micro-batch and recompute choices).
+    DP rank's shard of each bucket. Memoised on the (frozen) config and the layout fields that
+    matter: a search asks for the same ranks under many micro-batch and recompute choices.
     """
     if not 0 <= dp_rank < layout.dp:
         raise ValueError(f"data-parallel rank {dp_rank} is outside 0..{layout.dp - 1}")
@@ -171,20 +162,10 @@ def rank_parameter_state(config: GPTConfig, layout: Layout, pp_rank: int, dp_ran
         partition=layout.partition,
         bucket_size_mb=layout.bucket_size_mb,
     )
-    fields = dataclasses.astuple(config)
-    try:
-        return _cached_rank_parameter_state(fields, key, pp_rank, dp_rank)
-    except TypeError:  # a config field that cannot be hashed: compute without the memo
-        return _count_rank_parameter_state(config, key, pp_rank, dp_rank)
+    return _count_rank_parameter_state(config, key, pp_rank, dp_rank)
 
 
-@functools.lru_cache(maxsize=4096)
-def _cached_rank_parameter_state(
-    config_fields: tuple, layout: Layout, pp_rank: int, dp_rank: int
-) -> RankParameters:
-    return _count_rank_parameter_state(GPTConfig(*config_fields), layout, pp_rank, dp_rank)
-
-
+@functools.lru_cache(maxsize=4096)  # keyed on the frozen (hashable) GPTConfig and Layout
 def _count_rank_parameter_state(
     config: GPTConfig, layout: Layout, pp_rank: int, dp_rank: int
 ) -> RankParameters:
