@@ -64,7 +64,7 @@ from typing import Literal, Optional
 from megafast.config import GPTConfig
 from megafast.model.recompute import recompute_plan
 from megafast.pipeline.schedules import FORWARD, Action, build_schedule, schedule_name
-from megafast.planner.layout import DTYPE_BYTES, Layout, Stage, layout_config, rank_stages
+from megafast.planner.layout import DTYPE_BYTES, DType, Layout, Stage, layout_config, rank_stages
 from megafast.planner.parameters import ParamSpec, rank_parameters
 
 Device = Literal["cuda", "cpu"]
@@ -203,6 +203,54 @@ def static_memory(config: GPTConfig, layout: Layout, pp_rank: int, dp_rank: int 
         master_weights=0 if layout.dtype == "fp32" else n.masters * MASTER_BYTES,
         optimizer_states=states,
     )
+
+
+@dataclass(frozen=True)
+class ModuleMemory:
+    """Model state of one module of the unsharded model, all ``count`` instances together."""
+
+    name: str  # embedding, attention, mlp, norms (one per transformer layer), final_norm, output_layer
+    count: int  # instances: the number of layers for a transformer layer's parts, else 1
+    parameters: int
+    static: StaticMemory
+
+
+def _module_of(name: str) -> str:
+    """The :class:`ModuleMemory` group of a parameter name."""
+    if name.startswith("embedding."):
+        return "embedding"
+    if name.startswith("decoder.layers."):
+        part = name.split(".")[3]
+        return {"self_attention": "attention", "mlp": "mlp"}.get(part, "norms")
+    return "final_norm" if name.startswith("decoder.final_layernorm") else "output_layer"
+
+
+def module_memory(config: GPTConfig, dtype: DType = "bf16", optimizer: str = "adam") -> list[ModuleMemory]:
+    """Weights, fp32 gradients, fp32 masters and optimizer states of each module, unsharded.
+
+    The same byte rules as :func:`static_memory` on one GPU with the plain optimizer (no padding),
+    so the modules add up to ``static_memory(config, Layout(dtype=dtype, optimizer=optimizer), 0)``.
+    TP and PP divide the modules among GPUs; the distributed optimizer divides the masters and
+    optimizer states by DP.
+    """
+    layout = Layout(dtype=dtype, optimizer=optimizer)
+    groups: dict[str, list[ParamSpec]] = {}
+    for spec in rank_parameters(config, layout, 0)[0]:
+        groups.setdefault(_module_of(spec.name), []).append(spec)
+    out = []
+    for name, specs in groups.items():
+        numel = sum(p.numel for p in specs)
+        states = numel * MASTER_BYTES * (2 if optimizer == "adam" else 1)
+        states += 4 * len(specs) if optimizer == "adam" else 0  # each master tensor's ``step``
+        static = StaticMemory(
+            weights=numel * DTYPE_BYTES[dtype],
+            gradients=numel * GRAD_BYTES,
+            master_weights=0 if dtype == "fp32" else numel * MASTER_BYTES,
+            optimizer_states=states,
+        )
+        layered = name in ("attention", "mlp", "norms")
+        out.append(ModuleMemory(name, config.num_layers if layered else 1, numel, static))
+    return out
 
 
 # ---------------------------------------------------------------------------------- activations
@@ -456,6 +504,7 @@ __all__ = [
     "ActivationMemory",
     "Bucket",
     "Kernels",
+    "ModuleMemory",
     "RankMemory",
     "RankParameters",
     "StaticMemory",
@@ -464,6 +513,7 @@ __all__ = [
     "chunk_activation_bytes",
     "gradient_buffer",
     "layer_activation_bytes",
+    "module_memory",
     "peak_memory",
     "rank_memory",
     "rank_parameter_state",

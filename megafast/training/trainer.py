@@ -35,6 +35,7 @@ from megafast.data.mock_dataset import MockGPTDataset
 from megafast.data.sampler import MicroBatchSampler
 from megafast.data.sft_dataset import build_sft_datasets
 from megafast.data.tokenizer import build_tokenizer
+from megafast.extras import require
 from megafast.model.lora import apply_lora
 from megafast.parallel.state import ParallelState
 from megafast.pipeline.engine import Microbatch, PipelineEngine
@@ -162,6 +163,8 @@ def setup(argv: Optional[Sequence[str]] = None) -> Run:
 
     try:  # pure configuration: fail here, before any process group exists
         opt_config, scheduler = _optimizer_config(args), _scheduler(args)
+        if args.tensorboard_dir:
+            require("tensorboard", "tensorboard", "--tensorboard-dir")
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
