@@ -32,7 +32,7 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -450,8 +450,7 @@ def print_tables(
         console.print(f"{len(plan.rejected)} layouts rejected (--show-rejected says why)")
 
 
-@dataclasses.dataclass(frozen=True)
-class Strategy:
+class Strategy(NamedTuple):
     """One TP x PP x recompute layout at DP 1, and its most loaded GPU (None: it cannot run)."""
 
     layout: Layout
