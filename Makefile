@@ -19,7 +19,7 @@ $(STAMP): setup.py pyproject.toml csrc/*.cpp csrc/*.h
 	# numpy<2.4: triton 3.6's interpreter (CPU kernel tests) breaks on numpy 2.4 (ENVIRONMENT.md)
 	$(PIP) install "numpy<2.4" pybind11 setuptools wheel
 	$(PY) -c "import torch; assert torch.cuda.is_available()" 2>/dev/null || $(PIP) install triton==3.6.0
-	$(PIP) install --no-build-isolation -e ".[test,data]"
+	$(PIP) install --no-build-isolation -e ".[test,data,demo]"
 	# megatron-core: compatibility tests only (never imported by the package)
 	$(PY) -c "import megatron.core" 2>/dev/null || $(PIP) install --ignore-requires-python megatron-core==0.19.2
 	$(PY) -c "import megafast._C"

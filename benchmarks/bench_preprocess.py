@@ -146,8 +146,12 @@ def same_files(prefix_a: str, prefix_b: str) -> bool:
 def versions() -> str:
     import torch
 
+    try:  # the word cache reads the model proto with it: without it (c) is (d)
+        from google.protobuf import __version__ as protobuf
+    except ImportError:
+        protobuf = "missing"
     return (f"Python {platform.python_version()}, torch {torch.__version__}, "
-            f"sentencepiece {spm.__version__}, numpy {np.__version__}")
+            f"sentencepiece {spm.__version__}, protobuf {protobuf}, numpy {np.__version__}")
 
 
 def markdown_table(rows: list[tuple[str, float, float]], docs: int, mbytes: float) -> str:

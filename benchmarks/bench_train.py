@@ -29,7 +29,7 @@ Both sides: step time = mean wall time of the ``--timed-iters`` iterations after
 tokens/s = global batch x seq / step time; TFLOP/s = ``megafast.planner.training_flops_per_token``
 (model FLOPs: 3 x forward, causal attention halved) x tokens/s; MFU = TFLOP/s /
 ``device_peak_tflops`` (H100 bf16: 989). The planner's predicted step time and memory of the
-megafast run (``planner_throughput.step_time``, ``planner_memory.peak_memory``) are set against
+megafast run (``planner.throughput.step_time``, ``planner.memory.peak_memory``) are set against
 the measured ones (``torch.cuda.max_memory_allocated``). Results go to ``--out``
 (``bench_train.json``, ``bench_train.md``) after each side, so a run cut short keeps what it
 measured; a side that fails (out of memory, ...) is recorded and the other still runs.
@@ -68,8 +68,8 @@ from megafast.planner import (  # noqa: E402
     total_parameter_count,
     training_flops_per_token,
 )
-from megafast.planner_memory import GB, peak_memory, resolve_kernels  # noqa: E402
-from megafast.planner_throughput import Cluster, step_time  # noqa: E402
+from megafast.planner.memory import GB, peak_memory, resolve_kernels  # noqa: E402
+from megafast.planner.throughput import Cluster, step_time  # noqa: E402
 from doc_section import write_section  # noqa: E402
 
 SECTION = "bench_train"
@@ -544,7 +544,7 @@ def _planner_lines(p: dict) -> list[str]:
     """Predicted step time and memory of the megafast run vs the measured ones."""
     t, m, cluster = p["predicted_step"], p["predicted_memory_gb"], p["cluster"]
     return [
-        (f"Planner (megafast.planner_throughput.step_time, compute efficiency "
+        (f"Planner (megafast.planner.throughput.step_time, compute efficiency "
          f"{cluster['compute_efficiency']:g} of {cluster['gpu_tflops']:g} TFLOP/s, HBM "
          f"{cluster['hbm_gbps']:g} GB/s): predicted step {p['predicted_step_time_s']:.3f} s (compute "
          f"{t['compute']:.3f}, optimizer {t['optimizer']:.3f}) vs measured "
@@ -552,7 +552,7 @@ def _planner_lines(p: dict) -> list[str]:
          f"{_f(p.get('measured_over_predicted'), '.2f')}; the compute efficiency that would make it exact: "
          f"{_f(p.get('implied_compute_efficiency'), '.2f')}."),
         "",
-        (f"Memory (megafast.planner_memory.peak_memory): weights {m['weights']:.2f} + gradients "
+        (f"Memory (megafast.planner.memory.peak_memory): weights {m['weights']:.2f} + gradients "
          f"{m['gradients']:.2f} + master weights {m['master_weights']:.2f} + optimizer states "
          f"{m['optimizer_states']:.2f} + activations {m['activations']:.2f} = {m['total']:.2f} GB predicted "
          f"vs {_f(p.get('measured_peak_memory_gb'), '.2f')} GB measured peak; model state "

@@ -21,9 +21,11 @@ ROPE_BACKENDS = ("auto", "triton", "cuda", "torch")  # --rope-kernel; auto follo
 ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "triton")  # --attention-backend
 
 
-@dataclass
+@dataclass(frozen=True)
 class GPTConfig:
     """Architecture of a GPT-2 or Llama-family decoder (Megatron-core's names where they exist).
+
+    Frozen (hashable: the planner's caches key on it); derive variants with ``dataclasses.replace``.
 
     GPT-2: learned positions, LayerNorm, GELU, biases, tied embeddings (the defaults).
     Llama: ``position_embedding_type="rope"``, ``normalization="RMSNorm"``, ``activation="swiglu"``,
@@ -71,16 +73,16 @@ class GPTConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_query_groups is None:
-            self.num_query_groups = self.num_attention_heads
+            object.__setattr__(self, "num_query_groups", self.num_attention_heads)
         if self.ffn_hidden_size is None:
-            self.ffn_hidden_size = 4 * self.hidden_size
+            object.__setattr__(self, "ffn_hidden_size", 4 * self.hidden_size)
         if self.kv_channels is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(
                     f"hidden size {self.hidden_size} is not divisible by {self.num_attention_heads} "
                     "attention heads: choose --num-attention-heads dividing --hidden-size (or set --kv-channels)"
                 )
-            self.kv_channels = self.hidden_size // self.num_attention_heads
+            object.__setattr__(self, "kv_channels", self.hidden_size // self.num_attention_heads)
         if self.num_query_groups < 1 or self.num_attention_heads % self.num_query_groups:
             raise ValueError(
                 f"{self.num_attention_heads} attention heads are not divisible by {self.num_query_groups} "

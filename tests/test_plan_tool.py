@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from megafast.planner import total_parameter_count
-from megafast.planner_memory import GB
+from megafast.planner.memory import GB
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "plan.py")
@@ -210,3 +210,75 @@ def test_recompute_method_and_fused_loss_flags(plan_tool, capsys):
     plain = best("--recompute-granularity", "none", pp="1")
     fused = best("--recompute-granularity", "none", "--fused-linear-cross-entropy", pp="1")
     assert fused["memory_gb"]["activations"] < plain["memory_gb"]["activations"]
+
+
+def test_without_num_gpus_reports_size_and_memory(plan_tool, tmp_path, capsys):
+    """No --num-gpus: parameters, memory per module and per GPU for each TP x PP x recompute
+    strategy. Module parameters equal transformers' modules; bytes follow the per-parameter rule
+    (bf16 weights 2, fp32 gradients 4, fp32 masters 4, Adam moments 8 + a 4-byte step per tensor)."""
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.LlamaConfig(
+        vocab_size=1024,  # a multiple of 128: megafast's padded vocabulary is the same
+        hidden_size=64,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_hidden_layers=4,
+        intermediate_size=160,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    path = tmp_path / "config.json"
+    path.write_text(hf_config.to_json_string())
+    assert plan_tool.main(["--hf-config", str(path), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    model = transformers.LlamaForCausalLM(hf_config)
+    assert plan["model"]["parameters"] == sum(p.numel() for p in model.parameters())
+
+    def count(*modules) -> int:
+        return sum(p.numel() for m in modules for p in m.parameters())
+
+    layers = model.model.layers
+    expected = {  # module -> (parameters, megafast tensors: fused QKV, [gate; up] fc1)
+        "embedding": (count(model.model.embed_tokens), 1),
+        "attention": (count(*(layer.self_attn for layer in layers)), 2 * len(layers)),
+        "mlp": (count(*(layer.mlp for layer in layers)), 2 * len(layers)),
+        "norms": (count(*(m for layer in layers for m in (layer.input_layernorm, layer.post_attention_layernorm))),
+                  2 * len(layers)),
+        "final_norm": (count(model.model.norm), 1),
+        "output_layer": (count(model.lm_head), 1),
+    }
+    modules = {m["module"]: m for m in plan["modules"]}
+    assert set(modules) == set(expected)
+    for name, (params, tensors) in expected.items():
+        m = modules[name]
+        assert m["parameters"] == params, name
+        assert m["count"] == (4 if name in ("attention", "mlp", "norms") else 1), name
+        gb = m["memory_gb"]
+        assert gb["weights"] * 1e9 == pytest.approx(2 * params), name
+        assert gb["gradients"] * 1e9 == pytest.approx(4 * params), name
+        assert gb["master_weights"] * 1e9 == pytest.approx(4 * params), name
+        assert gb["optimizer_states"] * 1e9 == pytest.approx(8 * params + 4 * tensors), name
+
+    by_layout = {(s["layout"]["tp"], s["layout"]["pp"], s["layout"]["recompute"]): s for s in plan["strategies"]}
+    assert {(t, p) for t, p, _ in by_layout} == {(t, p) for t in (1, 2, 4, 8) for p in (1, 2, 4)}
+    assert "does not divide 2 query groups" in by_layout[(4, 1, None)]["reason"]  # 2 query groups: TP 4 and 8 impossible
+    single = by_layout[(1, 1, None)]["memory_gb"]
+    whole = sum(m["memory_gb"]["total"] for m in plan["modules"])
+    assert single["weights"] + single["gradients"] + single["master_weights"] + single["optimizer_states"] == (
+        pytest.approx(whole))
+    assert single["activations"] > by_layout[(1, 1, "full")]["memory_gb"]["activations"] > 0
+    assert by_layout[(2, 1, None)]["memory_gb"]["weights"] < single["weights"]
+    assert by_layout[(1, 2, None)]["memory_gb"]["weights"] < single["weights"]
+    assert all(s["fits"] for s in plan["strategies"] if "fits" in s)  # a tiny model on 80 GB
+
+    tight = str(single["total"] * 0.99 / 0.9)  # GB (90% usable): TP = PP = 1 no longer fits
+    assert plan_tool.main(["--hf-config", str(path), "--json", "--gpu-memory-gb", tight]) == 0
+    fits = {(s["layout"]["tp"], s["layout"]["pp"], s["layout"]["recompute"]): s.get("fits")
+            for s in json.loads(capsys.readouterr().out)["strategies"]}
+    assert fits[(1, 1, None)] is False and fits[(2, 2, "full")] is True and fits[(4, 1, None)] is None
+
+    assert plan_tool.main(["--hf-config", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "memory per module" in text and "memory per GPU" in text and "--num-gpus N adds" in text
+    with pytest.raises(SystemExit, match="--tokens .* needs --num-gpus"):
+        plan_tool.main(["--hf-config", str(path), "--tokens", "1T"])

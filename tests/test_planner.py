@@ -1,4 +1,4 @@
-"""megafast.planner*: predictions against the real thing.
+"""megafast.planner: predictions against the real thing.
 
 - Parameters: every rank's names, shapes and order equal the instantiated GPTModel chunks (TP, PP,
   interleaving, partitions), totals equal ``transformers`` models of the same architecture.
@@ -38,14 +38,15 @@ from megafast.planner import (
     total_parameter_count,
     training_flops_per_token,
 )
-from megafast.planner_memory import (
+from megafast.planner.memory import (
     GB,
     activation_memory,
     chunk_activation_bytes,
     peak_memory,
     static_memory,
 )
-from megafast.planner_throughput import Cluster, estimate, search, step_time
+from megafast.planner.search import search
+from megafast.planner.throughput import Cluster, estimate, step_time
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

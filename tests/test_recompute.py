@@ -16,7 +16,7 @@ from megafast.planner import (
     layer_forward_flops_per_token,
     training_flops_per_token,
 )
-from megafast.planner_memory import activation_memory, chunk_activation_bytes
+from megafast.planner.memory import activation_memory, chunk_activation_bytes
 from test_planner import DTYPES, gpt2, llama, saved_activation_bytes
 
 

@@ -190,3 +190,34 @@ def test_bpe_model_is_used_with_word_cache(tmp_path):
     assert analyse_model(open(model, "rb").read()).exact
     # A json round trip of the stress documents (what preprocessing feeds) stays exact too.
     check_exact(model, [json.loads(json.dumps(d)) for d in random_docs(11)], eod=2)
+
+
+def test_missing_protobuf_warns_once_and_stays_exact(tmp_path):
+    """Without protobuf the word cache cannot read the model: preprocessing says so once (not
+    once per worker), names the fix, and writes what SentencePiece alone would."""
+    import os
+    import subprocess
+    import sys
+
+    model = train(tmp_path, "bpe", model_type="bpe")
+    corpus = tmp_path / "corpus.jsonl"
+    docs = random_docs(5, 200)
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["sentencepiece.sentencepiece_model_pb2"] = None  # what a missing protobuf does
+        from megafast.data.preprocess import PreprocessConfig, preprocess
+        preprocess(PreprocessConfig(input=sys.argv[1], output_prefix=sys.argv[2], workers=2,
+                                    tokenizer_type="SentencePieceTokenizer", tokenizer_model=sys.argv[3],
+                                    append_eod=True, progress=False, chunk_bytes=4096))
+    """)
+    out = str(tmp_path / "out")
+    proc = subprocess.run([sys.executable, "-c", script, str(corpus), out, model], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": root})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("the protobuf package is missing") == 1, proc.stderr
+    assert "pip install protobuf" in proc.stderr
+    sp = spm.SentencePieceProcessor(model_file=model)
+    expected = [i for d in docs for i in (sp.encode(d) + [sp.eos_id()] if sp.encode(d) else [])]
+    assert np.fromfile(out + "_text_document.bin", np.uint16).tolist() == expected

@@ -11,6 +11,7 @@ first and last loss. Steps whose output already exists are skipped, so a second 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -48,6 +49,10 @@ def main() -> None:
     args = p.parse_args()
     if args.nproc % 4:
         raise SystemExit(f"error: --nproc {args.nproc} must be a multiple of 4 (TP=2 x PP=2)")
+    missing = [m for m in ("transformers", "tensorboard") if importlib.util.find_spec(m) is None]
+    if missing:  # the TensorBoard log and the sample from the HF export (megafast/extras.py)
+        raise SystemExit(f"error: the demo needs the {' and '.join(missing)} package: "
+                         "pip install 'megafast[demo]' (make demo installs it)")
 
     out = Path(args.dir).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,14 @@
 
     python tools/plan.py --hf-config llama/config.json --seq-length 4096 --num-gpus 64 --json
 
+    python tools/plan.py --hf-config llama/config.json --seq-length 4096
+
 The model comes from Megatron's flags (pretrain_gpt.py's names) or from a Hugging Face
-``config.json`` (Llama, Mistral, Qwen2, GPT-2). Every (TP, PP, DP, micro-batch, recompute,
+``config.json`` (Llama, Mistral, Qwen2, GPT-2). Without ``--num-gpus`` the answer is the model
+itself: its size, the memory of each module (weights, fp32 gradients, master weights and
+optimizer states) and the memory per GPU of each TP x PP x recompute strategy (at DP 1, which
+the distributed optimizer would divide the master weights and optimizer states by). With
+``--num-gpus``, every (TP, PP, DP, micro-batch, recompute,
 distributed optimizer) layout of ``--num-gpus`` GPUs is estimated with megafast.planner (the
 FLOP model the trainer logs MFU with, exact parameter/gradient/optimizer bytes, activations as
 the model code keeps them, and a compute + communication time model); the layouts that fit are
@@ -26,14 +32,25 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megafast.config import GPTConfig  # noqa: E402
-from megafast.planner import Layout, total_parameter_count, training_flops_per_token  # noqa: E402
-from megafast.planner_memory import GB  # noqa: E402
-from megafast.planner_throughput import Cluster, Estimate, Plan, search  # noqa: E402
+from megafast.planner import (  # noqa: E402
+    GB,
+    Cluster,
+    Estimate,
+    Layout,
+    ModuleMemory,
+    Plan,
+    RankMemory,
+    module_memory,
+    peak_memory,
+    search,
+    total_parameter_count,
+    training_flops_per_token,
+)
 
 SUFFIXES = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 
@@ -137,7 +154,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
 
     g = p.add_argument_group("cluster")
-    g.add_argument("--num-gpus", type=int, required=True)
+    g.add_argument("--num-gpus", type=int, default=None,
+                   help="search the layouts of this many GPUs (throughput, days); without it: model "
+                        "size and memory per module and per GPU for each TP x PP strategy")
     g.add_argument("--gpus-per-node", type=int, default=8)
     g.add_argument("--gpu-memory-gb", type=float, default=80.0)
     g.add_argument(
@@ -254,10 +273,12 @@ def model_from_args(args: argparse.Namespace) -> tuple[GPTConfig, int]:
             raise SystemExit(
                 f"error: --hf-config {args.hf_config} has no {e} entry: is it a model config.json?"
             ) from None
-        config.make_vocab_size_divisible_by = args.make_vocab_size_divisible_by
-        config.fused_linear_cross_entropy = args.fused_linear_cross_entropy
-        if args.hidden_dropout is not None:
-            config.hidden_dropout = args.hidden_dropout
+        config = dataclasses.replace(
+            config,
+            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+            fused_linear_cross_entropy=args.fused_linear_cross_entropy,
+            hidden_dropout=config.hidden_dropout if args.hidden_dropout is None else args.hidden_dropout,
+        )
         return config, args.seq_length or config.max_position_embeddings
     missing = [
         f
@@ -429,8 +450,169 @@ def print_tables(
         console.print(f"{len(plan.rejected)} layouts rejected (--show-rejected says why)")
 
 
+class Strategy(NamedTuple):
+    """One TP x PP x recompute layout at DP 1, and its most loaded GPU (None: it cannot run)."""
+
+    layout: Layout
+    memory: Optional[RankMemory]
+    reason: Optional[str] = None  # why the layout cannot run
+
+
+def strategies(args: argparse.Namespace, config: GPTConfig, seq_length: int) -> list[Strategy]:
+    """Memory per GPU of each strategy: TP 1, 2, 4, 8 (up to --gpus-per-node) x PP 1, 2, 4, ...
+    (up to the layers, at most 16) x no/selective/full recompute, unless a flag fixes one; one
+    micro-batch of --micro-batch-size (default 1) sequences, 1F1B over the global batch."""
+    tps = [args.tensor_model_parallel_size] if args.tensor_model_parallel_size else [
+        t for t in (1, 2, 4, 8) if t <= args.gpus_per_node
+    ]
+    pps = [args.pipeline_model_parallel_size] if args.pipeline_model_parallel_size else [
+        p for p in (1, 2, 4, 8, 16) if p <= config.num_layers
+    ]
+    rc = args.recompute_granularity
+    recomputes = (None, "selective", "full") if rc is None else [None if rc == "none" else rc]
+    mbs = args.micro_batch_size or 1
+    out = []
+    for t in tps:
+        for p in pps:
+            for r in recomputes:
+                layout = Layout(
+                    tp=t,
+                    pp=p,
+                    micro_batch_size=mbs,
+                    num_microbatches=max(1, args.global_batch_size // mbs),
+                    seq_length=seq_length,
+                    sequence_parallel=(t > 1) if args.sequence_parallel is None else args.sequence_parallel,
+                    recompute=r,
+                    recompute_method=args.recompute_method,
+                    recompute_num_layers=args.recompute_num_layers,
+                    dtype=args.dtype,
+                    optimizer=args.optimizer,
+                )
+                try:
+                    layout.check(config)
+                except ValueError as err:
+                    out.append(Strategy(layout, None, str(err)))
+                    continue
+                out.append(Strategy(layout, peak_memory(config, layout)))
+    return out
+
+
+def module_dict(m: ModuleMemory) -> dict:
+    s = m.static
+    memory = {
+        "weights": s.weights / GB,
+        "gradients": s.gradients / GB,
+        "master_weights": s.master_weights / GB,
+        "optimizer_states": s.optimizer_states / GB,
+        "total": s.total / GB,
+    }
+    return {"module": m.name, "count": m.count, "parameters": m.parameters, "memory_gb": memory}
+
+
+def strategy_dict(s: Strategy, usable_gb: float) -> dict:
+    out: dict = {"layout": dataclasses.asdict(s.layout), "reason": s.reason}
+    if s.memory is not None:
+        out["memory_gb"] = s.memory.breakdown_gb()
+        out["memory_pp_rank"] = s.memory.pp_rank
+        out["fits"] = s.memory.total / GB <= usable_gb
+    return out
+
+
+def print_model_tables(
+    args: argparse.Namespace,
+    config: GPTConfig,
+    seq_length: int,
+    modules: list[ModuleMemory],
+    found: list[Strategy],
+    usable_gb: float,
+) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    params = total_parameter_count(config, padded=False)
+    flops = training_flops_per_token(config, seq_length)
+    console.print(
+        f"[bold]model[/bold] {params / 1e9:.2f}B parameters ({params:,}), {config.num_layers} layers, "
+        f"hidden {config.hidden_size}, {flops / 1e9:.1f} GFLOP/token (training); seq {seq_length}, "
+        f"{args.dtype}, {args.optimizer}"
+    )
+    table = Table(title="memory per module (unsharded; GB = 10^9 bytes)")
+    for col in ("module", "x", "parameters", "weights", "gradients", "master", "optimizer", "total GB"):
+        table.add_column(col, justify="left" if col == "module" else "right")
+    for m in modules:
+        s = m.static
+        table.add_row(m.name, str(m.count), f"{m.parameters:,}", *(
+            f"{v / GB:.2f}" for v in (s.weights, s.gradients, s.master_weights, s.optimizer_states, s.total)
+        ))
+    total = sum(m.static.total for m in modules)
+    table.add_row("all", "", f"{sum(m.parameters for m in modules):,}", "", "", "", "", f"{total / GB:.2f}")
+    console.print(table)
+    mbs = args.micro_batch_size or 1
+    table = Table(
+        title=f"memory per GPU (most loaded), DP 1, micro-batch {mbs} x {seq_length} tokens; "
+        f"the distributed optimizer divides master + optimizer by DP; fits: <= {usable_gb:.1f} GB usable"
+    )
+    for col in ("TP", "PP", "SP", "recompute", "weights", "gradients", "master", "optimizer",
+                "activations", "total GB", "fits"):
+        table.add_column(col, justify="right")
+    for s in found:
+        if s.memory is None:
+            continue
+        b, lay = s.memory.breakdown_gb(), s.layout
+        table.add_row(
+            str(lay.tp),
+            str(lay.pp),
+            "y" if lay.sequence_parallel else "-",
+            _recompute(lay),
+            *(f"{b[k]:.2f}" for k in ("weights", "gradients", "master_weights", "optimizer_states", "activations")),
+            f"{b['total']:.2f}",
+            "y" if b["total"] <= usable_gb else "-",
+        )
+    console.print(table)
+    console.print("--num-gpus N adds the layout search (throughput, MFU; days with --tokens)")
+
+
+def model_report(args: argparse.Namespace, config: GPTConfig, seq_length: int) -> None:
+    """The answer without --num-gpus: model size, memory per module and per GPU per strategy."""
+    if args.tokens is not None:
+        raise SystemExit("error: --tokens (days of training) needs --num-gpus: give the cluster size")
+    if args.gpu_memory_gb <= 0 or not 0 <= args.memory_headroom < 1:
+        raise SystemExit("error: --gpu-memory-gb must be > 0 and --memory-headroom in [0, 1)")
+    usable_gb = args.gpu_memory_gb * (1 - args.memory_headroom)
+    modules = module_memory(config, args.dtype, args.optimizer)
+    found = strategies(args, config, seq_length)
+    if args.json:
+        out = {
+            "model": dataclasses.asdict(config)
+            | {
+                "parameters": total_parameter_count(config, padded=False),
+                "training_flops_per_token": training_flops_per_token(config, seq_length),
+            },
+            "seq_length": seq_length,
+            "global_batch_size": args.global_batch_size,
+            "dtype": args.dtype,
+            "optimizer": args.optimizer,
+            "gpu_memory_gb": args.gpu_memory_gb,
+            "usable_memory_gb": usable_gb,
+            "modules": [module_dict(m) for m in modules],
+            "strategies": [strategy_dict(s, usable_gb) for s in found],
+        }
+        json.dump(out, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print_model_tables(args, config, seq_length, modules, found, usable_gb)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if args.num_gpus is None:
+        config, seq_length = model_from_args(args)
+        try:
+            model_report(args, config, seq_length)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        return 0
     try:
         config, seq_length = model_from_args(args)
         cluster = Cluster(

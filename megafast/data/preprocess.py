@@ -47,9 +47,10 @@ from typing import IO, Any, Iterator, Sequence
 import numpy as np
 
 from megafast.data.indexed_dataset import IndexedDatasetBuilder, best_fitting_dtype
-from megafast.data.tokenizer import Tokenizer, build_tokenizer
-from megafast.data.word_cache import make_encoder
+from megafast.data.tokenizer import SentencePieceTokenizer, Tokenizer, build_tokenizer
+from megafast.data.word_cache import make_encoder, protobuf_missing
 from megafast.data.worker_pool import IndexedOutputs, Progress, WorkerPool
+from megafast.extras import require
 
 _JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 
@@ -322,6 +323,7 @@ class _ParquetInput:
 
     def __init__(self, path: str, keys: Sequence[str], chunk_bytes: int, vocab_size: int,
                  dtype: np.dtype) -> None:
+        require("pyarrow", "data", "parquet input")
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -417,6 +419,8 @@ def preprocess(config: PreprocessConfig) -> PreprocessStats:
     """
     tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model, config.vocab_file,
                                 config.merge_file, config.vocab_size)
+    if config.word_cache and isinstance(tokenizer, SentencePieceTokenizer):
+        protobuf_missing()  # warns here, once, before the workers fork
     dtype = best_fitting_dtype(tokenizer.vocab_size)
     eod = tokenizer.eod if config.append_eod else None
     keys = config.json_keys

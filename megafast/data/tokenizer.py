@@ -24,6 +24,8 @@ import os
 from abc import ABC, abstractmethod
 from typing import Any, Sequence
 
+from megafast.extras import require
+
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer",
                    "NullTokenizer")
 _ALIASES = {"GPTSentencePieceTokenizer": "SentencePieceTokenizer"}
@@ -139,6 +141,7 @@ class HuggingFaceTokenizer(Tokenizer):
         self._fast: Any = None  # tokenizers.Tokenizer, for a bare tokenizer.json
         self._hf: Any = None  # transformers tokenizer, for a directory
         if os.path.isdir(path):
+            require("transformers", "data", f"--tokenizer-model {path} (a Hugging Face tokenizer directory)")
             from transformers import AutoTokenizer
 
             try:

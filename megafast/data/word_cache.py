@@ -58,6 +58,7 @@ and words longer than `max_word_chars` characters are encoded but not kept.
 from __future__ import annotations
 
 import struct
+import warnings
 from dataclasses import dataclass
 from itertools import accumulate, chain
 from typing import TYPE_CHECKING, Sequence
@@ -258,8 +259,7 @@ class WordCacheEncoder:
         try:
             proto = _load_proto(serialized)
         except ImportError:
-            raise ValueError("the word cache needs the protobuf package to read the model; "
-                             "pip install protobuf, or encode without it (--no-word-cache)") from None
+            raise ImportError(NO_PROTOBUF) from None
         self.support = _analyse(proto)
         if not self.support.exact:
             raise ValueError(f"{model_file}: the word cache is not exact for this model "
@@ -391,14 +391,31 @@ def word_cache_support(model_file: str) -> WordCacheSupport:
         return analyse_model(f.read())
 
 
+NO_PROTOBUF = ("the protobuf package is missing, so SentencePiece models are encoded without the "
+               "word cache (same tokens, about 1.5x slower): pip install protobuf (a megafast dependency)")
+
+
+def protobuf_missing() -> bool:
+    """True, after a warning, when the word cache cannot read model protos (no protobuf).
+
+    The warning is raised here only, so it shows once per process; worker processes forked after
+    the main process warned inherit its warning registry and stay silent."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2  # noqa: F401
+    except ImportError:
+        warnings.warn(NO_PROTOBUF)
+        return True
+    return False
+
+
 def make_encoder(tokenizer: Tokenizer, dtype: np.dtype, eod: int | None = None,
                  word_cache: bool = True) -> BatchEncoder | WordCacheEncoder:
     """The fastest exact encoder: the word cache for a SentencePiece model that allows it."""
     from megafast.data.tokenizer import SentencePieceTokenizer
 
-    if word_cache and isinstance(tokenizer, SentencePieceTokenizer):
+    if word_cache and isinstance(tokenizer, SentencePieceTokenizer) and not protobuf_missing():
         try:
             return WordCacheEncoder(tokenizer.model_file, dtype, eod)
-        except ValueError:  # not provably exact for this model (or no protobuf): plain batches
+        except ValueError:  # not provably exact for this model: plain batches
             pass
     return BatchEncoder(tokenizer, dtype, eod)

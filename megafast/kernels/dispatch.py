@@ -89,7 +89,8 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     if backend != "triton":
         raise ValueError(f"unknown kernel backend {backend!r}: choose one of {', '.join(KERNEL_BACKENDS)}")
     if not HAS_TRITON:
-        raise ValueError("--kernels triton needs the triton package: install it, or use --kernels auto/torch")
+        raise ValueError("--kernels triton needs the triton package: pip install 'megafast[triton]', "
+                         "or use --kernels auto/torch")
     if not x.is_cuda and not interpreting():
         raise ValueError(
             "--kernels triton on CPU tensors runs only in Triton's interpreter: set TRITON_INTERPRET=1 "

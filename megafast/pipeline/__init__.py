@@ -23,6 +23,7 @@ from megafast.pipeline.schedules import (
     one_f_one_b,
     peer_chunk,
     peer_rank,
+    schedule_name,
     virtual_stage,
 )
 from megafast.pipeline.simulator import DeadlockError, ScheduleError, SimulationResult, StepTiming, simulate
@@ -54,6 +55,7 @@ __all__ = [
     "one_f_one_b",
     "peer_chunk",
     "peer_rank",
+    "schedule_name",
     "simulate",
     "virtual_stage",
 ]

@@ -34,6 +34,7 @@ from megafast.pipeline.schedules import (
     Action,
     build_schedule,
     comm_ops,
+    schedule_name,
 )
 
 
@@ -62,12 +63,6 @@ def _scaled(loss: torch.Tensor, scale) -> torch.Tensor:
         return loss * scale
     factor = scale.to(torch.promote_types(loss.dtype, torch.float32))
     return (loss * factor).to(loss.dtype)
-
-
-def schedule_name(pp_size: int, num_chunks: int, pipeline_schedule: str = "1f1b") -> str:
-    if pp_size == 1:
-        return "none"
-    return "interleaved" if num_chunks > 1 else pipeline_schedule
 
 
 class PipelineEngine:
@@ -186,4 +181,4 @@ class PipelineEngine:
         return torch.empty(self.activation_shape, dtype=self.dtype, device=self.device)
 
 
-__all__ = ["Microbatch", "PipelineEngine", "StepLoss", "schedule_name"]
+__all__ = ["Microbatch", "PipelineEngine", "StepLoss"]

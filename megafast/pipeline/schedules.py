@@ -77,6 +77,7 @@ __all__ = [
     "one_f_one_b",
     "peer_chunk",
     "peer_rank",
+    "schedule_name",
     "virtual_stage",
 ]
 
@@ -428,6 +429,14 @@ def interleaved_one_f_one_b(
 
 
 SCHEDULES = ("none", "gpipe", "1f1b", "interleaved")
+
+
+def schedule_name(pp_size: int, num_chunks: int, pipeline_schedule: str = "1f1b") -> str:
+    """The schedule a run uses: ``none`` without pipelining, ``interleaved`` with several model
+    chunks per rank, else ``pipeline_schedule`` (``--pipeline-schedule``: 1f1b or gpipe)."""
+    if pp_size == 1:
+        return "none"
+    return "interleaved" if num_chunks > 1 else pipeline_schedule
 
 
 def build_schedule(

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from megafast.extras import require
+
 
 @dataclass
 class IterationStats:
@@ -82,7 +84,8 @@ class TrainingLogger:
         if not enabled:
             return
         if tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+            require("tensorboard", "tensorboard", "--tensorboard-dir")
+            from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=tensorboard_dir)
         if jsonl_path:

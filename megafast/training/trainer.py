@@ -36,11 +36,12 @@ from megafast.data.prefetch import MicroBatchPrefetcher
 from megafast.data.sampler import MicroBatchSampler
 from megafast.data.sft_dataset import build_sft_datasets
 from megafast.data.tokenizer import build_tokenizer
+from megafast.extras import require
 from megafast.model.lora import apply_lora
 from megafast.parallel.state import ParallelState
 from megafast.pipeline.engine import Microbatch, PipelineEngine
 from megafast.pipeline.partition import build_model_chunks
-from megafast.planner import device_peak_tflops, training_flops_per_token
+from megafast.planner.flops import device_peak_tflops, training_flops_per_token
 from megafast.training.checkpointing import Checkpointer, load_checkpoint
 from megafast.training.data_parallel import DataParallel
 from megafast.training.logging import IterationStats, Timer, TrainingLogger
@@ -163,6 +164,8 @@ def setup(argv: Optional[Sequence[str]] = None) -> Run:
 
     try:  # pure configuration: fail here, before any process group exists
         opt_config, scheduler = _optimizer_config(args), _scheduler(args)
+        if args.tensorboard_dir:
+            require("tensorboard", "tensorboard", "--tensorboard-dir")
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -1,7 +1,8 @@
-"""Step time, tokens/s and MFU of a layout on a cluster, and the ranked search over layouts.
+"""Step time, tokens/s and MFU of a layout on a cluster (the search over layouts is in
+:mod:`megafast.planner.search`).
 
 Compute. A microbatch on pipeline rank r costs ``tokens * F_r / t`` FLOPs, F_r the hardware
-FLOPs per token of r's layers (:func:`~megafast.planner.training_flops_per_token` terms,
+FLOPs per token of r's layers (:func:`~megafast.planner.flops.training_flops_per_token` terms,
 recomputation included, the output layer on the last stage: one more forward of it with the fused
 linear + cross-entropy, which recomputes the logits in backward), run at
 ``gpu_tflops * compute_efficiency``. ``compute_efficiency`` (default 0.6) is the fraction of
@@ -43,23 +44,19 @@ model FLOPs per token * tokens/s / (GPUs * peak), the trainer's definition.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Optional
 
 from megafast.config import GPTConfig
 from megafast.model.recompute import recomputed_layers
-from megafast.pipeline.engine import schedule_name
-from megafast.pipeline.schedules import bubble_fraction
-from megafast.planner import (
-    DTYPE_BYTES,
-    Layout,
+from megafast.pipeline.schedules import bubble_fraction, schedule_name
+from megafast.planner.flops import (
     attention_flops_per_token,
     layer_forward_flops_per_token,
-    layout_config,
     output_forward_flops_per_token,
-    rank_stages,
     training_flops_per_token,
 )
-from megafast.planner_memory import GB, RankMemory, peak_memory, rank_parameter_state, resolve_kernels
+from megafast.planner.layout import DTYPE_BYTES, Layout, layout_config, rank_stages
+from megafast.planner.memory import GB, RankMemory, peak_memory, rank_parameter_state, resolve_kernels
 
 SECONDS_PER_DAY = 86400.0
 
@@ -204,6 +201,11 @@ class Estimate:
     def fits(self) -> bool:
         return self.reason is None
 
+    @classmethod
+    def rejected(cls, layout: Layout, reason: str) -> "Estimate":
+        """A layout that cannot run, with nothing estimated."""
+        return cls(layout, None, None, 0.0, 0.0, 0.0, reason)
+
     def days(self, tokens: float) -> float:
         """Days to train on ``tokens`` tokens at this layout's speed."""
         return tokens / self.tokens_per_s / SECONDS_PER_DAY if self.tokens_per_s > 0 else float("inf")
@@ -212,13 +214,13 @@ class Estimate:
 def estimate(config: GPTConfig, layout: Layout, cluster: Cluster) -> Estimate:
     """Memory and speed of ``layout``; ``reason`` says why it cannot run, if it cannot."""
     if layout.world_size != cluster.num_gpus:
-        return _bare(layout, f"uses {layout.world_size} GPUs, not the {cluster.num_gpus} given")
+        return Estimate.rejected(layout, f"uses {layout.world_size} GPUs, not the {cluster.num_gpus} given")
     try:
         layout.check(config)
     except ValueError as err:
-        return _bare(layout, str(err))
+        return Estimate.rejected(layout, str(err))
     if layout.tp > cluster.gpus_per_node:
-        return _bare(layout, f"TP={layout.tp} spans more than a node of {cluster.gpus_per_node} GPUs")
+        return Estimate.rejected(layout, f"TP={layout.tp} spans more than a node of {cluster.gpus_per_node} GPUs")
     memory = peak_memory(config, layout)
     time = step_time(config, layout, cluster)
     tokens_per_s = layout.tokens_per_step / time.total
@@ -237,106 +239,12 @@ def estimate(config: GPTConfig, layout: Layout, cluster: Cluster) -> Estimate:
     return Estimate(layout, memory, time, tokens_per_s, tflops, mfu, reason)
 
 
-def _divisors(n: int) -> list[int]:
-    return [k for k in range(1, n + 1) if n % k == 0]
-
-
-@dataclass(frozen=True)
-class Plan:
-    feasible: list[Estimate]  # fastest first
-    rejected: list[Estimate]
-
-
-def search(
-    config: GPTConfig,
-    cluster: Cluster,
-    seq_length: int,
-    global_batch_size: int,
-    *,
-    dtype: str = "bf16",
-    optimizer: str = "adam",
-    tp: Optional[int] = None,
-    pp: Optional[int] = None,
-    micro_batch_sizes: Sequence[int] = (1, 2, 4, 8),
-    recompute: Iterable[Optional[str]] = (None, "selective", "full"),
-    distributed_optimizer: Iterable[bool] = (False, True),
-    sequence_parallel: Optional[bool] = None,
-    layers_per_virtual_stage: Optional[int] = None,
-    recompute_method: str = "uniform",
-    recompute_num_layers: int = 1,
-) -> Plan:
-    """Estimate every (TP, PP, DP, micro-batch, recompute, distributed optimizer) layout of
-    ``cluster.num_gpus`` GPUs; rank the ones that fit by tokens/s.
-
-    ``tp``/``pp`` fix those sizes (else every divisor of the GPU count is tried);
-    ``sequence_parallel`` None turns it on whenever TP > 1 (it saves memory at equal traffic);
-    ``recompute_method``/``recompute_num_layers`` apply to the full-recompute layouts.
-    """
-    if global_batch_size < 1 or seq_length < 1:
-        raise ValueError(
-            f"global batch size and sequence length must be >= 1, got {global_batch_size}, {seq_length}"
-        )
-    feasible, rejected = [], []
-    n = cluster.num_gpus
-    sizes = dict(seq_length=seq_length, dtype=dtype, optimizer=optimizer)
-    for t in [tp] if tp else _divisors(n):
-        for p in [pp] if pp else _divisors(n // t) if n % t == 0 else [1]:
-            if n % (t * p):
-                rejected.append(
-                    _bare(Layout(tp=t, pp=p, **sizes), f"TP x PP = {t} x {p} does not divide {n} GPUs")
-                )
-                continue
-            d, v = n // (t * p), 1
-            if layers_per_virtual_stage and p > 1:
-                if config.num_layers % (layers_per_virtual_stage * p):
-                    why = (
-                        f"{config.num_layers} layers do not split into PP {p} x "
-                        f"{layers_per_virtual_stage}-layer chunks"
-                    )
-                    rejected.append(_bare(Layout(tp=t, pp=p, dp=d, **sizes), why))
-                    continue
-                v = config.num_layers // (layers_per_virtual_stage * p)
-            for mbs in micro_batch_sizes:
-                if global_batch_size % (mbs * d):
-                    why = f"global batch {global_batch_size} is not a multiple of micro-batch {mbs} x DP {d}"
-                    rejected.append(_bare(Layout(tp=t, pp=p, dp=d, micro_batch_size=mbs, **sizes), why))
-                    continue
-                for rc in recompute:
-                    for dist in distributed_optimizer:
-                        if dist and d == 1:
-                            continue  # identical to the plain optimizer
-                        layout = Layout(
-                            tp=t,
-                            pp=p,
-                            dp=d,
-                            micro_batch_size=mbs,
-                            num_microbatches=global_batch_size // (mbs * d),
-                            num_model_chunks=v,
-                            sequence_parallel=(t > 1) if sequence_parallel is None else sequence_parallel,
-                            recompute=rc,
-                            recompute_method=recompute_method,
-                            recompute_num_layers=recompute_num_layers,
-                            distributed_optimizer=dist,
-                            **sizes,
-                        )
-                        est = estimate(config, layout, cluster)
-                        (feasible if est.fits else rejected).append(est)
-    feasible.sort(key=lambda x: (-x.tokens_per_s, x.memory.total))
-    return Plan(feasible, rejected)
-
-
-def _bare(layout: Layout, reason: str) -> Estimate:
-    return Estimate(layout, None, None, 0.0, 0.0, 0.0, reason)
-
-
 __all__ = [
     "Cluster",
     "Estimate",
-    "Plan",
     "StepTime",
     "all_gather_seconds",
     "all_reduce_seconds",
     "estimate",
-    "search",
     "step_time",
 ]

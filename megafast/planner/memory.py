@@ -56,25 +56,16 @@ it is added into ``main_grad``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib.util
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 from megafast.config import GPTConfig
-from megafast.pipeline.engine import schedule_name
-from megafast.pipeline.schedules import FORWARD, Action, build_schedule
 from megafast.model.recompute import recompute_plan
-from megafast.planner import (
-    DTYPE_BYTES,
-    Layout,
-    ParamSpec,
-    Stage,
-    layout_config,
-    rank_parameters,
-    rank_stages,
-)
+from megafast.pipeline.schedules import FORWARD, Action, build_schedule, schedule_name
+from megafast.planner.layout import DTYPE_BYTES, DType, Layout, Stage, layout_config, rank_stages
+from megafast.planner.parameters import ParamSpec, rank_parameters
 
 Device = Literal["cuda", "cpu"]
 GRAD_BYTES = 4  # fp32 main_grad
@@ -156,8 +147,8 @@ def rank_parameter_state(config: GPTConfig, layout: Layout, pp_rank: int, dp_ran
     """Parameter, gradient-buffer and master element counts of one GPU.
 
     Plain optimizer: one master per parameter. Distributed: one per parameter piece inside this
-    DP rank's shard of each bucket. Memoised on the fields that matter (a search asks for the
-    same ranks under many micro-batch and recompute choices).
+    DP rank's shard of each bucket. Memoised on the (frozen) config and the layout fields that
+    matter: a search asks for the same ranks under many micro-batch and recompute choices.
     """
     if not 0 <= dp_rank < layout.dp:
         raise ValueError(f"data-parallel rank {dp_rank} is outside 0..{layout.dp - 1}")
@@ -171,20 +162,10 @@ def rank_parameter_state(config: GPTConfig, layout: Layout, pp_rank: int, dp_ran
         partition=layout.partition,
         bucket_size_mb=layout.bucket_size_mb,
     )
-    fields = dataclasses.astuple(config)
-    try:
-        return _cached_rank_parameter_state(fields, key, pp_rank, dp_rank)
-    except TypeError:  # a config field that cannot be hashed: compute without the memo
-        return _count_rank_parameter_state(config, key, pp_rank, dp_rank)
+    return _count_rank_parameter_state(config, key, pp_rank, dp_rank)
 
 
-@functools.lru_cache(maxsize=4096)
-def _cached_rank_parameter_state(
-    config_fields: tuple, layout: Layout, pp_rank: int, dp_rank: int
-) -> RankParameters:
-    return _count_rank_parameter_state(GPTConfig(*config_fields), layout, pp_rank, dp_rank)
-
-
+@functools.lru_cache(maxsize=4096)  # keyed on the frozen (hashable) GPTConfig and Layout
 def _count_rank_parameter_state(
     config: GPTConfig, layout: Layout, pp_rank: int, dp_rank: int
 ) -> RankParameters:
@@ -222,6 +203,54 @@ def static_memory(config: GPTConfig, layout: Layout, pp_rank: int, dp_rank: int 
         master_weights=0 if layout.dtype == "fp32" else n.masters * MASTER_BYTES,
         optimizer_states=states,
     )
+
+
+@dataclass(frozen=True)
+class ModuleMemory:
+    """Model state of one module of the unsharded model, all ``count`` instances together."""
+
+    name: str  # embedding, attention, mlp, norms (one per transformer layer), final_norm, output_layer
+    count: int  # instances: the number of layers for a transformer layer's parts, else 1
+    parameters: int
+    static: StaticMemory
+
+
+def _module_of(name: str) -> str:
+    """The :class:`ModuleMemory` group of a parameter name."""
+    if name.startswith("embedding."):
+        return "embedding"
+    if name.startswith("decoder.layers."):
+        part = name.split(".")[3]
+        return {"self_attention": "attention", "mlp": "mlp"}.get(part, "norms")
+    return "final_norm" if name.startswith("decoder.final_layernorm") else "output_layer"
+
+
+def module_memory(config: GPTConfig, dtype: DType = "bf16", optimizer: str = "adam") -> list[ModuleMemory]:
+    """Weights, fp32 gradients, fp32 masters and optimizer states of each module, unsharded.
+
+    The same byte rules as :func:`static_memory` on one GPU with the plain optimizer (no padding),
+    so the modules add up to ``static_memory(config, Layout(dtype=dtype, optimizer=optimizer), 0)``.
+    TP and PP divide the modules among GPUs; the distributed optimizer divides the masters and
+    optimizer states by DP.
+    """
+    layout = Layout(dtype=dtype, optimizer=optimizer)
+    groups: dict[str, list[ParamSpec]] = {}
+    for spec in rank_parameters(config, layout, 0)[0]:
+        groups.setdefault(_module_of(spec.name), []).append(spec)
+    out = []
+    for name, specs in groups.items():
+        numel = sum(p.numel for p in specs)
+        states = numel * MASTER_BYTES * (2 if optimizer == "adam" else 1)
+        states += 4 * len(specs) if optimizer == "adam" else 0  # each master tensor's ``step``
+        static = StaticMemory(
+            weights=numel * DTYPE_BYTES[dtype],
+            gradients=numel * GRAD_BYTES,
+            master_weights=0 if dtype == "fp32" else numel * MASTER_BYTES,
+            optimizer_states=states,
+        )
+        layered = name in ("attention", "mlp", "norms")
+        out.append(ModuleMemory(name, config.num_layers if layered else 1, numel, static))
+    return out
 
 
 # ---------------------------------------------------------------------------------- activations
@@ -475,6 +504,7 @@ __all__ = [
     "ActivationMemory",
     "Bucket",
     "Kernels",
+    "ModuleMemory",
     "RankMemory",
     "RankParameters",
     "StaticMemory",
@@ -483,6 +513,7 @@ __all__ = [
     "chunk_activation_bytes",
     "gradient_buffer",
     "layer_activation_bytes",
+    "module_memory",
     "peak_memory",
     "rank_memory",
     "rank_parameter_state",
