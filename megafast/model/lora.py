@@ -51,7 +51,7 @@ from megafast.parallel.mappings import (
     reduce_from_tensor_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
-from megafast.parallel.random import RNGStatesTracker
+from megafast.parallel.random import RNGStatesTracker, tensor_parallel_dropout
 
 ADAPTER = "adapter"
 LINEAR_IN = f"{ADAPTER}.linear_in.weight"  # A
@@ -116,12 +116,10 @@ class LoRAAdapter(nn.Module):
         self.linear_out = _Projection(b)
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.dropout == 0.0:
-            return x
-        if self.column and not self.sequence_parallel:  # x replicated: the same mask on every TP rank
-            return F.dropout(x, self.dropout, training=True)
-        with self.tracker.fork():  # this rank's shard of x: its own mask
-            return F.dropout(x, self.dropout, training=True)
+        # column-parallel x is replicated (the same mask on every TP rank) unless it is a sequence
+        # shard; row-parallel x is this rank's input columns: its own mask
+        sharded = not self.column or self.sequence_parallel
+        return tensor_parallel_dropout(x, self.dropout, training=self.training, tracker=self.tracker, sharded=sharded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.linear(self._dropout(x), self.linear_in.weight)  # [s(/p), b, r]; row: partial over TP
