@@ -11,8 +11,9 @@ any TP size.
 
 Sharding follows the base layer, with TP collectives on the rank-r activations only:
 
-- column-parallel base (W = [W_1; ...; W_p] by output rows): A replicated, B sharded like the
-  output (B_i, same partition stride as W, so SwiGLU's [gate_i; up_i] stays aligned).
+- column-parallel base (W = [W_1; ...; W_p] by output rows; the output head too, by vocabulary
+  rows): A replicated, B sharded like the output (B_i, same partition stride as W, so SwiGLU's
+  [gate_i; up_i] stays aligned).
   h = x A^T is the same on every rank; ``copy_to_tensor_parallel_region`` all-reduces its
   gradient (each rank's B_i contributes a part). With sequence parallelism x is this rank's
   sequence shard: h is computed on the shard and all-gathered ([s/p, b, r] -> [s, b, r]), and A's
@@ -41,6 +42,7 @@ from torch import nn
 from megafast.config import LORA_TARGET_MODULES as TARGET_MODULES
 from megafast.config import LoRAConfig
 from megafast.model.init import param_seed
+from megafast.model.output_head import OutputHead
 from megafast.parallel.layers import ColumnParallelLinear, RowParallelLinear, _set_tp_attributes, shard
 from megafast.parallel.mappings import (
     Group,
@@ -81,14 +83,14 @@ class LoRAAdapter(nn.Module):
 
     def __init__(
         self,
-        base: ColumnParallelLinear | RowParallelLinear,
+        base: ColumnParallelLinear | RowParallelLinear | OutputHead,
         config: LoRAConfig,
         name: str,
         seed: int,
         tracker: RNGStatesTracker,
     ) -> None:
         super().__init__()
-        self.column = isinstance(base, ColumnParallelLinear)
+        self.column = not isinstance(base, RowParallelLinear)  # column-parallel layer or the output head
         self.tp_group: Group = base.tp_group
         self.sequence_parallel = base.sequence_parallel
         self.scale = config.scale
@@ -141,8 +143,10 @@ def apply_lora(model: nn.Module, config: LoRAConfig, seed: int) -> list[str]:
     """
     adapted = []
     for name, module in list(model.named_modules()):
-        if name.rsplit(".", 1)[-1] in config.target_modules and isinstance(
-            module, (ColumnParallelLinear, RowParallelLinear)
+        if (
+            name.rsplit(".", 1)[-1] in config.target_modules
+            and isinstance(module, (ColumnParallelLinear, RowParallelLinear, OutputHead))
+            and module.weight is not None  # an output layer tied to this stage's embedding has none
         ):
             module.adapter = LoRAAdapter(module, config, name, seed, model.tracker)
             adapted.append(name)
