@@ -99,7 +99,8 @@ def test_model_parallel_tracker_gives_each_tp_rank_its_own_stream(seeds):
     assert all(not torch.equal(got[i], got[j]) for i in range(4) for j in range(i))
 
 
-def test_tensor_parallel_dropout_draws_replicated_masks_from_the_default_stream_and_sharded_from_the_rank_stream(seeds):
+def test_tensor_parallel_dropout_streams(seeds):
+    """Replicated activations draw from the default generator, sharded ones from the rank's stream."""
     default_seed, model_seed = seeds
     x = torch.randn(6, 2, 8, generator=torch.Generator().manual_seed(default_seed))
     tracker = model_parallel_rng_tracker(model_seed, tp_rank=1)

@@ -31,9 +31,13 @@ from megafast.model.recompute import recompute_plan
 from megafast.model.transformer import TransformerLayer
 from megafast.parallel.layers import VocabParallelEmbedding
 from megafast.parallel.mappings import scatter_to_sequence_parallel_region
-from megafast.parallel.random import RNGStatesTracker, checkpointed, model_parallel_rng_tracker, tensor_parallel_dropout
+from megafast.parallel.random import (
+    RNGStatesTracker,
+    checkpointed,
+    model_parallel_rng_tracker,
+    tensor_parallel_dropout,
+)
 from megafast.parallel.state import ParallelState
-
 
 
 def uniform_layer_range(num_layers: int, pp_size: int, pp_rank: int) -> tuple[int, int]:
@@ -227,14 +231,18 @@ class GPTModel(nn.Module):
             if hidden_states is None:
                 raise ValueError("a pipeline stage after the first needs hidden_states")
             x = hidden_states
-        x = self.decoder(x, self._rope(x, position_ids, inference_params), packed_seq_params, inference_params)
+        rope = self._rope(x, position_ids, inference_params)
+        x = self.decoder(x, rope, packed_seq_params, inference_params)
         if not self.post_process:
             return x
         tied = self.embedding.word_embeddings.weight if self.output_layer.weight is None else None
         return self.output_layer(x, labels, tied)
 
     def _rope(
-        self, x: torch.Tensor, position_ids: Optional[torch.Tensor], inference_params: Optional[InferenceParams]
+        self,
+        x: torch.Tensor,
+        position_ids: Optional[torch.Tensor],
+        inference_params: Optional[InferenceParams],
     ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """RoPE cos, sin for the positions of x [s(/p), b, h]: [s, b, 1, d] each for explicit
         ``position_ids``, else [s, 1, 1, d] for 0..s-1; None without RoPE."""

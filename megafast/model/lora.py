@@ -121,7 +121,9 @@ class LoRAAdapter(nn.Module):
         # column-parallel x is replicated (the same mask on every TP rank) unless it is a sequence
         # shard; row-parallel x is this rank's input columns: its own mask
         sharded = not self.column or self.sequence_parallel
-        return tensor_parallel_dropout(x, self.dropout, training=self.training, tracker=self.tracker, sharded=sharded)
+        return tensor_parallel_dropout(
+            x, self.dropout, training=self.training, tracker=self.tracker, sharded=sharded
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.linear(self._dropout(x), self.linear_in.weight)  # [s(/p), b, r]; row: partial over TP

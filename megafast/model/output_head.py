@@ -83,7 +83,7 @@ class OutputHead(nn.Module):
         ``embedding_weight`` [V/p, h]: the tied embedding matrix, needed exactly when the head has
         no weight of its own.
         """
-        assert (self.weight is None) == (embedding_weight is not None), "embedding_weight iff tied on this stage"
+        assert (self.weight is None) == (embedding_weight is not None), "embedding_weight iff tied here"
         weight = self.weight if self.weight is not None else embedding_weight  # [V/p, h]
         kernels = self.config.kernel_config
         # (a LoRA adapter on the output layer needs its logits: the unfused path)
