@@ -201,3 +201,46 @@ def test_pipeline_stages_compose_to_the_full_model(seeds):
     tied = stages[0].embedding.word_embeddings.weight.grad + stages[1].output_layer.weight.grad
     assert_rel_close(tied, whole_grads["embedding.word_embeddings.weight"], what="tied embedding grad")
     assert stages[1].shared_embedding_parameters() == [stages[1].output_layer.weight]
+
+
+def _layer_keys(i: int, bias: bool, norm_bias: bool) -> list[str]:
+    """DESIGN.md's names for layer i, in module order (weight before bias)."""
+    def wb(name: str, has_bias: bool) -> list[str]:
+        return [f"decoder.layers.{i}.{name}.weight"] + ([f"decoder.layers.{i}.{name}.bias"] if has_bias else [])
+    return (wb("input_layernorm", norm_bias) + wb("self_attention.linear_qkv", bias)
+            + wb("self_attention.linear_proj", bias) + wb("pre_mlp_layernorm", norm_bias)
+            + wb("mlp.linear_fc1", bias) + wb("mlp.linear_fc2", bias))
+
+
+def test_state_dict_keys_are_the_design_names():
+    """The exact state-dict keys (and order) of DESIGN.md for GPT-2 (tied, learned positions, biases),
+    Llama (untied), a tied two-stage pipeline and LoRA on the output layer; written out by hand."""
+    from megafast.config import LoRAConfig
+    from megafast.model.lora import LoRAAdapter
+
+    gpt2 = GPTModel(gpt2_config(), seed=3).state_dict()
+    assert list(gpt2) == (
+        ["embedding.word_embeddings.weight", "embedding.position_embeddings.weight"]
+        + _layer_keys(0, True, True) + _layer_keys(1, True, True)
+        + ["decoder.final_layernorm.weight", "decoder.final_layernorm.bias"]
+    )  # tied on one stage: no output_layer.weight
+
+    llama = GPTModel(llama_config(), seed=3)
+    keys = (["embedding.word_embeddings.weight"] + [k for i in range(4) for k in _layer_keys(i, False, False)]
+            + ["decoder.final_layernorm.weight", "output_layer.weight"])
+    assert list(llama.state_dict()) == keys
+    assert [n for n, _ in llama.named_parameters()] == keys
+    adapter = LoRAAdapter(llama.output_layer, LoRAConfig(2, 4.0, 0.0), "output_layer", 3, llama.tracker)
+    llama.output_layer.adapter = adapter
+    assert list(llama.state_dict()) == keys + [
+        "output_layer.adapter.linear_in.weight", "output_layer.adapter.linear_out.weight"
+    ]
+    assert adapter.linear_out.weight.shape == (VOCAB, 2) and adapter.column
+
+    config = llama_config(tie_embeddings=True)
+    stages = [GPTModel(config, ParallelState(pp_size=2, pp_rank=r), seed=3).state_dict() for r in range(2)]
+    first = ["embedding.word_embeddings.weight"] + _layer_keys(0, False, False) + _layer_keys(1, False, False)
+    assert list(stages[0]) == first
+    assert list(stages[1]) == (_layer_keys(2, False, False) + _layer_keys(3, False, False)
+                               + ["decoder.final_layernorm.weight", "output_layer.weight"])
+    assert torch.equal(stages[1]["output_layer.weight"], stages[0]["embedding.word_embeddings.weight"])

@@ -21,7 +21,7 @@ from dist import run_distributed
 from megafast.config import GPTConfig, ParallelConfig
 from megafast.model import GPTModel
 from megafast.parallel import ParallelState, RNGStatesTracker, model_parallel_rng_tracker
-from megafast.parallel.random import MODEL_PARALLEL_RNG, TP_SEED_OFFSET, checkpointed
+from megafast.parallel.random import MODEL_PARALLEL_RNG, TP_SEED_OFFSET, checkpointed, tensor_parallel_dropout
 
 P = 0.3  # dropout probability used throughout
 
@@ -97,6 +97,32 @@ def test_model_parallel_tracker_gives_each_tp_rank_its_own_stream(seeds):
         with model_parallel_rng_tracker(seed, tp_rank).fork(MODEL_PARALLEL_RNG):  # same seed, same stream
             assert torch.equal(torch.rand(16), got[-1])
     assert all(not torch.equal(got[i], got[j]) for i in range(4) for j in range(i))
+
+
+def test_tensor_parallel_dropout_streams(seeds):
+    """Replicated activations draw from the default generator, sharded ones from the rank's stream."""
+    default_seed, model_seed = seeds
+    x = torch.randn(6, 2, 8, generator=torch.Generator().manual_seed(default_seed))
+    tracker = model_parallel_rng_tracker(model_seed, tp_rank=1)
+    tracker_before = tracker.get_states()
+
+    torch.manual_seed(default_seed)
+    got = tensor_parallel_dropout(x, P, training=True, tracker=tracker, sharded=False)
+    torch.manual_seed(default_seed)
+    assert torch.equal(got, F.dropout(x, P, training=True)), f"replicated mask, seeds {seeds}"
+    assert torch.equal(tracker.get_states()[MODEL_PARALLEL_RNG], tracker_before[MODEL_PARALLEL_RNG])
+
+    torch.manual_seed(default_seed)
+    got = tensor_parallel_dropout(x, P, training=True, tracker=tracker, sharded=True)
+    assert torch.equal(torch.rand(5), draws(default_seed, (5,))[0]), f"default stream touched, seeds {seeds}"
+    torch.manual_seed(model_seed + TP_SEED_OFFSET + 1)
+    assert torch.equal(got, F.dropout(x, P, training=True)), f"sharded mask, seeds {seeds}"
+
+    before = torch.get_rng_state()
+    for training, p in ((False, P), (True, 0.0)):
+        for sharded in (False, True):
+            assert tensor_parallel_dropout(x, p, training=training, tracker=tracker, sharded=sharded) is x
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_checkpointed_replays_default_and_tracker_streams(seeds):

@@ -1,14 +1,15 @@
 """GPTModel: GPT-2 and Llama-family decoders built from tensor-parallel layers, one pipeline stage.
 
 A stage holds a contiguous range of layers; the first stage also holds the embedding, the last
-the final norm and the output layer. Parameter names are Megatron-core's with global layer indices
-(``decoder.layers.7.*`` is layer 7 on whichever stage holds it).
+the final norm and the output head. The forward pass is three modules in a row:
 
-Tied embeddings (``tie_embeddings``): on a single stage the output layer uses
-``embedding.word_embeddings.weight``. With pipelining the last stage keeps its own
-``output_layer.weight``, initialised from the same generator as the embedding (so equal to it)
-and marked ``shared_embedding``: the trainer sums its gradient with the first stage's over
-``ParallelState.embedding_group``, as Megatron does, which keeps the two equal.
+    embedding (first stage)  ids [b, s] -> [s(/p), b, h]          Embedding, below
+    decoder                  [s(/p), b, h] -> [s(/p), b, h]       Decoder: layers + final norm
+    output head (last stage) -> loss [b, s] or logits [b, s, V/p]  megafast.model.output_head
+
+Parameter names are Megatron-core's with global layer indices (``decoder.layers.7.*`` is layer 7
+on whichever stage holds it); the output head is registered as ``output_layer``, so its weight is
+``output_layer.weight``. Tied embeddings: see megafast.model.output_head.
 """
 
 from __future__ import annotations
@@ -17,29 +18,26 @@ import functools
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megafast.config import GPTConfig, ParallelConfig, validate_layout
-from megafast.kernels import fused_linear_cross_entropy, vocab_parallel_cross_entropy
 from megafast.model import init
 from megafast.model.kv_cache import InferenceParams
 from megafast.model.norm import build_norm
+from megafast.model.output_head import WORD_EMBEDDINGS, OutputHead
 from megafast.model.packing import PackedSeqParams
 from megafast.model.rotary import RotaryEmbedding
 from megafast.model.recompute import recompute_plan
 from megafast.model.transformer import TransformerLayer
-from megafast.parallel.layers import (
-    ColumnParallelLinear,
-    VocabParallelEmbedding,
-    column_parallel_input,
-    column_parallel_linear,
-)
+from megafast.parallel.layers import VocabParallelEmbedding
 from megafast.parallel.mappings import scatter_to_sequence_parallel_region
-from megafast.parallel.random import checkpointed, model_parallel_rng_tracker
+from megafast.parallel.random import (
+    RNGStatesTracker,
+    checkpointed,
+    model_parallel_rng_tracker,
+    tensor_parallel_dropout,
+)
 from megafast.parallel.state import ParallelState
-
-WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
 
 
 def uniform_layer_range(num_layers: int, pp_size: int, pp_rank: int) -> tuple[int, int]:
@@ -48,10 +46,16 @@ def uniform_layer_range(num_layers: int, pp_size: int, pp_rank: int) -> tuple[in
 
 
 class Embedding(nn.Module):
-    """Word embeddings (vocabulary-parallel) plus learned absolute positions for GPT-2."""
+    """Word embeddings (vocabulary-parallel) plus learned absolute positions for GPT-2, then (with
+    sequence parallelism) this rank's sequence shard, then hidden dropout."""
 
-    def __init__(self, config: GPTConfig, state: ParallelState, seed: int, **factory) -> None:
+    def __init__(
+        self, config: GPTConfig, state: ParallelState, seed: int, tracker: RNGStatesTracker, **factory
+    ) -> None:
         super().__init__()
+        self.state = state
+        self.hidden_dropout = config.hidden_dropout
+        self.tracker = tracker
         self.word_embeddings = VocabParallelEmbedding(
             config.padded_vocab_size(state.tp_size),
             config.hidden_size,
@@ -70,12 +74,21 @@ class Embedding(nn.Module):
         else:
             self.position_embeddings = None
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """ids, positions [b, s] -> [s, b, h] (replicated on the TP ranks)."""
-        x = self.word_embeddings(input_ids.t())  # [s, b, h]
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """ids, positions [b, s] (default 0..s-1) -> [s, b, h], or this rank's [s/p, b, h] with
+        sequence parallelism."""
+        x = self.word_embeddings(input_ids.t())  # [s, b, h] (replicated on the TP ranks)
         if self.position_embeddings is not None:
+            if position_ids is None:
+                b, s = input_ids.shape
+                position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
             x = x + self.position_embeddings(position_ids.t())
-        return x
+        if self.state.sequence_parallel:
+            x = scatter_to_sequence_parallel_region(x, self.state.tp_group)  # [s/p, b, h]
+        # a sequence shard differs per TP rank: independent masks; replicated x: the same mask
+        return tensor_parallel_dropout(
+            x, self.hidden_dropout, training=self.training, tracker=self.tracker, sharded=self.state.sequence_parallel
+        )
 
 
 def _run(layers: list[TransformerLayer], x: torch.Tensor, rope, packed_seq_params, inference_params=None):
@@ -86,17 +99,48 @@ def _run(layers: list[TransformerLayer], x: torch.Tensor, rope, packed_seq_param
 
 
 class Decoder(nn.Module):
-    def __init__(self, layers: dict[str, TransformerLayer], final_layernorm: Optional[nn.Module]) -> None:
+    """This stage's transformer layers (keys are global layer indices), under the activation
+    recompute plan when training, then the final norm on the last stage."""
+
+    def __init__(
+        self,
+        config: GPTConfig,
+        tracker: RNGStatesTracker,
+        layers: dict[str, TransformerLayer],
+        final_layernorm: Optional[nn.Module],
+    ) -> None:
         super().__init__()
-        self.layers = nn.ModuleDict(layers)  # keys are global layer indices
+        self.config = config
+        self.tracker = tracker
+        self.layers = nn.ModuleDict(layers)
         self.final_layernorm = final_layernorm
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+        inference_params: Optional[InferenceParams] = None,
+    ) -> torch.Tensor:
+        """[s(/p), b, h] -> [s(/p), b, h]."""
+        layers = list(self.layers.values())
+        plan = recompute_plan(self.config, len(layers)) if self.training else [(0, len(layers), False)]
+        for start, end, recompute in plan:
+            if recompute:  # keeps only x; backward reruns layers[start:end] with the same dropout
+                group = functools.partial(_run, layers[start:end])
+                x = checkpointed(group, self.tracker, x, rope, packed_seq_params)
+            else:
+                x = _run(layers[start:end], x, rope, packed_seq_params, inference_params)
+        if self.final_layernorm is not None:
+            x = self.final_layernorm(x)
+        return x
 
 
 class GPTModel(nn.Module):
     """One pipeline stage of a GPT/Llama model on this rank's TP shard.
 
     ``layer_range`` defaults to an even split over the pipeline stages; ``pre_process`` (holds
-    the embedding) and ``post_process`` (final norm, output layer, loss) default to being the
+    the embedding) and ``post_process`` (final norm, output head) default to being the
     first and last stage. ``seed`` fixes the initial weights (identical at any TP/PP) and the
     tensor-parallel dropout stream.
     """
@@ -132,27 +176,19 @@ class GPTModel(nn.Module):
             raise ValueError(f"layer range [{start}, {end}) is empty or outside the {config.num_layers} layers")
         self.layer_range = (start, end)
 
-        self.embedding = Embedding(config, state, seed, **factory) if self.pre_process else None
+        self.embedding = Embedding(config, state, seed, self.tracker, **factory) if self.pre_process else None
         self.rotary = (
             RotaryEmbedding(config.head_dim, config.rotary_base) if config.position_embedding_type == "rope" else None
         )
         layers = {str(i): TransformerLayer(config, state, i, self.tracker, seed, **factory) for i in range(start, end)}
         final_norm = build_norm(config, state.sequence_parallel, **factory) if self.post_process else None
-        self.decoder = Decoder(layers, final_norm)
-
-        self.output_layer = None
-        if self.post_process and not (config.tie_embeddings and self.pre_process):
-            name = WORD_EMBEDDINGS if config.tie_embeddings else "output_layer.weight"
-            self.output_layer = ColumnParallelLinear(
-                config.hidden_size,
-                config.padded_vocab_size(state.tp_size),
-                tp_group=state.tp_group,
-                bias=False,
-                sequence_parallel=state.sequence_parallel,
-                init_method=init.for_param(config, seed, name, valid_rows=config.vocab_size),
-                **factory,
-            )
-            self.output_layer.weight.shared_embedding = config.tie_embeddings
+        self.decoder = Decoder(config, self.tracker, layers, final_norm)
+        # registered as ``output_layer``: Megatron's key output_layer.weight (no weight when tied on this stage)
+        self.output_layer = (
+            OutputHead(config, state, seed, tied_on_stage=config.tie_embeddings and self.pre_process, **factory)
+            if self.post_process
+            else None
+        )
 
     def shared_embedding_parameters(self) -> list[nn.Parameter]:
         """Parameters whose gradient is summed over ``embedding_group`` (tied, pipelined)."""
@@ -190,69 +226,30 @@ class GPTModel(nn.Module):
         if self.pre_process:
             if input_ids is None:
                 raise ValueError("the first pipeline stage needs input_ids")
-            b, s = input_ids.shape
-            positions = position_ids
-            if positions is None:
-                positions = torch.arange(s, device=input_ids.device).expand(b, s)
-            x = self.embedding(input_ids, positions)
-            if self.state.sequence_parallel:
-                x = scatter_to_sequence_parallel_region(x, self.state.tp_group)  # [s/p, b, h]
-            x = self._embedding_dropout(x)
+            x = self.embedding(input_ids, position_ids)  # [s(/p), b, h]
         else:
             if hidden_states is None:
                 raise ValueError("a pipeline stage after the first needs hidden_states")
             x = hidden_states
-        seq_len = x.shape[0] * (self.state.tp_size if self.state.sequence_parallel else 1)
-        rope = None
-        if self.rotary is not None and position_ids is not None:
-            offset = inference_params.sequence_len_offset if inference_params is not None else 0
-            rope = self.rotary.for_positions(position_ids, seq_len + offset)  # [s, b, 1, d] each
-        elif self.rotary is not None:
-            rope = self.rotary(seq_len, x.device)  # [s, 1, 1, d] each
-
-        layers = list(self.decoder.layers.values())
-        plan = recompute_plan(self.config, len(layers)) if self.training else [(0, len(layers), False)]
-        for start, end, recompute in plan:
-            if recompute:  # keeps only x; backward reruns layers[start:end] with the same dropout
-                group = functools.partial(_run, layers[start:end])
-                x = checkpointed(group, self.tracker, x, rope, packed_seq_params)
-            else:
-                x = _run(layers[start:end], x, rope, packed_seq_params, inference_params)
+        rope = self._rope(x, position_ids, inference_params)
+        x = self.decoder(x, rope, packed_seq_params, inference_params)
         if not self.post_process:
             return x
+        tied = self.embedding.word_embeddings.weight if self.output_layer.weight is None else None
+        return self.output_layer(x, labels, tied)
 
-        x = self.decoder.final_layernorm(x)
-        state, kernels = self.state, self.config.kernel_config
-        owner = self.output_layer if self.output_layer is not None else self.embedding.word_embeddings
-        weight = owner.weight  # [V/p, h]
-        # (a LoRA adapter on the output layer needs its logits: the unfused path)
-        if labels is not None and self.config.fused_linear_cross_entropy and self._output_adapter() is None:
-            # x [s(/p), b, h] -> [s, b, h] on every TP rank; backward all-reduces (reduce-scatters) dx
-            x = column_parallel_input(x, state.tp_group, state.sequence_parallel)
-            loss = fused_linear_cross_entropy(
-                x, weight, labels.t(), tp_group=state.tp_group, vocab_size=self.config.vocab_size,
-                backend=kernels.backend,
-            )
-            return loss.t()  # [b, s]
-        if self.output_layer is not None:
-            logits = self.output_layer(x)  # [s, b, V/p]
-        else:  # tied on this stage: the embedding matrix is the output layer's weight
-            logits = column_parallel_linear(x, weight, None, state.tp_group, state.sequence_parallel)
-        if labels is None:
-            return logits.transpose(0, 1)
-        loss = vocab_parallel_cross_entropy(
-            logits, labels.t(), state.tp_group, self.config.vocab_size, backend=kernels.backend
-        )
-        return loss.t()  # [b, s]
-
-    def _output_adapter(self) -> Optional[nn.Module]:
-        return self.output_layer.adapter if self.output_layer is not None else None
-
-    def _embedding_dropout(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.config.hidden_dropout
-        if not self.training or p == 0.0:
-            return x
-        if self.state.sequence_parallel:
-            with self.tracker.fork():
-                return F.dropout(x, p, training=True)
-        return F.dropout(x, p, training=True)
+    def _rope(
+        self,
+        x: torch.Tensor,
+        position_ids: Optional[torch.Tensor],
+        inference_params: Optional[InferenceParams],
+    ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """RoPE cos, sin for the positions of x [s(/p), b, h]: [s, b, 1, d] each for explicit
+        ``position_ids``, else [s, 1, 1, d] for 0..s-1; None without RoPE."""
+        if self.rotary is None:
+            return None
+        seq_len = x.shape[0] * (self.state.tp_size if self.state.sequence_parallel else 1)
+        if position_ids is not None:
+            offset = inference_params.sequence_len_offset if inference_params is not None else 0
+            return self.rotary.for_positions(position_ids, seq_len + offset)
+        return self.rotary(seq_len, x.device)

@@ -11,8 +11,9 @@ any TP size.
 
 Sharding follows the base layer, with TP collectives on the rank-r activations only:
 
-- column-parallel base (W = [W_1; ...; W_p] by output rows): A replicated, B sharded like the
-  output (B_i, same partition stride as W, so SwiGLU's [gate_i; up_i] stays aligned).
+- column-parallel base (W = [W_1; ...; W_p] by output rows; the output head too, by vocabulary
+  rows): A replicated, B sharded like the output (B_i, same partition stride as W, so SwiGLU's
+  [gate_i; up_i] stays aligned).
   h = x A^T is the same on every rank; ``copy_to_tensor_parallel_region`` all-reduces its
   gradient (each rank's B_i contributes a part). With sequence parallelism x is this rank's
   sequence shard: h is computed on the shard and all-gathered ([s/p, b, r] -> [s, b, r]), and A's
@@ -41,6 +42,7 @@ from torch import nn
 from megafast.config import LORA_TARGET_MODULES as TARGET_MODULES
 from megafast.config import LoRAConfig
 from megafast.model.init import param_seed
+from megafast.model.output_head import OutputHead
 from megafast.parallel.layers import ColumnParallelLinear, RowParallelLinear, _set_tp_attributes, shard
 from megafast.parallel.mappings import (
     Group,
@@ -51,7 +53,7 @@ from megafast.parallel.mappings import (
     reduce_from_tensor_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
-from megafast.parallel.random import RNGStatesTracker
+from megafast.parallel.random import RNGStatesTracker, tensor_parallel_dropout
 
 ADAPTER = "adapter"
 LINEAR_IN = f"{ADAPTER}.linear_in.weight"  # A
@@ -81,14 +83,14 @@ class LoRAAdapter(nn.Module):
 
     def __init__(
         self,
-        base: ColumnParallelLinear | RowParallelLinear,
+        base: ColumnParallelLinear | RowParallelLinear | OutputHead,
         config: LoRAConfig,
         name: str,
         seed: int,
         tracker: RNGStatesTracker,
     ) -> None:
         super().__init__()
-        self.column = isinstance(base, ColumnParallelLinear)
+        self.column = not isinstance(base, RowParallelLinear)  # column-parallel layer or the output head
         self.tp_group: Group = base.tp_group
         self.sequence_parallel = base.sequence_parallel
         self.scale = config.scale
@@ -116,12 +118,12 @@ class LoRAAdapter(nn.Module):
         self.linear_out = _Projection(b)
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.dropout == 0.0:
-            return x
-        if self.column and not self.sequence_parallel:  # x replicated: the same mask on every TP rank
-            return F.dropout(x, self.dropout, training=True)
-        with self.tracker.fork():  # this rank's shard of x: its own mask
-            return F.dropout(x, self.dropout, training=True)
+        # column-parallel x is replicated (the same mask on every TP rank) unless it is a sequence
+        # shard; row-parallel x is this rank's input columns: its own mask
+        sharded = not self.column or self.sequence_parallel
+        return tensor_parallel_dropout(
+            x, self.dropout, training=self.training, tracker=self.tracker, sharded=sharded
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.linear(self._dropout(x), self.linear_in.weight)  # [s(/p), b, r]; row: partial over TP
@@ -143,8 +145,10 @@ def apply_lora(model: nn.Module, config: LoRAConfig, seed: int) -> list[str]:
     """
     adapted = []
     for name, module in list(model.named_modules()):
-        if name.rsplit(".", 1)[-1] in config.target_modules and isinstance(
-            module, (ColumnParallelLinear, RowParallelLinear)
+        if (
+            name.rsplit(".", 1)[-1] in config.target_modules
+            and isinstance(module, (ColumnParallelLinear, RowParallelLinear, OutputHead))
+            and module.weight is not None  # an output layer tied to this stage's embedding has none
         ):
             module.adapter = LoRAAdapter(module, config, name, seed, model.tracker)
             adapted.append(name)

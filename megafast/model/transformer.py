@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megafast import kernels
@@ -24,7 +23,7 @@ from megafast.model.kv_cache import InferenceParams
 from megafast.model.norm import build_norm
 from megafast.model.packing import PackedSeqParams
 from megafast.parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megafast.parallel.random import RNGStatesTracker
+from megafast.parallel.random import RNGStatesTracker, tensor_parallel_dropout
 from megafast.parallel.state import ParallelState
 
 
@@ -91,12 +90,10 @@ class TransformerLayer(nn.Module):
         self.mlp = MLP(config, state, layer_number, seed, **factory)
 
     def dropout(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.hidden_dropout == 0.0:
-            return x
-        if self.sequence_parallel:  # each TP rank holds a different shard: independent masks
-            with self.tracker.fork():
-                return F.dropout(x, self.hidden_dropout, training=True)
-        return F.dropout(x, self.hidden_dropout, training=True)  # same mask on every TP rank
+        # with sequence parallelism each TP rank holds a different shard: independent masks
+        return tensor_parallel_dropout(
+            x, self.hidden_dropout, training=self.training, tracker=self.tracker, sharded=self.sequence_parallel
+        )
 
     def forward(
         self,

@@ -10,7 +10,8 @@ Two streams, as in Megatron:
 
 The tracker holds generator states of the device in use (CPU or CUDA) and swaps them into the
 default generator inside :meth:`RNGStatesTracker.fork`; it is an object owned by the model, not a
-module global.
+module global. :func:`tensor_parallel_dropout` picks the stream for an activation (the model's
+hidden and embedding dropout and LoRA's input dropout all go through it).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import contextlib
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 MODEL_PARALLEL_RNG = "model-parallel"
@@ -77,6 +79,25 @@ def model_parallel_rng_tracker(seed: int, tp_rank: int, device: torch.device | s
     tracker = RNGStatesTracker(device)
     tracker.add(MODEL_PARALLEL_RNG, seed + TP_SEED_OFFSET + tp_rank)
     return tracker
+
+
+def tensor_parallel_dropout(
+    x: torch.Tensor, p: float, *, training: bool, tracker: RNGStatesTracker, sharded: bool
+) -> torch.Tensor:
+    """Dropout of ``x`` with the mask each TP rank must draw.
+
+    ``sharded=False``: ``x`` is the same on every TP rank (replicated activations), so the mask is
+    drawn from the default generator, seeded alike on every rank: the same mask everywhere.
+    ``sharded=True``: each rank holds its own part (a sequence-parallel shard, a row-parallel
+    input), so the mask comes from the tracker's model-parallel stream: independent per rank.
+    Not training or ``p == 0``: ``x`` itself, no random numbers drawn.
+    """
+    if not training or p == 0.0:
+        return x
+    if sharded:
+        with tracker.fork():
+            return F.dropout(x, p, training=True)
+    return F.dropout(x, p, training=True)
 
 
 def checkpointed(fn: Callable, tracker: RNGStatesTracker, *args):

@@ -102,7 +102,6 @@ RECV_BACKWARD = ActionKind.RECV_BACKWARD
 
 _COMPUTE = frozenset({FORWARD, BACKWARD})
 _SENDS = frozenset({SEND_FORWARD, SEND_BACKWARD})
-_RECVS = frozenset({RECV_FORWARD, RECV_BACKWARD})
 # Where a communication action's peer sits along the virtual stages: +1 the next stage (sending
 # activations to it, receiving gradients from it), -1 the previous one.
 _DIRECTION = {SEND_FORWARD: 1, RECV_FORWARD: -1, SEND_BACKWARD: -1, RECV_BACKWARD: 1}
@@ -131,10 +130,6 @@ class Action:
     @property
     def is_send(self) -> bool:
         return self.kind in _SENDS
-
-    @property
-    def is_recv(self) -> bool:
-        return self.kind in _RECVS
 
     def __str__(self) -> str:
         return f"{self.kind.value}{self.microbatch}" + (f".{self.chunk}" if self.chunk else "")

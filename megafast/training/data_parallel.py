@@ -122,7 +122,6 @@ class DataParallel:
         )
         self._sync_on_backward = [True] * len(self.chunks)
         self._synced = False  # finish_grad_sync ran and no gradient arrived since
-        self._hooks: list = []
 
         seen: set[int] = set()
         self.buffers: list[GradBuffer] = []
@@ -142,7 +141,7 @@ class DataParallel:
         for buf in self.buffers:
             for bucket in buf.buckets:
                 for p in bucket.params:
-                    self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(bucket, buf.chunk)))
+                    p.register_post_accumulate_grad_hook(self._make_hook(bucket, buf.chunk))
 
     # ----------------------------------------------------------------------------------- layout
 
@@ -185,13 +184,6 @@ class DataParallel:
                 buf.param_data[s:e].copy_(p.data.view(-1))
                 p.data = buf.param_data[s:e].view(p.shape)
         return buf
-
-    def param_range(self, param: nn.Parameter) -> tuple[GradBuffer, int, int]:
-        """The buffer holding ``param`` and its ``[start, end)`` in it."""
-        for buf in self.buffers:
-            if id(param) in buf.ranges:
-                return (buf, *buf.ranges[id(param)])
-        raise KeyError("parameter is not managed by this DataParallel")
 
     # ------------------------------------------------------------------------------- backward
 
@@ -288,11 +280,6 @@ class DataParallel:
                 works.append(dist.all_gather(parts, shard.clone(), group=self.dp_group, async_op=True))
         for w in works:
             w.wait()
-
-    def remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
 
 
 __all__ = ["DataParallel", "GradBucket", "GradBuffer"]

@@ -106,10 +106,6 @@ class OptimizerConfig:
         if self.fused_optimizer not in ("auto", "torch", "cuda"):
             raise ValueError(f"unknown --fused-optimizer {self.fused_optimizer!r}: use auto, torch or cuda")
 
-    @property
-    def dynamic_loss_scale(self) -> bool:
-        return self.fp16 and self.loss_scale is None
-
 
 class LossScaler:
     """Loss scale S (Megatron's grad scaler): the loss is multiplied by S, gradients divided by it.
@@ -324,10 +320,6 @@ class MixedPrecisionOptimizer:
     @property
     def loss_scale(self) -> float:
         return self.scaler.scale
-
-    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """``loss * S`` (S = 1 unless fp16): backward of this gives gradients scaled by S."""
-        return loss * self.scaler.scale if self.config.fp16 else loss
 
     @property
     def param_groups(self) -> list[dict]:
