@@ -9,7 +9,6 @@ by every rank when the output is replicated, or split across ranks when it is sh
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
 import pytest
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist import run_distributed
+from seeding import draw_seed
 from megafast.config import ParallelConfig
 from megafast.parallel import (
     ColumnParallelLinear,
@@ -273,7 +273,7 @@ def layers_worker(rank: int, tp: int, seed: int) -> dict:
 
 @pytest.fixture(scope="module")
 def seed() -> int:
-    return random.randrange(1 << 30)
+    return draw_seed("seed")
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda p: f"tp{p}")

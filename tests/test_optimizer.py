@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import math
-import random
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dist import run_distributed
+from seeding import draw_seed
 from megafast.config import GPTConfig, ParallelConfig
 from megafast.model import GPTModel
 from megafast.parallel import ParallelState
@@ -123,8 +123,7 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, w
 
 
 def test_global_grad_norm_and_clipping_match_one_process():
-    rng = random.Random()
-    seed, data_seed = rng.randrange(1 << 30), rng.randrange(1 << 30)
+    seed, data_seed = draw_seed("seed"), draw_seed("data_seed")
     results = run_distributed(norm_worker, 4, seed, data_seed)
     for name in CASES:
         ref = reference_step(name, seed, data_seed)
