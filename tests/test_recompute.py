@@ -17,7 +17,7 @@ from megafast.planner import (
     training_flops_per_token,
 )
 from megafast.planner_memory import activation_memory, chunk_activation_bytes
-from test_planner import DTYPES, gpt2, llama, saved_activation_bytes
+from planner_models import DTYPES, gpt2, llama, saved_activation_bytes
 from seeding import seed_torch
 
 
