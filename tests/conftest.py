@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+import seeding
+
 # Triton kernels run on CPU tensors through the interpreter when there is no GPU.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -15,3 +17,51 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ------------------------------------------------------------------ seeds in failure reports (seeding.py)
+
+_FIXTURE_SEEDS: dict[int, list[tuple[str, int]]] = {}  # id(fixturedef) -> seeds drawn by its last set-up
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    start = seeding.mark()
+    yield
+    _FIXTURE_SEEDS[id(fixturedef)] = seeding.since(start)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    item.stash[_START] = seeding.mark()
+    yield
+
+
+_START = pytest.StashKey[int]()
+
+
+def _item_seeds(item) -> list[tuple[str, int]]:
+    """Seeds of the fixtures this test uses (whenever they were set up), then those drawn by the test."""
+    seeds: list[tuple[str, int]] = []
+    info = getattr(item, "_fixtureinfo", None)
+    for defs in info.name2fixturedefs.values() if info is not None else ():
+        for d in defs:
+            seeds += _FIXTURE_SEEDS.get(id(d), [])
+    seeds += seeding.since(item.stash.get(_START, seeding.mark()))
+    return list(dict.fromkeys(seeds))  # de-duplicated, in order
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed:
+        return
+    seeds = _item_seeds(item)
+    if not seeds:
+        return
+    text = seeding.describe(seeds)
+    if hasattr(report.longrepr, "addsection"):
+        report.longrepr.addsection("random seeds", text)
+    else:
+        report.sections.append(("random seeds", text))

@@ -20,6 +20,7 @@ import hf_models
 import pytest
 import torch
 from dist import run_distributed
+from tp_shards import chunk_unshard, megatron_partition
 
 from megafast.checkpoint.args import config_from_args
 from megafast.checkpoint.reader import MegafastCheckpointReader
@@ -163,23 +164,16 @@ def _raw_model_tensors(ckpt: str) -> dict[tuple[int, int], dict[str, torch.Tenso
     return out
 
 
-def _gather_with_model_attributes(raw: dict, config, tp: int) -> dict[str, torch.Tensor]:
-    """Full tensors from raw TP shards, using the parameter attributes of a real GPTModel."""
-    from megafast.model import GPTModel
-    from megafast.parallel.layers import unshard
-
-    params = dict(GPTModel(config).named_parameters())
+def _gather_by_hand(raw: dict, config, tp: int) -> dict[str, torch.Tensor]:
+    """Full tensors from raw TP shards, by Megatron's partition rules written out (tp_shards.py)."""
     full = {}
     for (_, pp), sd in sorted(raw.items()):
         for name in sd:
             if name in full:
                 continue
             parts = [raw[(t, pp)][name] for t in range(tp)]
-            like = params.get(name, params.get("embedding.word_embeddings.weight"))
-            if getattr(like, "tensor_model_parallel", False) and tp > 1:
-                t = unshard(parts, like.partition_dim, like.partition_stride)
-            else:
-                t = parts[0]
+            split = megatron_partition(name, config.activation == "swiglu")
+            t = chunk_unshard(parts, *split) if split and tp > 1 else parts[0]
             vocab = name in ("embedding.word_embeddings.weight", "output_layer.weight")
             full[name] = t[: config.vocab_size] if vocab else t
     return full
@@ -194,9 +188,9 @@ def test_megafast_reshard_chain_keeps_every_gathered_tensor(models, tmp_path):
         )
         assert one.endswith("release") and two.endswith("release")
         config = config_from_args(checkpoint_args(source))
-        want = _gather_with_model_attributes(_raw_model_tensors(source), config, 2)
-        got11 = _gather_with_model_attributes(_raw_model_tensors(str(tmp_path / f"{name}_11")), config, 1)
-        got21 = _gather_with_model_attributes(_raw_model_tensors(str(tmp_path / f"{name}_21")), config, 2)
+        want = _gather_by_hand(_raw_model_tensors(source), config, 2)
+        got11 = _gather_by_hand(_raw_model_tensors(str(tmp_path / f"{name}_11")), config, 1)
+        got21 = _gather_by_hand(_raw_model_tensors(str(tmp_path / f"{name}_21")), config, 2)
         for got, where in ((got11, "(1,1)"), (got21, "(2,1)")):
             assert set(got) - {"output_layer.weight"} == set(want) - {"output_layer.weight"}, (name, where)
             for k, v in got.items():
@@ -421,8 +415,10 @@ def test_layout_partition_matches_the_model_parameters(kind):
         split = layout.tp_partition(name, config)
         attrs = (p.partition_dim, p.partition_stride) if getattr(p, "tensor_model_parallel", False) else None
         assert split == attrs, name
-        padded = p.shape[0] if name in layout.VOCAB_TENSORS else None
-        assert tuple(p.shape) == (padded, *specs[name][1:]) if padded else tuple(p.shape) == specs[name], name
+        if name in layout.VOCAB_TENSORS:  # Megatron pads 50 up to a multiple of 128 (x TP 1): 128 rows
+            assert specs[name] == (50, 32) and tuple(p.shape) == (128, 32), name
+        else:
+            assert tuple(p.shape) == specs[name], name
 
 
 @pytest.mark.parametrize("model_type", ["bpe", "unigram"])

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from dist import run_distributed
+from seeding import draw_seed
 from megafast.config import GPTConfig, ParallelConfig
 from megafast.model import GPTModel
 from megafast.parallel import ParallelState
@@ -174,8 +175,7 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, w
 
 @pytest.fixture(scope="module")
 def seeds() -> tuple[int, int]:
-    rng = random.Random()
-    return rng.randrange(1 << 30), rng.randrange(1 << 30)
+    return draw_seed("seed"), draw_seed("data_seed")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ by every rank when the output is replicated, or split across ranks when it is sh
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
 import pytest
@@ -18,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist import run_distributed
+from seeding import draw_seed
+from tp_shards import chunk_shard
 from megafast.config import ParallelConfig
 from megafast.parallel import (
     ColumnParallelLinear,
@@ -27,7 +28,7 @@ from megafast.parallel import (
     sync_sequence_parallel_grads,
     vocab_parallel_cross_entropy,
 )
-from megafast.parallel.layers import gather_full, shard
+from megafast.parallel.layers import gather_full
 
 RTOL = 1e-5  # fp32; the absolute floor is RTOL times the tensor's largest magnitude
 SEQ, BATCH, H_IN = 3, 2, 12  # sequence length is SEQ * tp so that it splits over TP
@@ -187,10 +188,10 @@ def layers_worker(rank: int, tp: int, seed: int) -> dict:
         )
         if bias:
             with torch.no_grad():
-                layer.bias.copy_(shard(d.bias, 0, rank, tp, stride))
+                layer.bias.copy_(chunk_shard(d.bias, 0, rank, tp, stride))
         x = (d.x.chunk(tp, 0)[rank] if sp else d.x).clone().requires_grad_()
         y = layer(x)
-        y.backward(d.grad_y if gather else shard(d.grad_y, -1, rank, tp, stride))
+        y.backward(d.grad_y if gather else chunk_shard(d.grad_y, -1, rank, tp, stride))
         before_sync = [p.grad.clone() for p in layer.parameters()]
         sync_sequence_parallel_grads(layer, group)  # column-parallel params are sharded: a no-op
         out[("column", case)] = {
@@ -273,7 +274,7 @@ def layers_worker(rank: int, tp: int, seed: int) -> dict:
 
 @pytest.fixture(scope="module")
 def seed() -> int:
-    return random.randrange(1 << 30)
+    return draw_seed("seed")
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda p: f"tp{p}")
@@ -299,10 +300,10 @@ def test_column_parallel_linear_matches_nn_linear(results, seed, case):
         got = per_rank[r][("column", case)]
         tag = f"rank {r}"
         assert got["init_calls"] == [(h_out, H_IN)], "init_method must be called once, on the full shape"
-        assert torch.equal(got["weight"], shard(d.weight, 0, r, tp, stride)), f"{tag}: not its weight shard"
+        assert torch.equal(got["weight"], chunk_shard(d.weight, 0, r, tp, stride)), f"{tag}: not its weight shard"
         assert got["weight"].shape == (h_out // tp, H_IN)
         assert torch.equal(got["weight_full"], d.weight), f"{tag}: gather_full(weight) != full weight"
-        close(got["y"], want["y"] if gather else shard(want["y"], -1, r, tp, stride), f"{tag} output")
+        close(got["y"], want["y"] if gather else chunk_shard(want["y"], -1, r, tp, stride), f"{tag} output")
         close(got["x_grad"], want["x_grad"].chunk(tp, 0)[r] if sp else want["x_grad"], f"{tag} input grad")
         close(got["w_grad"], want["w_grad"], f"{tag} weight grad")
         if bias:
@@ -321,7 +322,7 @@ def test_row_parallel_linear_matches_nn_linear(results, seed, case):
         got = per_rank[r][("row", case)]
         tag = f"rank {r}"
         assert got["init_calls"] == [(10, h_in)]
-        assert torch.equal(got["weight"], shard(d.weight, 1, r, tp)), f"{tag}: weight is not its shard"
+        assert torch.equal(got["weight"], chunk_shard(d.weight, 1, r, tp)), f"{tag}: weight is not its shard"
         assert torch.equal(got["weight_full"], d.weight)
         close(got["y"], want["y"].chunk(tp, 0)[r] if sp else want["y"], f"{tag} output")
         want_x_grad = want["x_grad"].chunk(tp, -1)[r] if input_is_parallel else want["x_grad"]
@@ -354,7 +355,7 @@ def test_vocab_parallel_embedding_matches_nn_embedding(results, seed):
         got = per_rank[r]["embedding"]
         assert got["init_calls"] == [(padded, 16)]
         assert got["range"] == (r * per, (r + 1) * per)
-        assert torch.equal(got["weight"], shard(weight, 0, r, tp)), f"rank {r}: weight is not its shard"
+        assert torch.equal(got["weight"], chunk_shard(weight, 0, r, tp)), f"rank {r}: weight is not its shard"
         close(got["y"], y.detach(), f"rank {r} output")
         close(got["w_grad"], ref.weight.grad, f"rank {r} weight grad")
     # the ids did reach every shard, so every rank's rows received gradient

@@ -1,4 +1,6 @@
-"""LoRA adapters: TP = 2 (with and without sequence parallelism) equals TP = 1 in loss and adapter
+"""LoRA adapters: one adapted column/row layer equals ``W x + (alpha / r) B A dropout(x)`` written by
+hand from full tensors (dropout masks drawn independently), at TP 1 and 2, forward and gradients;
+TP = 2 (with and without sequence parallelism) equals TP = 1 in loss and adapter
 gradients, the base stays frozen, adapters start TP-invariant, merging is exact (per shard too),
 and an end-to-end LoRA run (TP = 2) exports through ``convert.py --merge-lora`` to a transformers
 model whose logits match the adapted megafast model's."""
@@ -15,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 from dist import run_distributed
+from seeding import draw_seed
+from tp_shards import chunk_shard, chunk_unshard
 
 from megafast.config import GPTConfig, LoRAConfig, ParallelConfig
 from megafast.model import GPTModel
@@ -28,7 +32,7 @@ from megafast.model.lora import (
     merge_state_dict,
 )
 from megafast.parallel import ParallelState, sync_sequence_parallel_grads
-from megafast.parallel.layers import gather_full, shard
+from megafast.parallel.layers import gather_full
 from megafast.parallel.mappings import gather_from_tensor_parallel_region
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +59,7 @@ def fill_b(model: torch.nn.Module, tp_rank: int, tp: int) -> None:
                 sharded = getattr(p, "tensor_model_parallel", False)
                 shape = (p.shape[0] * tp, p.shape[1]) if sharded else tuple(p.shape)
                 full = torch.randn(shape, generator=torch.Generator().manual_seed(zlib.crc32(name.encode()))) * 0.2
-                p.copy_(shard(full, 0, tp_rank, tp, p.partition_stride) if sharded else full)
+                p.copy_(chunk_shard(full, 0, tp_rank, tp, p.partition_stride) if sharded else full)
 
 
 def batch(b: int = 2, s: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +137,7 @@ def _shard_like(name: str, full: torch.Tensor, rank: int, shape: torch.Size) -> 
         return full
     dim = 0 if full.shape[0] != shape[0] else 1
     stride = 2 if name.endswith("linear_fc1.weight") else 1
-    return shard(full, dim, rank, 2, stride)
+    return chunk_shard(full, dim, rank, 2, stride)
 
 
 def test_merge_reproduces_the_adapted_model(tp1):
@@ -225,3 +229,122 @@ def test_model_only_load_refreshes_fp32_masters():
     optimizer.reload_model_params()
     for opt_shard in optimizer.shards:
         assert torch.equal(opt_shard.master, opt_shard.param.detach().float())
+
+
+# ------------------------------------------------------- one adapted layer against W x + (alpha / r) B A x
+
+IN, OUT, SEQ_LEN, MB = 8, 12, 6, 3
+LAYER_CASES = [  # (base layer, sequence parallel, partition stride)
+    ("column", False, 1), ("column", False, 2), ("column", True, 1), ("row", False, 1), ("row", True, 1),
+]
+DROPOUTS = [0.0, 0.3]
+
+
+def layer_inputs(seed: int, index: int) -> dict:
+    """Full W [out, in], B [out, r], x [s, b, in] and upstream gradient [s, b, out] of one case."""
+    g = torch.Generator().manual_seed(seed * 101 + index)
+    return {"w": torch.randn(OUT, IN, generator=g) * IN**-0.5, "b": torch.randn(OUT, LORA.rank, generator=g),
+            "x": torch.randn(SEQ_LEN, MB, IN, generator=g), "dy": torch.randn(SEQ_LEN, MB, OUT, generator=g)}
+
+
+def input_split(kind: str, sp: bool, tp: int) -> int | None:
+    """The dim of x each rank holds a chunk of (row: the hidden dim; column + SP: the sequence)."""
+    return -1 if kind == "row" else 0 if sp and tp > 1 else None
+
+
+def output_split(kind: str, sp: bool, tp: int) -> int | None:
+    return -1 if kind == "column" else 0 if sp and tp > 1 else None
+
+
+def adapted_layer_worker(rank: int, tp: int, seed: int, data_seed: int) -> dict:
+    """Each case's adapted layer on this rank: its output, its A, and A's and B's gradients."""
+    from megafast.model.lora import LoRAAdapter
+    from megafast.parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megafast.parallel.random import model_parallel_rng_tracker
+
+    group = torch.distributed.group.WORLD if tp > 1 else None
+    out = {}
+    for index, (kind, sp, stride) in enumerate(LAYER_CASES):
+        for p in DROPOUTS:
+            d = layer_inputs(data_seed, index)
+            fill = lambda full, w=d["w"]: full.copy_(w)  # noqa: E731 - the full W, sliced by the layer
+            if kind == "column":
+                layer = ColumnParallelLinear(IN, OUT, tp_group=group, bias=False, sequence_parallel=sp,
+                                             partition_stride=stride, init_method=fill)
+            else:
+                layer = RowParallelLinear(IN, OUT, tp_group=group, bias=False, sequence_parallel=sp, init_method=fill)
+            cfg = LoRAConfig(rank=LORA.rank, alpha=LORA.alpha, dropout=p)
+            layer.adapter = LoRAAdapter(layer, cfg, f"case{index}", seed, model_parallel_rng_tracker(seed, rank))
+            with torch.no_grad():
+                b = layer.adapter.linear_out.weight
+                b.copy_(chunk_shard(d["b"], 0, rank, tp, stride) if kind == "column" else d["b"])
+            split_in, split_out = input_split(kind, sp, tp), output_split(kind, sp, tp)
+            x = d["x"] if split_in is None else d["x"].chunk(tp, split_in)[rank]
+            dy = d["dy"] if split_out is None else chunk_shard(d["dy"], split_out, rank, tp, stride if kind == "column" else 1)
+            layer.train()
+            torch.manual_seed(data_seed + index)  # the default generator: dropout of a replicated x
+            y = layer(x.clone().requires_grad_())
+            y.backward(dy)
+            a = layer.adapter.linear_in.weight
+            out[(index, p)] = {"y": y.detach(), "a": a.detach().clone(), "grad_a": a.grad.clone(),
+                               "grad_b": b.grad.clone()}
+    return out
+
+
+def reference_mask(kind: str, sp: bool, tp: int, p: float, seed: int, data_seed: int, index: int) -> torch.Tensor:
+    """The dropout keep-mask of the full x, drawn here: a replicated x (column, no SP) from the default
+    generator seeded for the step; a sharded x per rank from that rank's model-parallel stream
+    (Megatron's seed + 2718 + tp_rank), the chunks put back together."""
+    shape = (SEQ_LEN, MB, IN)
+    split = input_split(kind, sp, tp)
+    if split is None and kind == "column":
+        return torch.empty(shape).bernoulli_(1 - p, generator=torch.Generator().manual_seed(data_seed + index))
+    split = -1 if split is None else split  # row at TP 1: the whole x is rank 0's shard
+    parts = []
+    for r in range(tp):
+        local = list(shape)
+        local[split] //= tp
+        parts.append(torch.empty(local).bernoulli_(1 - p, generator=torch.Generator().manual_seed(seed + 2718 + r)))
+    return torch.cat(parts, split)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_adapted_layer_matches_hand_written_lora(tp):
+    """y = x W^T + (alpha / r) (dropout(x) A^T) B^T and its A/B gradients, from full tensors by hand,
+    for column (strides 1 and 2, with and without sequence parallelism) and row layers, dropout 0
+    and 0.3: every rank's output and gradients are its shards of the reference."""
+    seed, data_seed = draw_seed("seed"), draw_seed("data_seed")
+    if tp == 1:
+        ranks = [adapted_layer_worker(0, 1, seed, data_seed)]
+    else:
+        ranks = run_distributed(adapted_layer_worker, tp, seed, data_seed)
+    s = LORA.alpha / LORA.rank
+    for index, (kind, sp, stride) in enumerate(LAYER_CASES):
+        for p in DROPOUTS:
+            tag = f"tp={tp} {kind} sp={sp} stride={stride} dropout={p}"
+            d = layer_inputs(data_seed, index)
+            got = [r[(index, p)] for r in ranks]
+            # A: replicated (column) or chunked by input columns (row); the full A as the ranks hold it.
+            a = got[0]["a"] if kind == "column" else torch.cat([g["a"] for g in got], 1)
+            if kind == "column":
+                assert all(torch.equal(g["a"], a) for g in got), f"{tag}: A differs between ranks"
+            a = a.clone().requires_grad_()
+            b = d["b"].clone().requires_grad_()
+            mask = reference_mask(kind, sp, tp, p, seed, data_seed, index) if p > 0 else torch.ones(SEQ_LEN, MB, IN)
+            x = d["x"]
+            y = x @ d["w"].T + s * ((x * mask / (1 - p)) @ a.T) @ b.T  # [s, b, out]
+            y.backward(d["dy"])
+            split_out = output_split(kind, sp, tp)
+            for r, g in enumerate(got):
+                want = y.detach() if split_out is None else chunk_shard(y.detach(), split_out, r, tp,
+                                                                         stride if kind == "column" else 1)
+                assert rel_err(g["y"], want) <= 1e-5, f"{tag} rank {r}: output"
+            # Gradients: a replicated parameter fed by a sequence shard holds a partial sum (summed here).
+            if kind == "column":
+                grad_a = sum(g["grad_a"] for g in got) if sp and tp > 1 else got[0]["grad_a"]
+                grad_b = chunk_unshard([g["grad_b"] for g in got], 0, stride)
+            else:
+                grad_a = torch.cat([g["grad_a"] for g in got], 1)
+                grad_b = sum(g["grad_b"] for g in got) if sp and tp > 1 else got[0]["grad_b"]
+            assert rel_err(grad_a, a.grad) <= 1e-5, f"{tag}: grad of A"
+            assert rel_err(grad_b, b.grad) <= 1e-5, f"{tag}: grad of B"

@@ -7,12 +7,12 @@ full set of inputs (sums, concatenations, chunks) and compared with what each ra
 
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
 
 from dist import run_distributed
+from seeding import draw_seed, seed_torch
 from megafast.config import ParallelConfig
 from megafast.parallel import ParallelState
 from megafast.parallel import mappings as M
@@ -126,7 +126,7 @@ def mappings_worker(rank: int, tp: int, seed: int) -> dict:
 
 @pytest.fixture(scope="module")
 def seed() -> int:
-    return random.randrange(1 << 30)
+    return draw_seed("seed")
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda p: f"tp{p}")
@@ -197,6 +197,7 @@ def test_indivisible_split_is_a_clear_value_error(results):
 
 def test_none_group_is_the_identity():
     assert M.group_size(None) == 1 and M.group_rank(None) == 0
+    seed_torch()
     x = torch.randn(4, 3, 6)
     for name, fn, kwargs, _, _ in AUTOGRAD_CASES:
         leaf = x.clone().requires_grad_()
@@ -218,6 +219,7 @@ def test_none_group_is_the_identity():
 def test_shard_unshard_round_trip(dim, size, stride):
     shape = [3, 5]
     shape[dim] = 2 * stride * size * 3  # each rank's chunk of each block has 6 rows
+    seed_torch()
     full = torch.randn(shape)
     parts = [shard(full, dim, r, size, stride) for r in range(size)]
     for r, part in enumerate(parts):
@@ -231,6 +233,7 @@ def test_shard_unshard_round_trip(dim, size, stride):
 
 def test_shard_with_stride_two_keeps_gate_and_up_halves():
     """SwiGLU's [gate; up] at TP 2: rank r holds [gate_r; up_r]."""
+    seed_torch()
     gate, up = torch.randn(8, 3), torch.randn(8, 3)
     full = torch.cat([gate, up])
     assert torch.equal(shard(full, 0, 1, 2, stride=2), torch.cat([gate[4:], up[4:]]))

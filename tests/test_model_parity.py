@@ -8,12 +8,12 @@ bit-identical at every TP size.
 
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
 
 from dist import run_distributed
+from seeding import draw_seed
 from megafast.config import GPTConfig, ParallelConfig
 from megafast.model import GPTModel
 from megafast.parallel import ParallelState, sync_sequence_parallel_grads
@@ -125,8 +125,7 @@ def reference(config: GPTConfig, init: dict, data_seed: int) -> dict:
 
 @pytest.fixture(scope="module")
 def seeds() -> tuple[int, int]:
-    rng = random.Random()
-    return rng.randrange(1 << 30), rng.randrange(1 << 30)
+    return draw_seed("seed"), draw_seed("data_seed")
 
 
 @pytest.fixture(scope="module")

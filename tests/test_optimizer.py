@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import math
-import random
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dist import run_distributed
+from seeding import draw_seed
 from megafast.config import GPTConfig, ParallelConfig
 from megafast.model import GPTModel
 from megafast.parallel import ParallelState
@@ -123,8 +123,7 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, w
 
 
 def test_global_grad_norm_and_clipping_match_one_process():
-    rng = random.Random()
-    seed, data_seed = rng.randrange(1 << 30), rng.randrange(1 << 30)
+    seed, data_seed = draw_seed("seed"), draw_seed("data_seed")
     results = run_distributed(norm_worker, 4, seed, data_seed)
     for name in CASES:
         ref = reference_step(name, seed, data_seed)
@@ -153,18 +152,24 @@ def backward(model: GPTModel, data_seed: int, scale: float = 1.0) -> None:
     (model(ids, labels=labels).sum() / (labels != -100).sum() * scale).backward()
 
 
+# Megatron's rule written out for gpt_config(): the embeddings and the four linear weights of each
+# layer decay; biases and norm weights do not.
+DECAYED = {"embedding.word_embeddings.weight", "embedding.position_embeddings.weight"} | {
+    f"decoder.layers.{i}.{w}.weight"
+    for i in range(2)
+    for w in ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+}
+
+
 def test_weight_decay_groups_skip_biases_and_norms():
     model, ddp = tiny_gpt()
     opt = build_optimizer([model], ddp, ParallelState.single(), OptimizerConfig(weight_decay=0.05))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    in_decay = {id(t) for t in decay["params"]}
-    for s in opt.shards:
-        expect = s.param.dim() > 1 and not s.name.endswith(".bias")
-        assert (id(s.master) in in_decay) == expect, s.name
-    names = {s.name for s in opt.shards if id(s.master) not in in_decay}
-    assert "decoder.layers.0.input_layernorm.weight" in names and "decoder.layers.1.mlp.linear_fc1.bias" in names
-    assert "decoder.layers.0.self_attention.linear_qkv.weight" not in names
+    name_at = {p.data_ptr(): n for n, p in model.named_parameters()}  # fp32: the masters are the parameters
+    assert {name_at[t.data_ptr()] for t in decay["params"]} == DECAYED
+    assert {name_at[t.data_ptr()] for t in no_decay["params"]} == set(name_at.values()) - DECAYED
+    assert len(decay["params"]) + len(no_decay["params"]) == len(name_at)
 
 
 def test_adamw_matches_torch_adamw():
@@ -174,8 +179,8 @@ def test_adamw_matches_torch_adamw():
     ref = GPTModel(gpt_config(), seed=3)  # plain torch: no DataParallel hooks
     ref_params = dict(ref.named_parameters())
     groups = [
-        {"params": [ref_params[s.name] for s in opt.shards if s.decay], "weight_decay": 0.1},
-        {"params": [ref_params[s.name] for s in opt.shards if not s.decay], "weight_decay": 0.0},
+        {"params": [p for n, p in ref_params.items() if n in DECAYED], "weight_decay": 0.1},
+        {"params": [p for n, p in ref_params.items() if n not in DECAYED], "weight_decay": 0.0},
     ]
     torch_opt = torch.optim.AdamW(groups, lr=3e-3, betas=(0.8, 0.95), eps=1e-6)
     for step in range(3):
@@ -195,14 +200,13 @@ def test_lion_matches_reference_update():
     opt = build_optimizer([model], ddp, ParallelState.single(), config)
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     m = {n: torch.zeros_like(p) for n, p in params.items()}
-    decay = {s.name: s.decay for s in opt.shards}
     for step in range(3):
         backward(model, step)
         ddp.finish_grad_sync()
         grads = {n: p.main_grad.clone() for n, p in model.named_parameters()}
         assert opt.step().success
         for n, g in grads.items():
-            w = wd if decay[n] else 0.0
+            w = wd if n in DECAYED else 0.0
             update = torch.sign(b1 * m[n] + (1 - b1) * g)
             params[n] = params[n] - lr * (update + w * params[n])
             m[n] = b2 * m[n] + (1 - b2) * g

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
 
 from dist import run_distributed
+from seeding import draw_seed
 from megafast.config import GPTConfig, ParallelConfig
 from megafast.model import GPTModel
 from megafast.parallel import ParallelState
@@ -63,7 +63,7 @@ def worker(rank, world, tied, chunks_per_rank, schedule, n_mb, seed, data_seed):
     [(2, True, 1, "1f1b", 3), (2, False, 1, "gpipe", 2), (2, True, 2, "1f1b", 4), (4, False, 1, "1f1b", 5)],
 )
 def test_pipeline_equals_single_process(world, tied, chunks, schedule, n_mb):
-    seed, data_seed = random.randrange(1 << 30), random.randrange(1 << 30)
+    seed, data_seed = draw_seed("seed"), draw_seed("data_seed")
     results = run_distributed(worker, world, tied, chunks, schedule, n_mb, seed, data_seed)
 
     model = GPTModel(config(tied), seed=seed)

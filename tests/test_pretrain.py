@@ -17,42 +17,7 @@ import numpy as np
 import pytest
 
 from megafast.data.indexed_dataset import IndexedDatasetBuilder
-
-ROOT = Path(__file__).resolve().parents[1]
-VOCAB = 128
-
-MODEL = [
-    "--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--group-query-attention",
-    "--num-query-groups", "2", "--ffn-hidden-size", "64", "--position-embedding-type", "rope",
-    "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
-    "--make-vocab-size-divisible-by", "1", "--init-method-std", "0.05",
-]
-TRAIN = [
-    "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "1e-3",
-    "--min-lr", "1e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "2", "--log-interval", "1",
-    "--eval-interval", "1000", "--eval-iters", "0", "--seed", "4321", "--device", "cpu",
-]
-
-
-def torchrun(nproc: int, args: list[str], timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(ROOT / "pretrain_gpt.py"), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def train_records(path: Path) -> dict[int, dict]:
-    """The last record per iteration (a resumed run rewrites the iterations after its checkpoint)."""
-    out = {}
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        if rec["type"] == "train":
-            out[rec["iteration"]] = rec
-    return out
-
+from pretrain_run import MODEL, ROOT, TRAIN, VOCAB, data_args, torchrun, train_records
 
 class Corpus(NamedTuple):
     prefix: str
@@ -73,11 +38,6 @@ def dataset(tmp_path_factory) -> Corpus:
         builder.add_document(doc, [len(doc)])
     builder.finalize(prefix + ".idx")
     return Corpus(prefix, seed)
-
-
-def data_args(prefix: str, tmp: Path) -> list[str]:
-    return ["--data-path", prefix, "--split", "98,2,0", "--data-cache-path", str(tmp / "cache"),
-            "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB - 1)]
 
 
 LAYOUTS = [  # (nproc, extra flags)

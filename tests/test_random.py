@@ -11,13 +11,13 @@
 from __future__ import annotations
 
 import dataclasses
-import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dist import run_distributed
+from seeding import draw_seed
 from megafast.config import GPTConfig, ParallelConfig
 from megafast.model import GPTModel
 from megafast.parallel import ParallelState, RNGStatesTracker, model_parallel_rng_tracker
@@ -34,9 +34,8 @@ def draws(seed: int, *shapes: tuple[int, ...]) -> list[torch.Tensor]:
 
 @pytest.fixture
 def seeds() -> tuple[int, int]:
-    rng = random.Random()
-    a = rng.randrange(1 << 30)
-    return a, a + 1 + rng.randrange(1 << 20)
+    a = draw_seed("seed")
+    return a, a + 1 + draw_seed("stream_offset") % (1 << 20)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,7 +128,7 @@ def test_checkpointed_replays_default_and_tracker_streams(seeds):
     """Recompute of a function with dropout from both streams gives the same gradient, and leaves
     both streams where the plain run leaves them."""
     seed, data_seed = seeds
-    x0 = torch.randn(64, 8)
+    x0 = torch.randn(64, 8, generator=torch.Generator().manual_seed(data_seed + 1))
 
     def fn(tracker):
         def f(x):
@@ -224,7 +223,7 @@ def dropout_worker(rank: int, tp: int, seed: int, data_seed: int) -> dict:
 
 @pytest.fixture(scope="module")
 def tp2_dropout():
-    seed, data_seed = random.randrange(1 << 30), random.randrange(1 << 30)
+    seed, data_seed = draw_seed("seed"), draw_seed("data_seed")
     return run_distributed(dropout_worker, 2, seed, data_seed)
 
 

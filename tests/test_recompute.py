@@ -17,7 +17,8 @@ from megafast.planner import (
     training_flops_per_token,
 )
 from megafast.planner.memory import activation_memory, chunk_activation_bytes
-from test_planner import DTYPES, gpt2, llama, saved_activation_bytes
+from planner_models import DTYPES, gpt2, llama, saved_activation_bytes
+from seeding import seed_torch
 
 
 def full(method: str, n: int, **kw):
@@ -59,7 +60,7 @@ def _loss_and_grads(config, seed: int, ids: torch.Tensor):
 def test_recompute_methods_change_nothing_but_memory(method, n):
     """With dropout on: loss and every gradient bit-identical to the run without recomputation,
     and the activations kept shrink as the planner says."""
-    seed = int(torch.randint(1 << 30, ()))
+    seed = seed_torch("seed")  # also seeds the ids below
     kw = dict(num_layers=5, hidden_dropout=0.1, attention_dropout=0.1)
     ids = torch.randint(0, 1000, (2, 32))
     want_loss, want = _loss_and_grads(llama(**kw), seed, ids)
@@ -81,6 +82,7 @@ def test_activation_bytes_equal_saved_tensors(arch, method, n, dtype, dropout):
         hidden_dropout=dropout,
     )
     model = GPTModel(config, seed=1, params_dtype=DTYPES[dtype])
+    seed_torch("data_seed")
     ids = torch.randint(0, config.vocab_size, (2, 32))
     layout = Layout(
         seq_length=32, micro_batch_size=2, recompute="full", recompute_method=method, recompute_num_layers=n,
@@ -101,6 +103,7 @@ def test_later_pipeline_stage_counts_the_received_input_once(method, n):
                     recompute_method=method or "uniform", recompute_num_layers=n or 1, dtype="bf16")
     model = GPTModel(config, seed=1, layer_range=(2, 4), pre_process=False, post_process=True,
                      params_dtype=torch.bfloat16)
+    seed_torch("data_seed")
     hidden = torch.randn(32, 2, config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
     ids = torch.randint(0, config.vocab_size, (2, 32))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}

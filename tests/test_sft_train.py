@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from sft_data import random_records, write_sft_dataset
-from test_pretrain import MODEL, TRAIN, torchrun, train_records
+from pretrain_run import MODEL, TRAIN, data_args, torchrun, train_records
 
 VOCAB = 128
 TASKS = ["code", "chat", "math"]
@@ -89,8 +89,6 @@ def test_bad_finetuning_flags_fail_early(sft_prefix, tmp_path, flags, message):
 
 
 def test_sft_flags_need_sft_files(tmp_path):
-    from test_pretrain import data_args
-
     from megafast.arguments import parse_args, validate_args
 
     gpt = write_sft_dataset(str(tmp_path / "g"), random_records(5, VOCAB, 1, seed=0), ["t"])
