@@ -231,7 +231,7 @@ class GPTModel(nn.Module):
             x = column_parallel_input(x, state.tp_group, state.sequence_parallel)
             loss = fused_linear_cross_entropy(
                 x, weight, labels.t(), tp_group=state.tp_group, vocab_size=self.config.vocab_size,
-                backend=kernels.backend,
+                backend=kernels.kernels,
             )
             return loss.t()  # [b, s]
         if self.output_layer is not None:
@@ -241,7 +241,7 @@ class GPTModel(nn.Module):
         if labels is None:
             return logits.transpose(0, 1)
         loss = vocab_parallel_cross_entropy(
-            logits, labels.t(), state.tp_group, self.config.vocab_size, backend=kernels.backend
+            logits, labels.t(), state.tp_group, self.config.vocab_size, backend=kernels.kernels
         )
         return loss.t()  # [b, s]
 
