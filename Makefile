@@ -27,11 +27,14 @@ $(STAMP): setup.py pyproject.toml csrc/*.cpp csrc/*.h
 
 setup: $(STAMP)
 
+# check-cuda: the pure CUDA sources compile for H100/H200 (sm_90a) and A100 (sm_80)
 check-cuda:
 	@if command -v nvcc >/dev/null 2>&1 && ls csrc/cuda/*.cu >/dev/null 2>&1; then \
 	  for f in csrc/cuda/*.cu; do \
-	    echo "nvcc -c $$f"; \
-	    nvcc -c $$f -o /dev/null -std=c++17 -gencode arch=compute_90a,code=sm_90a -Xcompiler -fPIC || exit 1; \
+	    for arch in 90a 80; do \
+	      echo "nvcc -c $$f (sm_$$arch)"; \
+	      nvcc -c $$f -o /dev/null -std=c++17 -gencode arch=compute_$$arch,code=sm_$$arch -Xcompiler -fPIC || exit 1; \
+	    done; \
 	  done; \
 	else echo "check-cuda: no nvcc or no csrc/cuda/*.cu, nothing to compile-check"; fi
 

@@ -36,6 +36,7 @@ from typing import Callable, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # kernel_harness: the tests' rel_err
 
 import torch  # noqa: E402
 
@@ -49,16 +50,16 @@ import torch.nn.functional as F  # noqa: E402
 
 from megafast.kernels import add_rms_norm as k_add_rms_norm  # noqa: E402
 from megafast.kernels import flash_attention as k_flash  # noqa: E402
-from megafast.kernels.add_rms_norm import add_rms_norm_reference  # noqa: E402
-from megafast.kernels.cross_entropy import cross_entropy_reference, cross_entropy_triton  # noqa: E402
+from megafast.kernels.add_rms_norm_kernel import add_rms_norm_torch  # noqa: E402
+from megafast.kernels.cross_entropy_kernel import cross_entropy_torch, cross_entropy_triton  # noqa: E402
 from megafast.kernels.cuda_ext import cuda_available  # noqa: E402
-from megafast.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy_triton  # noqa: E402
-from megafast.kernels.gelu import gelu_reference, gelu_triton  # noqa: E402
-from megafast.kernels.layer_norm import layer_norm_reference, layer_norm_triton  # noqa: E402
-from megafast.kernels.rms_norm import rms_norm_reference, rms_norm_triton  # noqa: E402
-from megafast.kernels.rotary import apply_rotary_cuda, apply_rotary_reference, apply_rotary_triton  # noqa: E402
-from megafast.kernels.swiglu import swiglu_reference, swiglu_triton  # noqa: E402
-from megafast.kernels.testing import rel_err  # noqa: E402
+from megafast.kernels.fused_linear_cross_entropy_kernel import fused_linear_cross_entropy_triton  # noqa: E402
+from megafast.kernels.gelu_kernel import gelu_torch, gelu_triton  # noqa: E402
+from megafast.kernels.layer_norm_kernel import layer_norm_torch, layer_norm_triton  # noqa: E402
+from megafast.kernels.rms_norm_kernel import rms_norm_torch, rms_norm_triton  # noqa: E402
+from megafast.kernels.rotary_kernel import apply_rotary_cuda, apply_rotary_torch, apply_rotary_triton  # noqa: E402
+from megafast.kernels.swiglu_kernel import swiglu_torch, swiglu_triton  # noqa: E402
+from kernel_harness import rel_err  # noqa: E402
 
 try:
     from liger_kernel.transformers import functional as liger
@@ -257,13 +258,13 @@ def bench_rowwise(b: Bench, n_tokens: int, hidden: int, dtype: torch.dtype) -> N
         return lambda fwd: max(rel_err(o, r_) for o, r_ in zip(_tuple(ours()), _tuple(ref())))
 
     if "rms_norm" in sel:
-        ours, ref = (lambda: rms_norm_triton(x, w, 1e-5)), (lambda: rms_norm_reference(x, w, 1e-5))
+        ours, ref = (lambda: rms_norm_triton(x, w, 1e-5)), (lambda: rms_norm_torch(x, w, 1e-5))
         lig = (lambda: liger.liger_rms_norm(x, w, 1e-5)) if liger else None
         b.run_impls(
             "rms_norm",
             shape,
             dtype,
-            impls(ours, ref, rms_norm_reference, (x, w, 1e-5), lig, [x, w]),
+            impls(ours, ref, rms_norm_torch, (x, w, 1e-5), lig, [x, w]),
             2 * n_tokens * hidden * e,
             5 * n_tokens * hidden * e,
             check(ours, ref),
@@ -276,7 +277,7 @@ def bench_rowwise(b: Bench, n_tokens: int, hidden: int, dtype: torch.dtype) -> N
             "add_rms_norm",
             shape,
             dtype,
-            impls(ours, ref, add_rms_norm_reference, (x, r, w, 1e-5), None, [x, r, w], 2),
+            impls(ours, ref, add_rms_norm_torch, (x, r, w, 1e-5), None, [x, r, w], 2),
             4 * n_tokens * hidden * e,
             8 * n_tokens * hidden * e,
             check(ours, ref),
@@ -285,26 +286,26 @@ def bench_rowwise(b: Bench, n_tokens: int, hidden: int, dtype: torch.dtype) -> N
     if "layer_norm" in sel:
         ours, ref = (
             (lambda: layer_norm_triton(x, w, bias, 1e-5)),
-            (lambda: layer_norm_reference(x, w, bias, 1e-5)),
+            (lambda: layer_norm_torch(x, w, bias, 1e-5)),
         )
         lig = (lambda: liger.liger_layer_norm(x, w, bias, 1e-5)) if liger else None
         b.run_impls(
             "layer_norm",
             shape,
             dtype,
-            impls(ours, ref, layer_norm_reference, (x, w, bias, 1e-5), lig, [x, w, bias]),
+            impls(ours, ref, layer_norm_torch, (x, w, bias, 1e-5), lig, [x, w, bias]),
             2 * n_tokens * hidden * e,
             5 * n_tokens * hidden * e,
             check(ours, ref),
             hidden=hidden,
         )
     if "gelu" in sel:
-        ours, ref = (lambda: gelu_triton(x, "tanh")), (lambda: gelu_reference(x, "tanh"))
+        ours, ref = (lambda: gelu_triton(x, "tanh")), (lambda: gelu_torch(x, "tanh"))
         b.run_impls(
             "gelu_tanh",
             shape,
             dtype,
-            impls(ours, ref, gelu_reference, (x, "tanh"), None, [x]),
+            impls(ours, ref, gelu_torch, (x, "tanh"), None, [x]),
             2 * n_tokens * hidden * e,
             5 * n_tokens * hidden * e,
             check(ours, ref),
@@ -314,8 +315,8 @@ def bench_rowwise(b: Bench, n_tokens: int, hidden: int, dtype: torch.dtype) -> N
         h2 = _req(torch.randn(n_tokens, 2 * hidden, device=dev, dtype=dtype))[0]
         a, g = _req(*h2.detach().chunk(2, dim=-1))
         a, g = a.detach().contiguous().requires_grad_(), g.detach().contiguous().requires_grad_()
-        ours, ref = (lambda: swiglu_triton(h2)), (lambda: swiglu_reference(h2))
-        out = impls(ours, ref, swiglu_reference, (h2,), None, [h2])
+        ours, ref = (lambda: swiglu_triton(h2)), (lambda: swiglu_torch(h2))
+        out = impls(ours, ref, swiglu_torch, (h2,), None, [h2])
         if liger:
             lig = lambda: liger.liger_swiglu(a, g)  # noqa: E731 - Liger takes gate and up separately
             out["liger"] = (lig, _grad_fn(lig, [a, g], [dy.clone()]))
@@ -355,7 +356,7 @@ def bench_rope(b: Bench, n_tokens: int, hidden: int, dtype: torch.dtype) -> None
     def pair(fn):
         return lambda: (fn(q, cos, sin), fn(k, cos, sin))
 
-    ours, ref = pair(apply_rotary_triton), pair(apply_rotary_reference)
+    ours, ref = pair(apply_rotary_triton), pair(apply_rotary_torch)
     impls = {
         "megafast": (ours, _grad_fn(ours, [q, k], [dq, dk])),
         "torch": (ref, _grad_fn(ref, [q, k], [dq, dk])),
@@ -364,7 +365,7 @@ def bench_rope(b: Bench, n_tokens: int, hidden: int, dtype: torch.dtype) -> None
         cu = pair(apply_rotary_cuda)
         impls["megafast-cuda"] = (cu, _grad_fn(cu, [q, k], [dq, dk]))
     if not b.args.no_compile:
-        comp = b.compile("rope", apply_rotary_reference)
+        comp = b.compile("rope", apply_rotary_torch)
         cp = pair(comp)
         impls["torch.compile"] = (cp, _grad_fn(cp, [q, k], [dq, dk]))
     if liger:  # Liger's layout: q [b, H, s, d], k [b, G, s, d], cos/sin [1, s, d]; one call for both
@@ -396,10 +397,10 @@ def bench_cross_entropy(b: Bench, n_tokens: int, vocab: int, dtype: torch.dtype)
     target = torch.randint(0, vocab, (n_tokens,), device=dev)
     target[::7] = -100
     ours = lambda: cross_entropy_triton(logits, target)  # noqa: E731
-    ref = lambda: cross_entropy_reference(logits, target)  # noqa: E731
+    ref = lambda: cross_entropy_torch(logits, target)  # noqa: E731
     impls = {"megafast": (ours, _grad_fn(ours, [logits])), "torch": (ref, _grad_fn(ref, [logits]))}
     if not b.args.no_compile:
-        comp = b.compile("ce", cross_entropy_reference)
+        comp = b.compile("ce", cross_entropy_torch)
         cp = lambda: comp(logits, target)  # noqa: E731
         impls["torch.compile"] = (cp, _grad_fn(cp, [logits]))
     if liger:  # Liger writes the gradient into its input during forward: give it its own copy
@@ -429,7 +430,7 @@ def bench_flce(b: Bench, n_tokens: int, hidden: int, vocab: int, dtype: torch.dt
     fns = {
         "megafast (per-token)": lambda: fused_linear_cross_entropy_triton(x, w, target).sum(),
         "megafast (mean)": lambda: fused_linear_cross_entropy_triton(x, w, target, reduction="mean"),
-        "torch unfused": lambda: cross_entropy_reference(x @ w.t(), target).mean(),
+        "torch unfused": lambda: cross_entropy_torch(x @ w.t(), target).mean(),
     }
     if liger:
         fns["liger"] = lambda: liger.liger_fused_linear_cross_entropy(x, w, target, reduction="mean")

@@ -7,6 +7,7 @@ before any process group is created.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -19,6 +20,36 @@ RecomputeMethod = Literal["uniform", "block"]
 KERNEL_BACKENDS = ("auto", "triton", "torch")  # --kernels (megafast.kernels.dispatch)
 ROPE_BACKENDS = ("auto", "triton", "cuda", "torch")  # --rope-kernel; auto follows --kernels
 ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "triton")  # --attention-backend
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Which implementation the model's fused ops use (``megafast.kernels.dispatch`` applies it).
+
+    Same field names as :class:`GPTConfig` (``--kernels``, ``--attention-backend``, ``--rope-kernel``).
+    """
+
+    kernels: str = "auto"  # auto | triton | torch: norms, RoPE, activations, cross-entropy
+    attention_backend: str = "auto"  # auto | flash | sdpa | triton
+    rope_kernel: str = "auto"  # auto (= kernels) | triton | cuda | torch
+
+    def __post_init__(self) -> None:
+        for flag, value, choices in (
+            ("--kernels", self.kernels, KERNEL_BACKENDS),
+            ("--attention-backend", self.attention_backend, ATTENTION_BACKENDS),
+            ("--rope-kernel", self.rope_kernel, ROPE_BACKENDS),
+        ):
+            if value not in choices:
+                raise ValueError(f"unknown {flag} {value!r}: choose one of {', '.join(choices)}")
+        if self.attention_backend == "flash" and importlib.util.find_spec("flash_attn") is None:
+            raise ValueError(
+                "--attention-backend flash needs the flash-attn package: install it or use auto/sdpa/triton"
+            )
+
+    @property
+    def rope_backend(self) -> str:
+        """The RoPE implementation: ``rope_kernel``, or ``kernels`` when it is auto."""
+        return self.kernels if self.rope_kernel == "auto" else self.rope_kernel
 
 
 @dataclass(frozen=True)
@@ -117,10 +148,8 @@ class GPTConfig:
             )
 
     @property
-    def kernel_config(self):
-        """The :class:`megafast.kernels.KernelConfig` of ``kernels``/``rope_kernel``/``attention_backend``."""
-        from megafast.kernels.dispatch import KernelConfig
-
+    def kernel_config(self) -> KernelConfig:
+        """The :class:`KernelConfig` of ``kernels``/``attention_backend``/``rope_kernel``."""
         return KernelConfig(self.kernels, self.attention_backend, self.rope_kernel)
 
     @property

@@ -10,6 +10,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture
+def no_tf32():
+    """TF32 off for one test; the global settings are restored after it (even when it fails)."""
+    from kernel_harness import tf32_disabled
+
+    with tf32_disabled():
+        yield
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

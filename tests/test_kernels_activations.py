@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megafast.kernels.gelu import gelu_reference, gelu_triton
-from megafast.kernels.swiglu import swiglu_reference, swiglu_triton
-from megafast.kernels.testing import check_against_reference, fresh_seed
+from megafast.kernels.gelu_kernel import gelu_torch, gelu_triton
+from megafast.kernels.swiglu_kernel import swiglu_torch, swiglu_triton
+from kernel_harness import check_against_reference, fresh_seed
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -17,7 +17,7 @@ DTYPES = [torch.float32, torch.bfloat16]
 def test_swiglu(shape, dtype):
     seed = fresh_seed()
     x = (torch.randn(shape) * 2).to(dtype).requires_grad_()
-    check_against_reference(swiglu_triton, swiglu_reference, (x,), what=f"swiglu {shape} {dtype} seed={seed}")
+    check_against_reference(swiglu_triton, swiglu_torch, (x,), what=f"swiglu {shape} {dtype} seed={seed}")
 
 
 def test_swiglu_on_a_column_parallel_output_layout():
@@ -37,7 +37,7 @@ def test_gelu(shape, dtype, approximate):
     x = (torch.randn(shape) * 3).to(dtype).requires_grad_()
     check_against_reference(
         lambda t: gelu_triton(t, approximate),
-        lambda t: gelu_reference(t, approximate),
+        lambda t: gelu_torch(t, approximate),
         (x,),
         what=f"gelu {approximate} {shape} {dtype} seed={seed}",
     )
@@ -49,4 +49,4 @@ def test_gelu_saturates_without_nan():
         y = gelu_triton(x, approximate)
         (g,) = torch.autograd.grad(y.sum(), x)
         assert torch.isfinite(y).all() and torch.isfinite(g).all()
-        assert torch.allclose(y, gelu_reference(x.detach(), approximate), atol=1e-4)
+        assert torch.allclose(y, gelu_torch(x.detach(), approximate), atol=1e-4)

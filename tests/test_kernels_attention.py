@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from megafast.kernels import attention
-from megafast.kernels.flash_attention import attention_reference, flash_attention_triton
-from megafast.kernels.testing import check_against_reference, fresh_seed, rel_err
+from megafast.kernels.flash_attention_kernel import attention_torch, flash_attention_triton
+from kernel_harness import check_against_reference, fresh_seed, rel_err
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -31,7 +31,7 @@ def test_flash_attention(b, heads, groups, s, d, causal, dtype):
     v = torch.randn(b, groups, s, d).to(dtype).requires_grad_()
     check_against_reference(
         lambda *a: flash_attention_triton(*a, causal=causal),
-        lambda *a: attention_reference(*a, causal=causal),
+        lambda *a: attention_torch(*a, causal=causal),
         (q, k, v),
         what=f"flash {(b, heads, groups, s, d, causal)} {dtype} seed={seed}",
     )

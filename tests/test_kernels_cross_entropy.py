@@ -10,12 +10,12 @@ import torch
 from dist import run_distributed
 
 from megafast.kernels import cross_entropy, fused_linear_cross_entropy
-from megafast.kernels.cross_entropy import cross_entropy_reference, cross_entropy_triton
-from megafast.kernels.fused_linear_cross_entropy import (
-    fused_linear_cross_entropy_reference,
+from megafast.kernels.cross_entropy_kernel import cross_entropy_torch, cross_entropy_triton
+from megafast.kernels.fused_linear_cross_entropy_kernel import (
+    fused_linear_cross_entropy_torch,
     fused_linear_cross_entropy_triton,
 )
-from megafast.kernels.testing import TOLERANCES, check_against_reference, fresh_seed, rel_err
+from kernel_harness import TOLERANCES, check_against_reference, fresh_seed, rel_err
 from megafast.parallel.cross_entropy import vocab_parallel_cross_entropy as torch_vocab_parallel_ce
 
 
@@ -37,7 +37,7 @@ def test_cross_entropy(rows, padded, vocab, dtype):
     target = _targets(rows, vocab)
     check_against_reference(
         lambda z, t: cross_entropy_triton(z, t, -100, vocab),
-        lambda z, t: cross_entropy_reference(z, t, -100, vocab),
+        lambda z, t: cross_entropy_torch(z, t, -100, vocab),
         (logits, target),
         what=f"ce {rows}x{padded} vocab {vocab} {dtype} seed={seed}",
     )
@@ -73,7 +73,7 @@ def test_fused_linear_cross_entropy(dtype, reduction):
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]  # fp16/bf16 logits rounded
     check_against_reference(
         lambda a, b, t: fused_linear_cross_entropy_triton(a, b, t, None, 990, -100, reduction, 8),
-        lambda a, b, t: fused_linear_cross_entropy_reference(a, b, t, 990, -100, reduction),
+        lambda a, b, t: fused_linear_cross_entropy_torch(a, b, t, 990, -100, reduction),
         (x, w, target),
         tol=tol,
         what=f"flce {dtype} {reduction} seed={seed}",
@@ -87,7 +87,7 @@ def test_fused_linear_cross_entropy_default_chunks_and_batch_shape():
     target = _targets((2, 21), 200)
     check_against_reference(
         lambda a, b, t: fused_linear_cross_entropy(a, b, t, backend="triton"),
-        lambda a, b, t: fused_linear_cross_entropy_reference(a, b, t),
+        lambda a, b, t: fused_linear_cross_entropy_torch(a, b, t),
         (x, w, target),
         what=f"flce default chunk seed={seed}",
     )
@@ -103,7 +103,7 @@ def _tp_worker(
 ):
     import torch.distributed as dist
 
-    from megafast.kernels.cross_entropy import vocab_parallel_cross_entropy_triton
+    from megafast.kernels.cross_entropy_kernel import vocab_parallel_cross_entropy_triton
     from megafast.parallel.mappings import copy_to_tensor_parallel_region
 
     group = dist.group.WORLD
@@ -137,10 +137,10 @@ def test_vocab_parallel_cross_entropy_composes_with_tp_all_reduces():
     weights = torch.linspace(0.5, 2, target.numel(), dtype=torch.float64).view_as(target)
 
     ref_logits = logits.double().requires_grad_()
-    ref = cross_entropy_reference(ref_logits, target, -100, TP_VOCAB)
+    ref = cross_entropy_torch(ref_logits, target, -100, TP_VOCAB)
     (ref_g,) = torch.autograd.grad((ref * weights).sum(), ref_logits)
     xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
-    ref_fl = fused_linear_cross_entropy_reference(xd, wd, target, TP_VOCAB)
+    ref_fl = fused_linear_cross_entropy_torch(xd, wd, target, TP_VOCAB)
     ref_gx, ref_gw = torch.autograd.grad((ref_fl * weights).sum(), (xd, wd))
     tol = TOLERANCES[torch.float32]
     for name in ("triton", "torch"):

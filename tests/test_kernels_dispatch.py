@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from megafast.arguments import model_config, parse_args
-from megafast.config import GPTConfig
-from megafast.kernels import KernelConfig, resolve_attention, resolve_backend
+from megafast.config import GPTConfig, KernelConfig
+from megafast.kernels import resolve_attention, resolve_backend
 from megafast.kernels.dispatch import flash_attn_func
-from megafast.kernels.multi_tensor_optim import multi_tensor_adamw_reference, multi_tensor_lion_reference
-from megafast.kernels.testing import fresh_seed, rel_err
+from megafast.kernels.multi_tensor_optim import multi_tensor_adamw_torch, multi_tensor_lion_torch
+from kernel_harness import fresh_seed, rel_err
 from megafast.model import GPTModel
 
 # ------------------------------------------------------------------------------ selection rules
@@ -47,7 +47,7 @@ def test_config_validation():
         )
     if flash_attn_func is None:  # flash-attn is not installable on CPU machines
         with pytest.raises(ValueError, match="flash-attn"):
-            KernelConfig(attention="flash")
+            KernelConfig(attention_backend="flash")
     c = GPTConfig(
         num_layers=1, hidden_size=8, num_attention_heads=2, vocab_size=10, kernels="torch", rope_kernel="auto"
     )
@@ -226,7 +226,7 @@ def test_multi_tensor_references_equal_torch_adamw_and_megafast_lion():
                 p.grad = g * 0.5
             ref.step()
             if opt == "adam":
-                multi_tensor_adamw_reference(
+                multi_tensor_adamw_torch(
                     mine,
                     grads,
                     m,
@@ -241,9 +241,28 @@ def test_multi_tensor_references_equal_torch_adamw_and_megafast_lion():
                     grad_scale=0.5,
                 )
             else:
-                multi_tensor_lion_reference(
+                multi_tensor_lion_torch(
                     mine, grads, m, model, lr=0.01, beta1=0.9, beta2=0.99, weight_decay=0.1, grad_scale=0.5
                 )
         for a, p, w in zip(mine, torch_params, model):
             assert rel_err(a, p.detach()) <= 1e-12, f"{opt} seed={seed}"
             assert torch.equal(a, w)
+
+
+def test_tf32_fixture_restores_the_global_settings():
+    """Tests turning TF32 off (the ``no_tf32`` fixture) leave the process as found, even on failure."""
+    from kernel_harness import tf32_disabled
+
+    saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls on
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        with pytest.raises(RuntimeError, match="inside"):
+            with tf32_disabled():
+                assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+                raise RuntimeError("a test failing inside")
+        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]

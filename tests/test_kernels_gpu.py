@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megafast.kernels.testing import TOLERANCES, check_against_reference, fresh_seed, rel_err
+from kernel_harness import TOLERANCES, check_against_reference, fresh_seed, rel_err
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -30,36 +30,36 @@ def test_extension_was_built_with_cuda_ops():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 37, 1531), (1, 4096), (512, 8192)])
 def test_norms(shape, dtype):
-    from megafast.kernels.add_rms_norm import add_rms_norm_reference, add_rms_norm_triton
-    from megafast.kernels.layer_norm import layer_norm_reference, layer_norm_triton
-    from megafast.kernels.rms_norm import rms_norm_reference, rms_norm_triton
+    from megafast.kernels.add_rms_norm_kernel import add_rms_norm_torch, add_rms_norm_triton
+    from megafast.kernels.layer_norm_kernel import layer_norm_torch, layer_norm_triton
+    from megafast.kernels.rms_norm_kernel import rms_norm_torch, rms_norm_triton
 
     seed, n = fresh_seed(), shape[-1]
     x, w, b = _t(*shape, dtype=dtype, scale=2), _t(n, dtype=dtype, scale=0.5, shift=1), _t(n, dtype=dtype)
     what = f"{shape} {dtype} seed={seed}"
-    check_against_reference(rms_norm_triton, rms_norm_reference, (x, w, 1e-5), what="rms " + what)
-    check_against_reference(layer_norm_triton, layer_norm_reference, (x, w, b, 1e-5), what="ln " + what)
+    check_against_reference(rms_norm_triton, rms_norm_torch, (x, w, 1e-5), what="rms " + what)
+    check_against_reference(layer_norm_triton, layer_norm_torch, (x, w, b, 1e-5), what="ln " + what)
     r = _t(*shape, dtype=dtype)
     check_against_reference(
-        add_rms_norm_triton, add_rms_norm_reference, (x, r, w, 1e-5), what="add_rms " + what
+        add_rms_norm_triton, add_rms_norm_torch, (x, r, w, 1e-5), what="add_rms " + what
     )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_activations_and_rotary(dtype):
-    from megafast.kernels.gelu import gelu_reference, gelu_triton
-    from megafast.kernels.rotary import apply_rotary_cuda, apply_rotary_reference, apply_rotary_triton
-    from megafast.kernels.swiglu import swiglu_reference, swiglu_triton
+    from megafast.kernels.gelu_kernel import gelu_torch, gelu_triton
+    from megafast.kernels.rotary_kernel import apply_rotary_cuda, apply_rotary_torch, apply_rotary_triton
+    from megafast.kernels.swiglu_kernel import swiglu_torch, swiglu_triton
     from megafast.model.rotary import RotaryEmbedding
 
     seed = fresh_seed()
     check_against_reference(
-        swiglu_triton, swiglu_reference, (_t(3, 37, 2 * 1531, dtype=dtype),), what=f"swiglu {seed}"
+        swiglu_triton, swiglu_torch, (_t(3, 37, 2 * 1531, dtype=dtype),), what=f"swiglu {seed}"
     )
     for approx in ("tanh", "none"):
         check_against_reference(
             lambda t, a=approx: gelu_triton(t, a),
-            lambda t, a=approx: gelu_reference(t, a),
+            lambda t, a=approx: gelu_torch(t, a),
             (_t(3, 37, 1531, dtype=dtype, scale=3),),
             what=f"gelu {approx} {seed}",
         )
@@ -70,15 +70,15 @@ def test_activations_and_rotary(dtype):
         for c, sn in ((cos, sin), per_seq):
             x = _t(s, b, h, d, dtype=dtype)
             check_against_reference(
-                fn, apply_rotary_reference, (x, c, sn), what=f"{fn.__name__} {dtype} {seed}"
+                fn, apply_rotary_torch, (x, c, sn), what=f"{fn.__name__} {dtype} {seed}"
             )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cross_entropy_and_fused_linear(dtype):
-    from megafast.kernels.cross_entropy import cross_entropy_reference, cross_entropy_triton
-    from megafast.kernels.fused_linear_cross_entropy import (
-        fused_linear_cross_entropy_reference,
+    from megafast.kernels.cross_entropy_kernel import cross_entropy_torch, cross_entropy_triton
+    from megafast.kernels.fused_linear_cross_entropy_kernel import (
+        fused_linear_cross_entropy_torch,
         fused_linear_cross_entropy_triton,
     )
 
@@ -88,7 +88,7 @@ def test_cross_entropy_and_fused_linear(dtype):
     logits = _t(4, 300, 32128, dtype=dtype, scale=4)
     check_against_reference(
         lambda z, t: cross_entropy_triton(z, t, -100, 32000),
-        lambda z, t: cross_entropy_reference(z, t, -100, 32000),
+        lambda z, t: cross_entropy_torch(z, t, -100, 32000),
         (logits, target),
         what=f"ce {dtype} seed={seed}",
     )
@@ -99,7 +99,7 @@ def test_cross_entropy_and_fused_linear(dtype):
             lambda a, b_, tt, r=reduction: fused_linear_cross_entropy_triton(
                 a, b_, tt, None, 32000, -100, r, 256
             ),
-            lambda a, b_, tt, r=reduction: fused_linear_cross_entropy_reference(a, b_, tt, 32000, -100, r),
+            lambda a, b_, tt, r=reduction: fused_linear_cross_entropy_torch(a, b_, tt, 32000, -100, r),
             (x, w, t),
             tol={torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype],  # TF32-free fp32; bf16 logits
             what=f"flce {reduction} {dtype} seed={seed}",
@@ -117,7 +117,7 @@ def test_cross_entropy_and_fused_linear(dtype):
     ],
 )
 def test_flash_attention(b, heads, groups, s, d, causal, dtype):
-    from megafast.kernels.flash_attention import attention_reference, flash_attention_triton
+    from megafast.kernels.flash_attention_kernel import attention_torch, flash_attention_triton
 
     seed = fresh_seed()
     q, k, v = (
@@ -128,7 +128,7 @@ def test_flash_attention(b, heads, groups, s, d, causal, dtype):
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
     check_against_reference(
         lambda *a: flash_attention_triton(*a, causal=causal),
-        lambda *a: attention_reference(*a, causal=causal),
+        lambda *a: attention_torch(*a, causal=causal),
         (q, k, v),
         tol=tol,
         what=f"flash {(b, heads, groups, s, d, causal)} {dtype} seed={seed}",
@@ -140,9 +140,9 @@ def test_flash_attention(b, heads, groups, s, d, causal, dtype):
 def test_multi_tensor_optimizer_kernels(opt, grad_dtype):
     from megafast.kernels.multi_tensor_optim import (
         multi_tensor_adamw_,
-        multi_tensor_adamw_reference,
+        multi_tensor_adamw_torch,
         multi_tensor_lion_,
-        multi_tensor_lion_reference,
+        multi_tensor_lion_torch,
     )
 
     seed = fresh_seed()
@@ -159,13 +159,13 @@ def test_multi_tensor_optimizer_kernels(opt, grad_dtype):
         if opt == "adam":
             kw = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=step, grad_scale=0.7)
             multi_tensor_adamw_(mine, grads, states["m"][0], states["v"][0], model, **kw)
-            multi_tensor_adamw_reference(
+            multi_tensor_adamw_torch(
                 ref, grads, states["m"][1], states["v"][1], [None] * len(shapes), **kw
             )
         else:
             kw = dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1, grad_scale=0.7)
             multi_tensor_lion_(mine, grads, states["m"][0], model, **kw)
-            multi_tensor_lion_reference(ref, grads, states["m"][1], [None] * len(shapes), **kw)
+            multi_tensor_lion_torch(ref, grads, states["m"][1], [None] * len(shapes), **kw)
     torch.cuda.synchronize()
     for i, (a, r) in enumerate(zip(mine, ref)):
         assert rel_err(a, r) <= 1e-6, f"{opt} tensor {i} seed={seed}"
@@ -234,14 +234,12 @@ def test_optimizer_cuda_step_equals_torch_step(opt, distributed):
 
 
 @pytest.mark.parametrize("activation,norm", [("swiglu", "RMSNorm"), ("gelu", "LayerNorm")])
-def test_model_triton_equals_torch_on_gpu(activation, norm):
+def test_model_triton_equals_torch_on_gpu(activation, norm, no_tf32):
     """fp32 on the GPU (no TF32): Triton kernels + Triton flash attention vs torch ops + SDPA."""
     from megafast.config import GPTConfig
     from megafast.model import GPTModel
 
     seed = fresh_seed()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     results = []
     for kernels, attention in (("triton", "triton"), ("torch", "sdpa")):
         config = GPTConfig(

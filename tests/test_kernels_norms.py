@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megafast.kernels.add_rms_norm import add_rms_norm_reference, add_rms_norm_triton
-from megafast.kernels.layer_norm import layer_norm_reference, layer_norm_triton
-from megafast.kernels.rms_norm import rms_norm_reference, rms_norm_triton
-from megafast.kernels.testing import check_against_reference, fresh_seed, rel_err
+from megafast.kernels.add_rms_norm_kernel import add_rms_norm_torch, add_rms_norm_triton
+from megafast.kernels.layer_norm_kernel import layer_norm_torch, layer_norm_triton
+from megafast.kernels.rms_norm_kernel import rms_norm_torch, rms_norm_triton
+from kernel_harness import check_against_reference, fresh_seed, rel_err
 
 SHAPES = [(3, 37, 1531), (1, 1531), (1, 7), (5, 96), (2, 3, 1000), (4, 4096)]  # odd, single rows, non-pow2
 DTYPES = [torch.float32, torch.bfloat16]
@@ -26,7 +26,7 @@ def test_rms_norm(shape, dtype):
     x = (torch.randn(shape) * 2 + 0.5).to(dtype).requires_grad_()
     w = _param(shape[-1], dtype, 0.5, 1.0)
     check_against_reference(
-        rms_norm_triton, rms_norm_reference, (x, w, 1e-5), what=f"rms_norm {shape} {dtype} seed={seed}"
+        rms_norm_triton, rms_norm_torch, (x, w, 1e-5), what=f"rms_norm {shape} {dtype} seed={seed}"
     )
 
 
@@ -40,7 +40,7 @@ def test_layer_norm(shape, dtype, bias):
     b = _param(shape[-1], dtype, 0.5) if bias else None
     check_against_reference(
         layer_norm_triton,
-        layer_norm_reference,
+        layer_norm_torch,
         (x, w, b, 1e-5),
         what=f"layer_norm {shape} {dtype} seed={seed}",
     )
@@ -56,7 +56,7 @@ def test_add_rms_norm(shape, dtype):
     w = _param(shape[-1], dtype, 0.5, 1.0)
     check_against_reference(
         add_rms_norm_triton,
-        add_rms_norm_reference,
+        add_rms_norm_torch,
         (x, residual, w, 1e-6),
         what=f"add_rms_norm {shape} {dtype} seed={seed}",
     )
@@ -69,7 +69,7 @@ def test_add_rms_norm_with_only_the_normed_output_used():
     w = _param(40, torch.float32, 0.5, 1.0)
     check_against_reference(
         lambda *a: add_rms_norm_triton(*a)[0],
-        lambda *a: add_rms_norm_reference(*a)[0],
+        lambda *a: add_rms_norm_torch(*a)[0],
         (x, r, w, 1e-5),
         what=f"add_rms_norm normed only seed={seed}",
     )
@@ -80,11 +80,11 @@ def test_non_contiguous_rows_and_mixed_weight_dtype():
     seed = fresh_seed()
     x = torch.randn(10, 300)[::2].requires_grad_()
     w = _param(300, torch.float32, 0.5, 1.0)
-    check_against_reference(rms_norm_triton, rms_norm_reference, (x, w, 1e-5), what=f"strided seed={seed}")
+    check_against_reference(rms_norm_triton, rms_norm_torch, (x, w, 1e-5), what=f"strided seed={seed}")
     xb = torch.randn(3, 300).bfloat16()
     y = rms_norm_triton(xb, w.detach(), 1e-5)
     assert y.dtype == torch.float32  # bf16 normalised values times an fp32 weight
-    assert rel_err(y, rms_norm_reference(xb.double(), w.detach().double(), 1e-5)) <= 1e-2
+    assert rel_err(y, rms_norm_torch(xb.double(), w.detach().double(), 1e-5)) <= 1e-2
 
 
 def test_torch_backend_is_the_model_formula_bit_for_bit():

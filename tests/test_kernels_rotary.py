@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megafast.kernels.rotary import apply_rotary_reference, apply_rotary_triton
-from megafast.kernels.testing import check_against_reference, fresh_seed
+from megafast.kernels.rotary_kernel import apply_rotary_torch, apply_rotary_triton
+from kernel_harness import check_against_reference, fresh_seed
 from megafast.model.rotary import RotaryEmbedding
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -21,7 +21,7 @@ def test_rotary_with_model_tables(s, b, h, d, dtype):
     x = torch.randn(s, b, h, d).to(dtype).requires_grad_()
     check_against_reference(
         apply_rotary_triton,
-        apply_rotary_reference,
+        apply_rotary_torch,
         (x, cos, sin),
         what=f"rope {(s, b, h, d)} {dtype} seed={seed}",
     )
@@ -37,7 +37,7 @@ def test_rotary_general_tables_and_per_sequence_positions(dtype):
         x = torch.randn(s, b, h, d).to(dtype).requires_grad_()
         check_against_reference(
             apply_rotary_triton,
-            apply_rotary_reference,
+            apply_rotary_torch,
             (x, cos, sin),
             what=f"rope tables {shape} {dtype} seed={seed}",
         )
@@ -57,8 +57,8 @@ def test_rotary_on_gqa_views_of_fused_qkv():
     ref_qkv = qkv.detach().double().requires_grad_()
     rq = ref_qkv[:, :, :, :per_group].reshape(s, b, groups * per_group, d)
     rk = ref_qkv[:, :, :, per_group]
-    ref = apply_rotary_reference(rq, cos.double(), sin.double()).sum() * 2
-    ref = ref + apply_rotary_reference(rk, cos.double(), sin.double()).square().sum()
+    ref = apply_rotary_torch(rq, cos.double(), sin.double()).sum() * 2
+    ref = ref + apply_rotary_torch(rk, cos.double(), sin.double()).square().sum()
     (rg,) = torch.autograd.grad(ref, ref_qkv)
     assert abs(out.item() - ref.item()) <= 1e-5 * abs(ref.item()), f"seed={seed}"
     assert ((g.double() - rg).norm() / rg.norm()).item() <= 1e-5, f"seed={seed}"
@@ -69,5 +69,5 @@ def test_rotary_three_dimensional_input():
     x = torch.randn(7, 3, 8, requires_grad=True)  # [s, heads, d]
     cos, sin = torch.randn(7, 8), torch.randn(7, 8)
     check_against_reference(
-        apply_rotary_triton, apply_rotary_reference, (x, cos, sin), what=f"rope 3-D seed={seed}"
+        apply_rotary_triton, apply_rotary_torch, (x, cos, sin), what=f"rope 3-D seed={seed}"
     )

@@ -77,8 +77,8 @@ def calls(monkeypatch) -> Calls:
 
         return launch
 
-    monkeypatch.setattr(launchers, "multi_tensor_adamw_", recording(launchers.multi_tensor_adamw_reference))
-    monkeypatch.setattr(launchers, "multi_tensor_lion_", recording(launchers.multi_tensor_lion_reference))
+    monkeypatch.setattr(launchers, "multi_tensor_adamw_", recording(launchers.multi_tensor_adamw_torch))
+    monkeypatch.setattr(launchers, "multi_tensor_lion_", recording(launchers.multi_tensor_lion_torch))
     return record
 
 

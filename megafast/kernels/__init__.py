@@ -1,20 +1,19 @@
 """Fused kernels: Triton (norms, RoPE, activations, cross-entropy, flash attention), CUDA (RoPE,
-multi-tensor AdamW/Lion) and their plain-torch references.
+multi-tensor AdamW/Lion) and their plain-torch implementations.
 
-Each op is one file (kernels -> launchers -> autograd.Function -> ``*_reference``); the functions
-exported here dispatch between them by device, overridable with ``backend=`` (see
+Each op is one file ``*_kernel.py`` (kernels -> launchers -> autograd.Function -> ``*_torch``, the
+plain-torch implementation that is also the CPU backend); the functions exported here dispatch
+between them by device, overridable with ``backend=`` (see
 :mod:`megafast.kernels.dispatch`). Set ``TRITON_INTERPRET=1`` before importing to run the
 Triton kernels on CPU tensors (tests).
 
-The exported functions share names with the files that implement them (``megafast.kernels.rms_norm``
-is the function): import a file's contents with ``from megafast.kernels.rms_norm import rms_norm_triton``.
+The exported functions never shadow a file: ``megafast.kernels.rms_norm`` is the function,
+``megafast.kernels.rms_norm_kernel`` the file
+(``from megafast.kernels.rms_norm_kernel import rms_norm_triton``).
+:class:`~megafast.config.KernelConfig` lives with the other configs in :mod:`megafast.config`.
 """
 
 from megafast.kernels.dispatch import (
-    ATTENTION_BACKENDS,
-    KERNEL_BACKENDS,
-    ROPE_BACKENDS,
-    KernelConfig,
     add_rms_norm,
     apply_rotary,
     attention,
@@ -28,13 +27,9 @@ from megafast.kernels.dispatch import (
     swiglu,
     vocab_parallel_cross_entropy,
 )
-from megafast.kernels.flash_attention import flash_attention_triton as flash_attention
+from megafast.kernels.flash_attention_kernel import flash_attention_triton as flash_attention
 
 __all__ = [
-    "ATTENTION_BACKENDS",
-    "KERNEL_BACKENDS",
-    "ROPE_BACKENDS",
-    "KernelConfig",
     "add_rms_norm",
     "apply_rotary",
     "attention",

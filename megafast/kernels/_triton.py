@@ -3,7 +3,8 @@
 Every kernel file does ``from megafast.kernels._triton import HAS_TRITON, tl, triton``: with
 Triton installed these are the real modules; without it (a laptop without Triton) ``triton.jit``
 leaves the function undecorated and ``tl.constexpr`` is a plain annotation, so the torch
-references in the same files stay importable and the dispatcher never picks a Triton kernel.
+implementations (``*_torch``) in the same files stay importable and the dispatcher never picks a
+Triton kernel.
 
 Triton decides at decoration time whether a kernel is compiled or interpreted
 (``TRITON_INTERPRET=1`` runs kernels on CPU tensors in numpy): set it before importing

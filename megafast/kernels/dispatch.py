@@ -1,44 +1,45 @@
 """The one place that picks an implementation for each fused op: Triton, CUDA or plain torch.
 
 There is no global switch: the choice is the ``backend`` argument of each function below, which
-the model passes from its :class:`KernelConfig` (built from ``GPTConfig.kernels``,
-``GPTConfig.rope_kernel`` and ``GPTConfig.attention_backend``, i.e. ``--kernels``,
-``--rope-kernel`` and ``--attention-backend``).
+the model passes from its :class:`megafast.config.KernelConfig` (fields ``kernels``,
+``attention_backend`` and ``rope_kernel``, as ``GPTConfig``'s, i.e. ``--kernels``,
+``--attention-backend`` and ``--rope-kernel``).
 
 Element-wise and row-wise ops (``backend``):
 
-- ``auto``: Triton on CUDA tensors (when Triton is installed), the plain-torch reference otherwise
+- ``auto``: Triton on CUDA tensors (when Triton is installed), the plain-torch implementation otherwise
   (CPU: the same code the model always ran);
 - ``triton``: always the Triton kernels; on CPU tensors only in Triton's interpreter
   (``TRITON_INTERPRET=1``, set before importing megafast: the CPU tests do);
-- ``torch``: always the plain-torch implementation (``*_reference`` of each kernel file).
+- ``torch``: always the plain-torch implementation (``*_torch`` of each kernel file).
 
 RoPE also takes ``cuda`` (the kernel of ``megafast._C``); ``rope_kernel="auto"`` follows ``backend``.
 
 Attention (``attention``): ``auto`` uses flash-attn when it is importable and the tensors are CUDA
 fp16/bf16, else ``sdpa`` (``torch.nn.functional.scaled_dot_product_attention``: FlashAttention-2 /
 cuDNN on H100, the math kernel on CPU); ``flash`` and ``triton`` (our flash attention, no dropout)
-force those.
+force those, except that fp32 attention on a GPU always runs in SDPA (with a warning): the Triton
+kernel's exact-fp32 dots use no tensor cores and spill registers on sm_80/sm_90a (see
+``flash_attention_kernel.attention_dtypes``), so it is not offered there.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from megafast.config import ATTENTION_BACKENDS, KERNEL_BACKENDS, ROPE_BACKENDS
-from megafast.kernels import add_rms_norm as _add_rms_norm
-from megafast.kernels import cross_entropy as _ce
-from megafast.kernels import flash_attention as _fa
-from megafast.kernels import fused_linear_cross_entropy as _flce
-from megafast.kernels import gelu as _gelu
-from megafast.kernels import layer_norm as _ln
-from megafast.kernels import rms_norm as _rms
-from megafast.kernels import rotary as _rope
-from megafast.kernels import swiglu as _swiglu
+from megafast.kernels import add_rms_norm_kernel as _add_rms_norm
+from megafast.kernels import cross_entropy_kernel as _ce
+from megafast.kernels import flash_attention_kernel as _fa
+from megafast.kernels import fused_linear_cross_entropy_kernel as _flce
+from megafast.kernels import gelu_kernel as _gelu
+from megafast.kernels import layer_norm_kernel as _ln
+from megafast.kernels import rms_norm_kernel as _rms
+from megafast.kernels import rotary_kernel as _rope
+from megafast.kernels import swiglu_kernel as _swiglu
 from megafast.kernels._triton import HAS_TRITON, interpreting
 from megafast.kernels.cuda_ext import cuda_available
 
@@ -51,32 +52,6 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-@dataclass(frozen=True)
-class KernelConfig:
-    """Which implementation the model's fused ops use (see the module docstring)."""
-
-    backend: str = "auto"  # auto | triton | torch: norms, RoPE, activations, cross-entropy
-    attention: str = "auto"  # auto | flash | sdpa | triton
-    rope: str = "auto"  # auto (= backend) | triton | cuda | torch
-
-    def __post_init__(self) -> None:
-        for name, value, choices in (
-            ("kernels", self.backend, KERNEL_BACKENDS),
-            ("attention backend", self.attention, ATTENTION_BACKENDS),
-            ("rope kernel", self.rope, ROPE_BACKENDS),
-        ):
-            if value not in choices:
-                raise ValueError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")
-        if self.attention == "flash" and flash_attn_func is None:
-            raise ValueError(
-                "--attention-backend flash needs the flash-attn package: install it or use auto/sdpa/triton"
-            )
-
-    @property
-    def rope_backend(self) -> str:
-        return self.backend if self.rope == "auto" else self.rope
-
-
 # ------------------------------------------------------------------------------- backend choice
 
 
@@ -87,7 +62,7 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     if backend == "auto":
         return "triton" if HAS_TRITON and x.is_cuda and x.dtype in TRITON_DTYPES else "torch"
     if backend != "triton":
-        raise ValueError(f"unknown kernel backend {backend!r}: choose one of {', '.join(KERNEL_BACKENDS)}")
+        raise ValueError(f"unknown kernel backend {backend!r}: choose one of auto, triton, torch")
     if not HAS_TRITON:
         raise ValueError("--kernels triton needs the triton package: pip install 'megafast[triton]', "
                          "or use --kernels auto/torch")
@@ -118,8 +93,15 @@ def resolve_attention(backend: str, q: torch.Tensor, dropout_p: float = 0.0) -> 
                 "the Triton flash attention has no dropout: set --attention-dropout 0 or use sdpa"
             )
         resolve_backend("triton", q)  # same availability rules as the other Triton kernels
+        if q.is_cuda and q.dtype not in _fa.attention_dtypes():
+            warnings.warn(  # shown once per process by Python's default warning filter
+                f"--attention-backend triton: {q.dtype} attention on a GPU runs in torch SDPA (the Triton "
+                "kernel is bf16/fp16 only on GPUs: its exact-fp32 dots spill registers)",
+                stacklevel=3,
+            )
+            return "sdpa"
         return "triton"
-    raise ValueError(f"unknown attention backend {backend!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
+    raise ValueError(f"unknown attention backend {backend!r}: choose one of auto, flash, sdpa, triton")
 
 
 # ---------------------------------------------------------------------------------- the ops
@@ -131,7 +113,7 @@ def rms_norm(
     """``w * (x / sqrt(mean(x^2) + eps)).to(x.dtype)`` over the last dimension, fp32 statistics."""
     if resolve_backend(backend, x) == "triton":
         return _rms.rms_norm_triton(x, weight, eps)
-    return _rms.rms_norm_reference(x, weight, eps)
+    return _rms.rms_norm_torch(x, weight, eps)
 
 
 def add_rms_norm(
@@ -140,7 +122,7 @@ def add_rms_norm(
     """``h = x + residual``; returns ``(rms_norm(h), h)`` (one fused pass with Triton)."""
     if resolve_backend(backend, x) == "triton":
         return _add_rms_norm.add_rms_norm_triton(x, residual, weight, eps)
-    return _add_rms_norm.add_rms_norm_reference(x, residual, weight, eps)
+    return _add_rms_norm.add_rms_norm_torch(x, residual, weight, eps)
 
 
 def layer_norm(
@@ -154,7 +136,7 @@ def layer_norm(
     """LayerNorm over the last dimension, normalised in fp32, cast back to x's dtype."""
     if resolve_backend(backend, x) == "triton":
         return _ln.layer_norm_triton(x, weight, bias, eps)
-    return _ln.layer_norm_reference(x, weight, bias, eps)
+    return _ln.layer_norm_torch(x, weight, bias, eps)
 
 
 def apply_rotary(
@@ -172,21 +154,21 @@ def apply_rotary(
         return _rope.apply_rotary_cuda(x, cos, sin)
     if resolve_backend(backend, x) == "triton":
         return _rope.apply_rotary_triton(x, cos, sin)
-    return _rope.apply_rotary_reference(x, cos, sin)
+    return _rope.apply_rotary_torch(x, cos, sin)
 
 
 def swiglu(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """``silu(gate) * up`` for ``x`` = [..., gate | up] ([..., 2F] -> [..., F])."""
     if resolve_backend(backend, x) == "triton":
         return _swiglu.swiglu_triton(x)
-    return _swiglu.swiglu_reference(x)
+    return _swiglu.swiglu_torch(x)
 
 
 def gelu(x: torch.Tensor, approximate: str = "tanh", *, backend: str = "auto") -> torch.Tensor:
     """GELU, ``approximate`` 'tanh' (GPT-2) or 'none' (erf), as ``torch.nn.functional.gelu``."""
     if resolve_backend(backend, x) == "triton":
         return _gelu.gelu_triton(x, approximate)
-    return _gelu.gelu_reference(x, approximate)
+    return _gelu.gelu_torch(x, approximate)
 
 
 def _reduce(loss: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:

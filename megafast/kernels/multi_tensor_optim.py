@@ -10,7 +10,7 @@ same pass (instead of a separate copy after the step). Maths (torch.optim.AdamW'
            p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
     Lion:  c = b1 m + (1 - b1) g;  p <- p - lr (sign(c) + wd p);  m <- b2 m + (1 - b2) g
 
-Layout: launchers (``multi_tensor_adamw_``, ``multi_tensor_lion_``) -> ``*_reference`` (plain torch,
+Layout: launchers (``multi_tensor_adamw_``, ``multi_tensor_lion_``) -> ``*_torch`` (plain torch,
 the same maths tensor by tensor; used by the GPU tests).
 """
 
@@ -105,7 +105,7 @@ def multi_tensor_lion_(
 
 
 @torch.no_grad()
-def multi_tensor_adamw_reference(
+def multi_tensor_adamw_torch(
     params,
     grads,
     exp_avgs,
@@ -133,7 +133,7 @@ def multi_tensor_adamw_reference(
 
 
 @torch.no_grad()
-def multi_tensor_lion_reference(
+def multi_tensor_lion_torch(
     params, grads, exp_avgs, model_params, *, lr, beta1, beta2, weight_decay, grad_scale=1.0
 ) -> None:
     """Plain torch, tensor by tensor, the same maths as ``megafast.training.optimizer.Lion``."""

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from megafast.config import GPTConfig
-from megafast.kernels import KernelConfig, add_rms_norm, layer_norm, rms_norm
+from megafast.config import KernelConfig
+from megafast.kernels import add_rms_norm, layer_norm, rms_norm
 
 
 class _Norm(nn.Module):
@@ -31,7 +32,7 @@ class _Norm(nn.Module):
     ) -> None:
         super().__init__()
         self.eps = eps
-        self.kernels = kernels or KernelConfig()
+        self.kernel_config = kernels or KernelConfig()
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=params_dtype, device=device))
         self.weight.sequence_parallel = sequence_parallel
 
@@ -43,11 +44,11 @@ class _Norm(nn.Module):
 
 class RMSNorm(_Norm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps, backend=self.kernels.backend)
+        return rms_norm(x, self.weight, self.eps, backend=self.kernel_config.kernels)
 
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One fused pass with Triton (``megafast.kernels.add_rms_norm``)."""
-        return add_rms_norm(x, residual, self.weight, self.eps, backend=self.kernels.backend)
+        return add_rms_norm(x, residual, self.weight, self.eps, backend=self.kernel_config.kernels)
 
 
 class LayerNorm(_Norm):
@@ -57,7 +58,7 @@ class LayerNorm(_Norm):
         self.bias.sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return layer_norm(x, self.weight, self.bias, self.eps, backend=self.kernels.backend)
+        return layer_norm(x, self.weight, self.bias, self.eps, backend=self.kernel_config.kernels)
 
 
 def build_norm(config: GPTConfig, sequence_parallel: bool, **factory) -> nn.Module:

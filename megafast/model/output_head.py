@@ -92,7 +92,7 @@ class OutputHead(nn.Module):
             x = column_parallel_input(x, self.tp_group, self.sequence_parallel)
             loss = fused_linear_cross_entropy(
                 x, weight, labels.t(), tp_group=self.tp_group, vocab_size=self.config.vocab_size,
-                backend=kernels.backend,
+                backend=kernels.kernels,
             )
             return loss.t()  # [b, s]
         logits = column_parallel_linear(x, weight, None, self.tp_group, self.sequence_parallel)  # [s, b, V/p]
@@ -101,6 +101,6 @@ class OutputHead(nn.Module):
         if labels is None:
             return logits.transpose(0, 1)
         loss = vocab_parallel_cross_entropy(
-            logits, labels.t(), self.tp_group, self.config.vocab_size, backend=kernels.backend
+            logits, labels.t(), self.tp_group, self.config.vocab_size, backend=kernels.kernels
         )
         return loss.t()  # [b, s]

@@ -37,7 +37,7 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig, state: ParallelState, layer_number: int, seed: int, **factory) -> None:
         super().__init__()
         self.activation = config.activation
-        self.kernels = config.kernel_config  # Triton or torch activations (megafast.kernels)
+        self.kernel_config = config.kernel_config  # Triton or torch activations (megafast.kernels)
         swiglu = config.activation == "swiglu"
         prefix = f"decoder.layers.{layer_number}.mlp"
         self.linear_fc1 = ColumnParallelLinear(
@@ -63,10 +63,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.linear_fc1(x)  # [s, b, ffn/p] (x2 for SwiGLU)
         if self.activation == "swiglu":
-            h = kernels.swiglu(h, backend=self.kernels.backend)  # silu(gate) * up -> [s, b, ffn/p]
+            h = kernels.swiglu(h, backend=self.kernel_config.kernels)  # silu(gate) * up -> [s, b, ffn/p]
         else:
             approximate = "tanh" if self.activation == "gelu_tanh" else "none"
-            h = kernels.gelu(h, approximate, backend=self.kernels.backend)
+            h = kernels.gelu(h, approximate, backend=self.kernel_config.kernels)
         return self.linear_fc2(h)
 
 

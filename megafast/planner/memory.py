@@ -391,7 +391,7 @@ def _loss_transient_bytes(config: GPTConfig, loss: str, tokens: int, e: int, t: 
         return (e + (4 if e != 4 or vocab * t != config.vocab_size else 0)) * tokens * vocab
     if loss == "triton":
         return e * tokens * vocab
-    from megafast.kernels.fused_linear_cross_entropy import default_chunk_size
+    from megafast.kernels.fused_linear_cross_entropy_kernel import default_chunk_size
 
     return e * (default_chunk_size(tokens, vocab, h) * vocab + tokens * h)
 

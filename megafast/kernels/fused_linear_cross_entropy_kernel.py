@@ -19,7 +19,7 @@ Under tensor parallelism dx is this rank's partial sum: feed x through
 exactly as the column-parallel output layer does. Gradients accumulate in W's dtype.
 
 Layout: launcher (chunk loop) -> autograd.Function -> ``fused_linear_cross_entropy_triton`` ->
-``fused_linear_cross_entropy_reference``.
+``fused_linear_cross_entropy_torch``.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from typing import Optional
 import torch
 
 from megafast.kernels._triton import triton
-from megafast.kernels.cross_entropy import (
+from megafast.kernels.cross_entropy_kernel import (
     ce_grad,
     ce_stats,
     combine_stats,
-    cross_entropy_reference,
+    cross_entropy_torch,
     shard_columns,
 )
 from megafast.parallel.mappings import Group
@@ -168,10 +168,10 @@ def fused_linear_cross_entropy_triton(
     )
 
 
-# -------------------------------------------------------------------------------------- reference
+# ------------------------------------------------------------------------------------------ torch
 
 
-def fused_linear_cross_entropy_reference(
+def fused_linear_cross_entropy_torch(
     x: torch.Tensor,
     weight: torch.Tensor,
     target: torch.Tensor,
@@ -179,8 +179,8 @@ def fused_linear_cross_entropy_reference(
     ignore_index: int = -100,
     reduction: str = "none",
 ) -> torch.Tensor:
-    """Plain torch, unfused: full logits ``x @ weight.T`` then :func:`cross_entropy_reference`."""
-    loss = cross_entropy_reference(x @ weight.t(), target, ignore_index, vocab_size)
+    """Plain torch, unfused: full logits ``x @ weight.T`` then :func:`cross_entropy_torch`."""
+    loss = cross_entropy_torch(x @ weight.t(), target, ignore_index, vocab_size)
     if reduction == "sum":
         return loss.sum()
     if reduction == "mean":

@@ -8,7 +8,7 @@ Backward, with xhat = (x - mean) * rstd and wdy = w * dy:
     dx = rstd * (wdy - xhat * mean(wdy * xhat) - mean(wdy))
     dw = sum over rows of dy * xhat,   db = sum over rows of dy
 
-Layout: kernels -> launchers -> autograd.Function -> ``layer_norm_triton`` -> ``layer_norm_reference``.
+Layout: kernels -> launchers -> autograd.Function -> ``layer_norm_triton`` -> ``layer_norm_torch``.
 """
 
 from __future__ import annotations
@@ -179,10 +179,10 @@ def layer_norm_triton(
     return LayerNormFunction.apply(x, weight, bias, eps)
 
 
-# -------------------------------------------------------------------------------------- reference
+# ------------------------------------------------------------------------------------------ torch
 
 
-def layer_norm_reference(
+def layer_norm_torch(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, eps: float = 1e-5
 ) -> torch.Tensor:
     """Plain torch: normalised in fp32 (float64 stays float64), cast back to x's dtype."""

@@ -8,7 +8,7 @@ Backward, with xhat = x * rstd and dxhat = dy * w:
     dx = rstd * (dxhat - xhat * mean(dxhat * xhat))
     dw = sum over rows of dy * xhat             (per-program fp32 partial sums, then one reduction)
 
-Layout: kernels -> launchers -> autograd.Function -> ``rms_norm_triton`` -> ``rms_norm_reference``
+Layout: kernels -> launchers -> autograd.Function -> ``rms_norm_triton`` -> ``rms_norm_torch``
 (the plain-torch maths, also the ``torch`` backend, and float64-exact in tests).
 """
 
@@ -156,7 +156,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) ->
     return RMSNormFunction.apply(x, weight, eps)
 
 
-# -------------------------------------------------------------------------------------- reference
+# ------------------------------------------------------------------------------------------ torch
 
 
 def _acc(x: torch.Tensor) -> torch.Tensor:
@@ -164,7 +164,7 @@ def _acc(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Plain torch: ``w * (x / sqrt(mean(x^2) + eps)).to(x.dtype)``, statistics in fp32 (or fp64)."""
     xa = _acc(x)
     y = xa * torch.rsqrt(xa.pow(2).mean(-1, keepdim=True) + eps)

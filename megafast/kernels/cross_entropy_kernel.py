@@ -17,7 +17,7 @@ the fused linear + cross-entropy, which owns its logits). With no group this is 
 single-device cross-entropy. Losses and statistics are fp32 whatever the logits' dtype.
 
 Layout: kernels -> launchers -> autograd.Function -> ``vocab_parallel_cross_entropy_triton`` /
-``cross_entropy_triton`` -> ``cross_entropy_reference``.
+``cross_entropy_triton`` -> ``cross_entropy_torch``.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def _ce_grad_kernel(
 # -------------------------------------------------------------------------------------- launchers
 
 
-def _block(n_cols: int, is_cuda: bool) -> tuple[int, int]:
+def ce_block(n_cols: int, is_cuda: bool) -> tuple[int, int]:
+    """(BLOCK, num_warps) for a pass over rows of ``n_cols`` logits in chunks of BLOCK columns."""
     block = min(triton.next_power_of_2(max(n_cols, 1)), 8192 if is_cuda else 1024)
     return block, 16 if block >= 8192 else 8 if block >= 2048 else 4
 
@@ -92,7 +93,7 @@ def ce_stats(logits2: torch.Tensor, target1: torch.Tensor, start: int, n_valid: 
     """Per-row (max, sum of exp(z - max), target logit or 0), each [rows] fp32, of one shard."""
     rows = logits2.shape[0]
     out = [torch.empty(rows, dtype=torch.float32, device=logits2.device) for _ in range(3)]
-    block, warps = _block(logits2.shape[1], logits2.is_cuda)
+    block, warps = ce_block(logits2.shape[1], logits2.is_cuda)
     if rows:
         _ce_stats_kernel[(rows,)](
             logits2,
@@ -123,7 +124,7 @@ def ce_grad(logits2, target1, lse, grad_rows, start: int, n_valid: int, out: Opt
     """d loss / d logits of one shard, [rows, V/p] in the logits' dtype (``out`` may be ``logits2``)."""
     rows, n_cols = logits2.shape
     dlogits = torch.empty_like(logits2) if out is None else out
-    block, warps = _block(n_cols, logits2.is_cuda)
+    block, warps = ce_block(n_cols, logits2.is_cuda)
     if rows:
         _ce_grad_kernel[(rows,)](
             logits2,
@@ -197,10 +198,10 @@ def cross_entropy_triton(
     return VocabParallelCrossEntropyFunction.apply(logits, target, None, vocab_size, ignore_index)
 
 
-# -------------------------------------------------------------------------------------- reference
+# ------------------------------------------------------------------------------------------ torch
 
 
-def cross_entropy_reference(
+def cross_entropy_torch(
     logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100, vocab_size: Optional[int] = None
 ) -> torch.Tensor:
     """Plain torch per-token loss over full logits [..., V], fp32 (float64 stays float64)."""

@@ -7,7 +7,7 @@ One pass reads x and residual and writes h and y (instead of add, then norm re-r
 Backward receives dy and dh (the gradient flowing along the residual stream) and writes one
 tensor, dx = dresidual = dh + RMSNorm-backward(dy): RMSNorm's backward kernel with dh added.
 
-Layout: kernels -> launchers -> autograd.Function -> ``add_rms_norm_triton`` -> ``add_rms_norm_reference``.
+Layout: kernels -> launchers -> autograd.Function -> ``add_rms_norm_triton`` -> ``add_rms_norm_torch``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from megafast.kernels._triton import as_rows, row_settings, tl, triton
-from megafast.kernels.rms_norm import rms_norm_backward, rms_norm_reference
+from megafast.kernels.rms_norm_kernel import rms_norm_backward, rms_norm_torch
 
 # ---------------------------------------------------------------------------------------- kernels
 
@@ -103,12 +103,12 @@ def add_rms_norm_triton(
     return AddRMSNormFunction.apply(x, residual, weight, eps)
 
 
-# -------------------------------------------------------------------------------------- reference
+# ------------------------------------------------------------------------------------------ torch
 
 
-def add_rms_norm_reference(
+def add_rms_norm_torch(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain torch: ``h = x + residual; (rms_norm(h), h)``."""
     h = x + residual
-    return rms_norm_reference(h, weight, eps), h
+    return rms_norm_torch(h, weight, eps), h

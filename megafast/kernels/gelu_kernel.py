@@ -8,7 +8,7 @@
 Elementwise over the flattened tensor; backward recomputes from x (nothing else saved). fp32
 arithmetic, rounded once to x's dtype.
 
-Layout: kernels -> launchers -> autograd.Function -> ``gelu_triton`` -> ``gelu_reference``.
+Layout: kernels -> launchers -> autograd.Function -> ``gelu_triton`` -> ``gelu_torch``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from megafast.kernels._triton import tl, triton
 
-BLOCK = 1024
+BLOCK = 1024  # elements per program
+NUM_WARPS = 4
 
 # ---------------------------------------------------------------------------------------- kernels
 
@@ -60,7 +61,8 @@ def gelu_launch(x: torch.Tensor, dy, approximate: str) -> torch.Tensor:
     n = xc.numel()
     if n:
         _gelu_kernel[(triton.cdiv(n, BLOCK),)](
-            xc, dyc, out, n, BACKWARD=dy is not None, TANH=approximate == "tanh", BLOCK=BLOCK, num_warps=4
+            xc, dyc, out, n, BACKWARD=dy is not None, TANH=approximate == "tanh", BLOCK=BLOCK,
+            num_warps=NUM_WARPS,
         )
     return out
 
@@ -86,9 +88,9 @@ def gelu_triton(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
     return GeLUFunction.apply(x, approximate)
 
 
-# -------------------------------------------------------------------------------------- reference
+# ------------------------------------------------------------------------------------------ torch
 
 
-def gelu_reference(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+def gelu_torch(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
     """Plain torch ``F.gelu``."""
     return F.gelu(x, approximate=approximate)

@@ -7,7 +7,7 @@
 Backward recomputes sigmoid from g instead of saving any intermediate: only x is kept. fp32
 arithmetic, one rounding to x's dtype.
 
-Layout: kernels -> launchers -> autograd.Function -> ``swiglu_triton`` -> ``swiglu_reference``.
+Layout: kernels -> launchers -> autograd.Function -> ``swiglu_triton`` -> ``swiglu_torch``.
 """
 
 from __future__ import annotations
@@ -52,9 +52,15 @@ def _swiglu_bwd_kernel(DY, X, DX, stride_dy, stride_x, stride_dx, n_cols, BLOCK:
 # -------------------------------------------------------------------------------------- launchers
 
 
-def _grid(rows: int, f: int) -> tuple[int, int, int]:
+def swiglu_blocks(f: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for rows of ``f`` outputs (a program per row and BLOCK columns)."""
     block = min(BLOCK, triton.next_power_of_2(f))
-    return (rows, triton.cdiv(f, block)), block, 8 if block >= 1024 else 4
+    return block, 8 if block >= 1024 else 4
+
+
+def _grid(rows: int, f: int) -> tuple[tuple[int, int], int, int]:
+    block, warps = swiglu_blocks(f)
+    return (rows, triton.cdiv(f, block)), block, warps
 
 
 def swiglu_forward(x: torch.Tensor) -> torch.Tensor:
@@ -101,10 +107,10 @@ def swiglu_triton(x: torch.Tensor) -> torch.Tensor:
     return SwiGLUFunction.apply(x)
 
 
-# -------------------------------------------------------------------------------------- reference
+# ------------------------------------------------------------------------------------------ torch
 
 
-def swiglu_reference(x: torch.Tensor) -> torch.Tensor:
+def swiglu_torch(x: torch.Tensor) -> torch.Tensor:
     """Plain torch: ``silu(gate) * up`` with ``gate, up = x.chunk(2, -1)``."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up

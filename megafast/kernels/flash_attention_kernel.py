@@ -15,9 +15,12 @@ D = rowsum(dO * O):
 in two kernels without atomics: one per key block (dK, dV summed over the H/G query heads of its
 kv head) and one per query block (dQ). Outputs and gradients are laid out [s, b, heads, d] in
 memory (returned as [b, heads, s, d] views), so the model's transpose back is free.
-fp32 inputs use IEEE-precision dots (no TF32); head dims up to 256. No dropout.
+fp32 inputs use IEEE-precision dots (no TF32) and run only in the CPU interpreter: on a GPU those
+dots use no tensor cores and spill tens of KB of registers per thread, so the kernels take
+bf16/fp16 there (:func:`attention_dtypes`) and the dispatcher routes fp32 attention to SDPA.
+Head dims up to 256. No dropout.
 
-Layout: kernels -> launchers -> autograd.Function -> ``flash_attention_triton`` -> ``attention_reference``.
+Layout: kernels -> launchers -> autograd.Function -> ``flash_attention_triton`` -> ``attention_torch``.
 """
 
 from __future__ import annotations
@@ -223,35 +226,39 @@ def _attn_bwd_dkdv_kernel(
         lo = (start_n * BLOCK_N // BLOCK_M) * BLOCK_M  # earlier query blocks cannot see these keys
     else:
         lo = 0
-    for hh in range(0, group_size):
+    # One flat loop over (query head of this group, query block): nested loops keep the outer loop's
+    # state live across the pipelined inner loop and spill registers at head dim 128 with GQA.
+    m_blocks = tl.cdiv(seq_len - lo, BLOCK_M)
+    for it in range(0, group_size * m_blocks):
+        hh = it // m_blocks
+        start_m = lo + (it - hh * m_blocks) * BLOCK_M
         h = g * group_size + hh
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
         row_base = (b * n_heads + h) * seq_len
-        for start_m in range(lo, seq_len, BLOCK_M):
-            rows = start_m + offs_m
-            rmask = rows < seq_len
-            qt = tl.load(
-                q_base + rows[None, :] * stride_qs + offs_d[:, None],
-                mask=rmask[None, :] & dmask[:, None],
-                other=0.0,
-            )  # [D, M]
-            lse = tl.load(LSE + row_base + rows, mask=rmask, other=0.0)
-            pt = tl.math.exp2(tl.dot(k, qt, input_precision=PRECISION) * qk_scale - lse[None, :])  # [N, M]
-            valid = rmask[None, :] & (cols[:, None] < seq_len)
-            if CAUSAL:
-                valid = valid & (rows[None, :] >= cols[:, None])
-            pt = tl.where(valid, pt, 0.0)
-            do = tl.load(
-                do_base + rows[:, None] * stride_dos + offs_d[None, :],
-                mask=rmask[:, None] & dmask[None, :],
-                other=0.0,
-            )  # [M, D]
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
-            delta = tl.load(DELTA + row_base + rows, mask=rmask, other=0.0)
-            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [N, M]
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
+        rows = start_m + offs_m
+        rmask = rows < seq_len
+        qt = tl.load(
+            q_base + rows[None, :] * stride_qs + offs_d[:, None],
+            mask=rmask[None, :] & dmask[:, None],
+            other=0.0,
+        )  # [D, M]
+        lse = tl.load(LSE + row_base + rows, mask=rmask, other=0.0)
+        pt = tl.math.exp2(tl.dot(k, qt, input_precision=PRECISION) * qk_scale - lse[None, :])  # [N, M]
+        valid = rmask[None, :] & (cols[:, None] < seq_len)
+        if CAUSAL:
+            valid = valid & (rows[None, :] >= cols[:, None])
+        pt = tl.where(valid, pt, 0.0)
+        do = tl.load(
+            do_base + rows[:, None] * stride_dos + offs_d[None, :],
+            mask=rmask[:, None] & dmask[None, :],
+            other=0.0,
+        )  # [M, D]
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+        delta = tl.load(DELTA + row_base + rows, mask=rmask, other=0.0)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [N, M]
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
     tl.store(
         DK + b * stride_dkb + g * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :],
         (dk * sm_scale).to(DK.dtype.element_ty),
@@ -348,28 +355,78 @@ def _attn_bwd_dq_kernel(
     )
 
 
-def _autotuned(kernel, configs: list[tuple[int, int, int, int]]):
-    """The same kernel autotuned over (BLOCK_M, BLOCK_N, num_warps, num_stages) for CUDA launches.
+def attention_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes the kernels take on a GPU (fp32 only in the interpreter; see the module docstring)."""
+    return (torch.bfloat16, torch.float16)
 
-    Configurations that do not fit a GPU (registers, shared memory) are skipped by the autotuner.
+
+# Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) of the CUDA launches, before pruning.
+FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)]
+DKDV_CONFIGS = [
+    (32, 64, 4, 3), (32, 64, 8, 3), (64, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 3), (16, 64, 4, 4)
+]
+DQ_CONFIGS = [(128, 32, 4, 3), (64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)]
+DELTA_BLOCK_M = 64  # rows per program of the backward's D = rowsum(dO * O) on GPU
+
+# Candidates that spill registers, by (kernel, BLOCK_D, arch), found by compiling them all
+# (``python -m megafast.kernels.aot_check``, which fails if any candidate left after pruning spills
+# or overflows shared memory at head dims 64 and 128, bf16 and fp16, with and without GQA).
+_SPILLING = {
+    ("fwd", 128, "sm_90a"): {(128, 64, 4, 3), (128, 32, 4, 4)},
+    ("fwd", 128, "sm_80"): {(128, 64, 4, 3), (128, 32, 4, 4)},
+    ("dkdv", 64, "sm_80"): {(64, 128, 8, 3)},
+    ("dkdv", 128, "sm_90a"): {(64, 128, 8, 3)},
+    ("dkdv", 128, "sm_80"): {(64, 128, 8, 3), (32, 128, 8, 3)},
+    ("dq", 64, "sm_80"): {(64, 64, 4, 3), (128, 64, 8, 3)},
+    ("dq", 128, "sm_90a"): {(128, 32, 4, 3)},
+    ("dq", 128, "sm_80"): {(128, 32, 4, 3), (128, 64, 8, 3)},
+}
+
+
+def prune_attention_configs(
+    configs: list[tuple[int, int, int, int]],
+    dtype: torch.dtype,
+    head_dim: int,
+    capability: int,
+    kind: str = "fwd",
+) -> list[tuple[int, int, int, int]]:
+    """The candidates of ``configs`` that neither spill nor overflow shared memory on ``capability``.
+
+    ``kind``: 'fwd', 'dkdv' or 'dq'. Verified at BLOCK_D 64 and 128 (head dims 33-128); smaller
+    head dims use the BLOCK_D 64 rule, larger ones (up to 256) the BLOCK_D 128 rule.
     """
+    if dtype not in attention_dtypes():
+        raise ValueError(f"the Triton flash attention takes bf16/fp16 on a GPU, got {dtype}")
+    block_d = 64 if head_dim <= 64 else 128
+    arch = "sm_90a" if capability >= 90 else "sm_80"
+    kept = [c for c in configs if tuple(c) not in _SPILLING.get((kind, block_d, arch), set())]
+    return kept or [min(configs, key=lambda c: c[0] * c[1])]
+
+
+def _autotuned(kernel, configs: list[tuple[int, int, int, int]], kind: str):
+    """The same kernel autotuned over (BLOCK_M, BLOCK_N, num_warps, num_stages) for CUDA launches,
+    over the candidates :func:`prune_attention_configs` keeps for the launch's dtype, head dim and GPU."""
     if not HAS_TRITON:
         return kernel
+
+    def prune(candidates, named_args, **_kw):
+        q = named_args["Q"]
+        major, minor = torch.cuda.get_device_capability(q.device)
+        cc = 10 * major + minor
+        keep = set(prune_attention_configs(configs, q.dtype, named_args["head_dim"], cc, kind))
+        return [c for c in candidates
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
+
     return triton.autotune(
         [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in configs],
         key=["seq_len", "head_dim", "CAUSAL", "BLOCK_D"],
+        prune_configs_by={"early_config_prune": prune},
     )(kernel)
 
 
-_FWD_TUNED = _autotuned(
-    _attn_fwd_kernel, [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)]
-)
-_DKDV_TUNED = _autotuned(
-    _attn_bwd_dkdv_kernel, [(32, 128, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (16, 64, 4, 4)]
-)
-_DQ_TUNED = _autotuned(
-    _attn_bwd_dq_kernel, [(128, 32, 4, 3), (64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)]
-)
+_FWD_TUNED = _autotuned(_attn_fwd_kernel, FWD_CONFIGS, "fwd")
+_DKDV_TUNED = _autotuned(_attn_bwd_dkdv_kernel, DKDV_CONFIGS, "dkdv")
+_DQ_TUNED = _autotuned(_attn_bwd_dq_kernel, DQ_CONFIGS, "dq")
 CPU_BLOCK = 32  # the interpreter: small tiles, few programs
 
 # -------------------------------------------------------------------------------------- launchers
@@ -401,6 +458,11 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int,
         raise ValueError(f"head dim {d} > 256 is not supported by the Triton flash attention")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.is_cuda and q.dtype not in attention_dtypes():
+        raise ValueError(
+            f"the Triton flash attention takes bf16/fp16 on a GPU, got {q.dtype}: use SDPA "
+            "(megafast.kernels.attention routes fp32 there)"
+        )
     return b, heads, groups, s, d
 
 
@@ -408,8 +470,13 @@ def _last_contiguous(*ts: torch.Tensor) -> list[torch.Tensor]:
     return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
 
 
+def attention_settings(dtype: torch.dtype, head_dim: int) -> tuple[str, int]:
+    """(PRECISION, BLOCK_D) of every attention kernel for inputs of ``dtype`` and ``head_dim``."""
+    return ("ieee" if dtype == torch.float32 else "tf32"), max(16, triton.next_power_of_2(head_dim))
+
+
 def _launch_args(q: torch.Tensor) -> tuple[str, int]:
-    return ("ieee" if q.dtype == torch.float32 else "tf32"), max(16, triton.next_power_of_2(q.shape[-1]))
+    return attention_settings(q.dtype, q.shape[-1])
 
 
 def flash_attention_forward(q, k, v, causal: bool, sm_scale: float):
@@ -456,7 +523,7 @@ def flash_attention_backward(do, q, k, v, o, lse, causal: bool, sm_scale: float)
     delta = torch.empty((b, heads, s), dtype=torch.float32, device=q.device)
     if s * b * heads == 0:
         return dq, dk, dv
-    block_m = 64 if q.is_cuda else CPU_BLOCK
+    block_m = DELTA_BLOCK_M if q.is_cuda else CPU_BLOCK
     _attn_bwd_delta_kernel[(triton.cdiv(s, block_m), b * heads)](
         o, do, delta, *_strides(o), *_strides(do), heads, s, d, BLOCK_M=block_m, BLOCK_D=block_d
     )
@@ -523,10 +590,10 @@ def flash_attention_triton(
     return FlashAttentionFunction.apply(q, k, v, causal, scale)
 
 
-# -------------------------------------------------------------------------------------- reference
+# ------------------------------------------------------------------------------------------ torch
 
 
-def attention_reference(
+def attention_torch(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,

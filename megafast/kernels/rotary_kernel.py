@@ -12,7 +12,7 @@ are the same for every sequence ([s, d] or [s, 1, 1, d]) or per sequence ([s, b,
 samples with their own positions), read once per (position, batch) row for all heads. The
 arithmetic is fp32, rounded once to x's dtype.
 
-Layout: kernels -> launchers -> autograd.Function -> ``apply_rotary_triton`` -> ``apply_rotary_reference``.
+Layout: kernels -> launchers -> autograd.Function -> ``apply_rotary_triton`` -> ``apply_rotary_torch``.
 """
 
 from __future__ import annotations
@@ -101,6 +101,12 @@ def _tables(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torc
     return _table(cos, s, b, d), _table(sin, s, b, d)
 
 
+def rotary_blocks(heads: int, d: int) -> tuple[int, int, int]:
+    """(BLOCK_H, BLOCK_D, num_warps) for ``heads`` heads of head dim ``d`` (one program per (s, b) row)."""
+    block_h, block_d = triton.next_power_of_2(heads), triton.next_power_of_2(d // 2)
+    return block_h, block_d, 8 if block_h * block_d >= 4096 else 4
+
+
 def rotary_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
     """y (contiguous [s, b, heads, d], x's dtype) = RoPE(x), or its transpose when ``backward``."""
     squeeze = x.dim() == 3  # [s, heads, d]
@@ -112,8 +118,7 @@ def rotary_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backwar
     cos2, sin2 = _tables(x4, cos, sin)
     s, b, h, d = x4.shape
     y = torch.empty((s, b, h, d), dtype=x.dtype, device=x.device)
-    block_h, block_d = triton.next_power_of_2(h), triton.next_power_of_2(d // 2)
-    warps = 8 if block_h * block_d >= 4096 else 4
+    block_h, block_d, warps = rotary_blocks(h, d)
     if s * b:
         _rotary_kernel[(s * b,)](
             x4,
@@ -161,7 +166,7 @@ def apply_rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
     return RotaryFunction.apply(x, cos, sin)
 
 
-# -------------------------------------------------------------------------------------- reference
+# ------------------------------------------------------------------------------------------ torch
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -169,7 +174,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
-def apply_rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Plain torch: ``x * cos + rotate_half(x) * sin`` in x's dtype (the model's own formula);
     cos/sin [s, d], or broadcastable to x: [s, 1, 1, d], [s, b, 1, d]."""
     if cos.dim() == 2:

@@ -1,12 +1,13 @@
 """Checking a kernel against its reference: poisoned outputs, float64 references, relative norms.
 
-    errors = check_against_reference(rms_norm_triton, rms_norm_reference, (x, w, 1e-5))
+    errors = check_against_reference(rms_norm_triton, rms_norm_torch, (x, w, 1e-5))
 
 runs the kernel (forward, then backward with random output gradients) while every
 ``torch.empty``/``empty_like``/``empty_strided`` returns memory filled with NaN (so an element a
 kernel forgets to write shows up), runs the reference on float64 copies of the same inputs, and
 asserts ``||out - ref|| / ||ref|| <= TOLERANCES[dtype]`` for every output and every input gradient.
 Used by tests/test_kernels_*.py (CPU interpreter and GPU) and the benchmark's correctness gate.
+It lives under tests/ because it patches ``torch.empty`` process-wide while a check runs.
 """
 
 from __future__ import annotations
@@ -53,6 +54,19 @@ def poisoned_allocations() -> Iterator[None]:
     finally:
         for name, fn in originals.items():
             setattr(torch, name, fn)
+
+
+@contextlib.contextmanager
+def tf32_disabled() -> Iterator[None]:
+    """Exact fp32 matmuls and convolutions (no TF32) within the block; the process's settings after it."""
+    precision, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)  # also restores cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = cudnn
 
 
 def _as_tuple(x) -> tuple:

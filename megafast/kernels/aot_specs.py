@@ -1,0 +1,197 @@
+"""Every Triton kernel specialization that training launches, at realistic GPU shapes.
+
+Each :class:`LaunchSpec` is one kernel call as its launcher makes it on a CUDA tensor: the same
+arguments (tensors as ``MockTensor`` of the right dtype, integers with their real values, so the
+JIT's divisibility-by-16 specialisation is the one a GPU run gets), the constexprs, and the block
+sizes / warps / stages that the launcher's own selection functions pick (``row_settings``,
+``rotary_blocks``, ``swiglu_blocks``, ``ce_block``, the flash-attention autotune candidates that
+survive ``prune_attention_configs``). :mod:`megafast.kernels.aot_check` compiles them for sm_90a
+and sm_80.
+
+Shapes: hidden 2048-8192 at 16k tokens; vocabulary shards 32k-128k; sequence 2k-8k with head dim
+64 and 128, with and without GQA; fp32, bf16 (and fp16 where the kernel is dtype-generic and the
+model can run it: --fp16), forward and backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from megafast.kernels import add_rms_norm_kernel as add_rms
+from megafast.kernels import cross_entropy_kernel as ce
+from megafast.kernels import flash_attention_kernel as fa
+from megafast.kernels import gelu_kernel as gelu
+from megafast.kernels import layer_norm_kernel as ln
+from megafast.kernels import rms_norm_kernel as rms
+from megafast.kernels import rotary_kernel as rope
+from megafast.kernels import swiglu_kernel as swiglu
+from megafast.kernels._triton import row_settings, triton
+
+TOKENS = 16384  # micro-batch tokens (e.g. 4 x 4096) of the row-wise kernels
+HIDDENS = (2048, 4096, 8192)
+FFNS = (5632, 14336, 28672)  # Llama-style SwiGLU widths of the hidden sizes above
+VOCABS = (32000, 50304, 128256)  # one vocabulary shard (TP 1); TP > 1 gives narrower rows
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# (batch, query heads, kv heads, sequence, head dim) of the attention kernels
+ATTENTION_SHAPES = (
+    (8, 16, 16, 2048, 64),  # GPT-2 / 1B class, no GQA
+    (2, 32, 8, 8192, 128),  # Llama-3 8B class, GQA 4
+    (4, 32, 32, 4096, 128),  # Llama-2 7B class, no GQA
+    (1, 64, 8, 8192, 128),  # 70B class (TP 1 slice), GQA 8
+)
+SM_COUNT = 132  # only sets how many rows a norm-backward program loops over (no compile effect)
+
+
+@dataclass
+class LaunchSpec:
+    """One kernel launch: ``kernel[grid](*args, **constexprs, num_warps=, num_stages=)``."""
+
+    name: str  # e.g. "rms_norm fwd"
+    kernel: Callable  # the @triton.jit function (or its autotuner / interpreter wrapper)
+    args: tuple
+    constexprs: dict[str, Any]
+    shape: str
+    dtype: str
+    num_warps: int
+    num_stages: int = 3
+    uses_dot: bool = False
+
+
+def _t(dtype: torch.dtype):
+    """A pointer argument of ``dtype``: address 0, i.e. 16-byte aligned as torch's allocations."""
+    from triton.runtime.jit import MockTensor
+
+    return MockTensor(dtype)
+
+
+_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _row_kernels() -> list[LaunchSpec]:
+    """RMSNorm, add + RMSNorm, LayerNorm: forward and backward at every hidden size and dtype."""
+    f32, specs = torch.float32, []
+    for n in HIDDENS:
+        for dt in DTYPES:
+            block, warps = row_settings(n, dt.itemsize)
+            shape, d = f"{TOKENS}x{n}", _SHORT[dt]
+            per_program = triton.cdiv(TOKENS, 2 * SM_COUNT)
+            x = _t(dt)
+            specs += [
+                LaunchSpec("rms_norm fwd", rms._rms_norm_fwd_kernel,
+                           (x, _t(dt), _t(dt), _t(f32), n, n, n, 1e-5), {"BLOCK": block}, shape, d, warps),
+                LaunchSpec("add_rms_norm fwd", add_rms._add_rms_norm_fwd_kernel,
+                           (x, _t(dt), _t(dt), _t(dt), _t(dt), _t(f32), n, n, n, n, n, 1e-5),
+                           {"BLOCK": block}, shape, d, warps),
+                LaunchSpec("layer_norm fwd", ln._layer_norm_fwd_kernel,
+                           (x, _t(dt), _t(dt), _t(dt), _t(f32), _t(f32), n, n, n, 1e-5),
+                           {"HAS_BIAS": True, "BLOCK": block}, shape, d, warps),
+                LaunchSpec("layer_norm bwd", ln._layer_norm_bwd_kernel,
+                           (_t(dt), x, _t(dt), _t(f32), _t(f32), _t(dt), _t(f32), _t(f32), n, n, n,
+                            TOKENS, n, per_program), {"HAS_BIAS": True, "BLOCK": block}, shape, d, warps),
+            ]
+            for has_dh, what in ((False, "rms_norm bwd"), (True, "add_rms_norm bwd")):
+                specs.append(LaunchSpec(
+                    what, rms._rms_norm_bwd_kernel,
+                    (_t(dt), _t(dt), x, _t(dt), _t(f32), _t(dt), _t(f32), n, n, n, n, TOKENS, n, per_program),
+                    {"HAS_DH": has_dh, "BLOCK": block}, shape, d, warps))
+    return specs
+
+
+def _elementwise_kernels() -> list[LaunchSpec]:
+    """RoPE (q and GQA's k heads), SwiGLU, GELU (tanh and erf): forward and backward."""
+    f32, specs = torch.float32, []
+    for dt in DTYPES:
+        d = _SHORT[dt]
+        for b, heads, groups, s, hd in ATTENTION_SHAPES:
+            for h in sorted({heads, groups}):
+                block_h, block_d, warps = rope.rotary_blocks(h, hd)
+                # q/k sliced from the fused QKV output [s, b, (H + 2G) * hd]: strides of that buffer;
+                # cos/sin [s, hd] fp32, shared by the batch (stride 0)
+                row = (heads + 2 * groups) * hd
+                for backward in (False, True):
+                    specs.append(LaunchSpec(
+                        f"rope {'bwd' if backward else 'fwd'}", rope._rotary_kernel,
+                        (_t(dt), _t(f32), _t(f32), _t(dt), b, h, hd // 2, b * row, row, hd,
+                         b * h * hd, h * hd, hd, hd, 0, hd, 0),
+                        {"BACKWARD": backward, "BLOCK_H": block_h, "BLOCK_D": block_d},
+                        f"s{s} b{b} h{h} d{hd}", d, warps))
+        for f in FFNS:
+            block, warps = swiglu.swiglu_blocks(f)
+            shape = f"{TOKENS}x{2 * f}"
+            specs += [
+                LaunchSpec("swiglu fwd", swiglu._swiglu_fwd_kernel, (_t(dt), _t(dt), 2 * f, f, f),
+                           {"BLOCK": block}, shape, d, warps),
+                LaunchSpec("swiglu bwd", swiglu._swiglu_bwd_kernel,
+                           (_t(dt), _t(dt), _t(dt), f, 2 * f, 2 * f, f), {"BLOCK": block}, shape, d, warps),
+            ]
+        n = TOKENS * 4 * HIDDENS[0]
+        for tanh in (True, False):
+            for backward in (False, True):
+                specs.append(LaunchSpec(
+                    f"gelu_{'tanh' if tanh else 'erf'} {'bwd' if backward else 'fwd'}", gelu._gelu_kernel,
+                    (_t(dt), _t(dt), _t(dt), n), {"BACKWARD": backward, "TANH": tanh, "BLOCK": gelu.BLOCK},
+                    f"{TOKENS}x{4 * HIDDENS[0]}", d, gelu.NUM_WARPS))
+    return specs
+
+
+def _cross_entropy_kernels() -> list[LaunchSpec]:
+    """Cross-entropy statistics and gradient (also the fused linear + CE's chunks) per vocabulary."""
+    f32, i64, specs = torch.float32, torch.int64, []
+    for v in VOCABS:
+        block, warps = ce.ce_block(v, is_cuda=True)
+        for dt in DTYPES:
+            d, shape = _SHORT[dt], f"{TOKENS}x{v}"
+            specs += [
+                LaunchSpec("cross_entropy stats", ce._ce_stats_kernel,
+                           (_t(dt), _t(i64), _t(f32), _t(f32), _t(f32), v, v, 0, -100),
+                           {"BLOCK": block}, shape, d, warps),
+                LaunchSpec("cross_entropy grad", ce._ce_grad_kernel,
+                           (_t(dt), _t(dt), _t(i64), _t(f32), _t(f32), v, v, v, v, 0),
+                           {"BLOCK": block}, shape, d, warps),
+            ]
+    return specs
+
+
+def _attention_kernels(capability: int) -> list[LaunchSpec]:
+    """Flash attention forward, D, dK/dV and dQ: every autotune candidate the launcher may pick."""
+    f32, specs = torch.float32, []
+    for dt in fa.attention_dtypes():
+        for b, heads, groups, s, hd in ATTENTION_SHAPES:
+            precision, block_d = fa.attention_settings(dt, hd)
+            d, shape = _SHORT[dt], f"b{b} H{heads} G{groups} s{s} d{hd}"
+            q_strides = (heads * hd, hd, b * heads * hd)  # [b, H, s, d] views of [s, b, H, d] memory
+            kv_strides = (groups * hd, hd, b * groups * hd)
+            flags = {"CAUSAL": True, "PRECISION": precision, "BLOCK_D": block_d}
+            scales = (1.0 / hd**0.5, 1.0 / hd**0.5 * fa.LOG2E)
+            for m, n, w, st in fa.prune_attention_configs(fa.FWD_CONFIGS, dt, hd, capability):
+                specs.append(LaunchSpec(
+                    "flash_attn fwd", fa._attn_fwd_kernel,
+                    (_t(dt), _t(dt), _t(dt), _t(dt), _t(f32), *q_strides, *kv_strides, *kv_strides,
+                     *q_strides, heads, heads // groups, s, hd, scales[1]),
+                    {**flags, "BLOCK_M": m, "BLOCK_N": n}, shape, d, w, st, uses_dot=True))
+            specs.append(LaunchSpec(
+                "flash_attn bwd_delta", fa._attn_bwd_delta_kernel,
+                (_t(dt), _t(dt), _t(f32), *q_strides, *q_strides, heads, s, hd),
+                {"BLOCK_M": fa.DELTA_BLOCK_M, "BLOCK_D": block_d}, shape, d, 4))
+            common = (*q_strides, *kv_strides, *kv_strides, *q_strides)
+            for m, n, w, st in fa.prune_attention_configs(fa.DKDV_CONFIGS, dt, hd, capability, "dkdv"):
+                specs.append(LaunchSpec(
+                    "flash_attn bwd_dkdv", fa._attn_bwd_dkdv_kernel,
+                    (_t(dt), _t(dt), _t(dt), _t(dt), _t(f32), _t(f32), _t(dt), _t(dt), *common, *kv_strides,
+                     *kv_strides, heads, groups, heads // groups, s, hd, *scales),
+                    {**flags, "BLOCK_M": m, "BLOCK_N": n}, shape, d, w, st, uses_dot=True))
+            for m, n, w, st in fa.prune_attention_configs(fa.DQ_CONFIGS, dt, hd, capability, "dq"):
+                specs.append(LaunchSpec(
+                    "flash_attn bwd_dq", fa._attn_bwd_dq_kernel,
+                    (_t(dt), _t(dt), _t(dt), _t(dt), _t(f32), _t(f32), _t(dt), *common, *q_strides,
+                     heads, heads // groups, s, hd, *scales),
+                    {**flags, "BLOCK_M": m, "BLOCK_N": n}, shape, d, w, st, uses_dot=True))
+    return specs
+
+
+def launch_specs(capability: int) -> list[LaunchSpec]:
+    """Every launch of every Triton kernel (for compute capability ``capability``, e.g. 90 or 80)."""
+    return _row_kernels() + _elementwise_kernels() + _cross_entropy_kernels() + _attention_kernels(capability)
