@@ -357,6 +357,18 @@ def _recompute(layout: Layout) -> str:
     return f"full ({layout.recompute_method} {layout.recompute_num_layers})"
 
 
+def _print_model_line(console, args: argparse.Namespace, config: GPTConfig, seq_length: int,
+                      batch: str = "") -> None:
+    """The first line of both reports: size, shape, FLOPs per token, sequence, precision."""
+    params = total_parameter_count(config, padded=False)
+    flops = training_flops_per_token(config, seq_length)
+    console.print(
+        f"[bold]model[/bold] {params / 1e9:.2f}B parameters ({params:,}), {config.num_layers} layers, "
+        f"hidden {config.hidden_size}, {flops / 1e9:.1f} GFLOP/token (training); seq {seq_length}, "
+        f"{batch}{args.dtype}, {args.optimizer}"
+    )
+
+
 def print_tables(
     plan: Plan, args: argparse.Namespace, config: GPTConfig, seq_length: int, cluster: Cluster
 ) -> None:
@@ -364,13 +376,7 @@ def print_tables(
     from rich.table import Table
 
     console = Console(width=None if sys.stdout.isatty() else 200)
-    params = total_parameter_count(config, padded=False)
-    flops = training_flops_per_token(config, seq_length)
-    console.print(
-        f"[bold]model[/bold] {params / 1e9:.2f}B parameters, {config.num_layers} layers, "
-        f"hidden {config.hidden_size}, {flops / 1e9:.1f} GFLOP/token (training); seq {seq_length}, "
-        f"global batch {args.global_batch_size}, {args.dtype}, {args.optimizer}"
-    )
+    _print_model_line(console, args, config, seq_length, f"global batch {args.global_batch_size}, ")
     console.print(
         f"[bold]cluster[/bold] {cluster.num_gpus} GPUs ({cluster.gpus_per_node}/node), "
         f"{cluster.gpu_memory_gb:g} GB, {cluster.gpu_tflops:g} TFLOP/s peak "
@@ -530,13 +536,7 @@ def print_model_tables(
     from rich.table import Table
 
     console = Console(width=None if sys.stdout.isatty() else 200)
-    params = total_parameter_count(config, padded=False)
-    flops = training_flops_per_token(config, seq_length)
-    console.print(
-        f"[bold]model[/bold] {params / 1e9:.2f}B parameters ({params:,}), {config.num_layers} layers, "
-        f"hidden {config.hidden_size}, {flops / 1e9:.1f} GFLOP/token (training); seq {seq_length}, "
-        f"{args.dtype}, {args.optimizer}"
-    )
+    _print_model_line(console, args, config, seq_length)
     table = Table(title="memory per module (unsharded; GB = 10^9 bytes)")
     for col in ("module", "x", "parameters", "weights", "gradients", "master", "optimizer", "total GB"):
         table.add_column(col, justify="left" if col == "module" else "right")
