@@ -37,6 +37,7 @@ from megafast.kernels import flash_attention_kernel as _fa
 from megafast.kernels import fused_linear_cross_entropy_kernel as _flce
 from megafast.kernels import gelu_kernel as _gelu
 from megafast.kernels import layer_norm_kernel as _ln
+from megafast.kernels import nf4_dequantize_kernel as _nf4
 from megafast.kernels import rms_norm_kernel as _rms
 from megafast.kernels import rotary_kernel as _rope
 from megafast.kernels import swiglu_kernel as _swiglu
@@ -169,6 +170,26 @@ def gelu(x: torch.Tensor, approximate: str = "tanh", *, backend: str = "auto") -
     if resolve_backend(backend, x) == "triton":
         return _gelu.gelu_triton(x, approximate)
     return _gelu.gelu_torch(x, approximate)
+
+
+def nf4_dequantize(
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    codebook: torch.Tensor,
+    numel: int,
+    block_size: int,
+    dtype: torch.dtype,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``codebook[code] * absmax[block]`` of the first ``numel`` packed 4-bit codes ([numel], ``dtype``).
+
+    ``codes`` [ceil(numel / 2)] uint8 (high nibble first), ``absmax`` [blocks] fp32, ``codebook``
+    [16] fp32 (QLoRA's NF4 storage, see megafast.quant.nf4); ``backend`` chosen on ``absmax``.
+    """
+    if resolve_backend(backend, absmax) == "triton" and dtype in TRITON_DTYPES:
+        return _nf4.nf4_dequantize_triton(codes, absmax, codebook, numel, block_size, dtype)
+    return _nf4.nf4_dequantize_torch(codes, absmax, codebook, numel, block_size, dtype)
 
 
 def _reduce(loss: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:

@@ -149,7 +149,15 @@ def column_parallel_linear(
     sequence_parallel: bool,
 ) -> torch.Tensor:
     """X A_i + b_i for this rank's column shard A_i; also used with a tied embedding as A_i."""
-    return F.linear(column_parallel_input(x, tp_group, sequence_parallel), weight, bias)
+    return linear(column_parallel_input(x, tp_group, sequence_parallel), weight, bias)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor | nn.Module, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x W^T + b``. ``weight`` is a tensor, or a module computing the product from a compressed
+    frozen form as ``weight(x, bias)`` (QLoRA's NF4 base weights, megafast.quant.NF4Weight)."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight, bias)
+    return weight(x, bias)
 
 
 def column_parallel_input(x: torch.Tensor, tp_group: Group, sequence_parallel: bool) -> torch.Tensor:
@@ -199,7 +207,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tensor_parallel_region(x, self.tp_group)
-        y = F.linear(x, self.weight)  # partial sum over this rank's slice of h_in
+        y = linear(x, self.weight)  # partial sum over this rank's slice of h_in
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(y, self.tp_group)
         else:
