@@ -20,6 +20,7 @@ from megafast.config import (
     GPTConfig,
     LoRAConfig,
     ParallelConfig,
+    QLoRAConfig,
     validate_layout,
 )
 from megafast.data.chat_template import parse_role_markers
@@ -167,6 +168,12 @@ def _add_finetuning(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pretrained-checkpoint", default=None,
                    help="model weights to start from (model only, loaded before --load); with LoRA, the "
                         "frozen base a run's adapter checkpoints belong to")
+    g.add_argument("--qlora", action="store_true",
+                   help="QLoRA: keep the frozen base weights of the LoRA layers in NF4 (4-bit NormalFloat, "
+                        "~4.5 bits per weight), dequantized layer by layer on the fly; needs --lora-rank")
+    g.add_argument("--qlora-block-size", type=int, default=64, help="elements per NF4 absmax block (QLoRA: 64)")
+    g.add_argument("--qlora-double-quant", action="store_true",
+                   help="QLoRA double quantization: the block absmax values in 8 bits too (~4.13 bits per weight)")
 
 
 def _add_checkpoint_and_logging(p: argparse.ArgumentParser) -> None:
@@ -258,6 +265,11 @@ def lora_config(args: argparse.Namespace) -> Optional[LoRAConfig]:
     return LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_target_modules))
 
 
+def qlora_config(args: argparse.Namespace) -> Optional[QLoRAConfig]:
+    """The QLoRA settings of the flags, or None without ``--qlora``."""
+    return QLoRAConfig.from_args(vars(args))
+
+
 def _fail(message: str) -> None:
     raise SystemExit(f"error: {message}")
 
@@ -287,6 +299,14 @@ def _check_finetuning(args: argparse.Namespace) -> None:
         _fail(f"--lora-rank must be >= 0, got {args.lora_rank}")
     try:
         lora_config(args)
+    except ValueError as e:
+        _fail(str(e))
+    if (args.qlora or args.qlora_double_quant) and not args.lora_rank:
+        _fail("--qlora quantizes the frozen base of a LoRA run: add --lora-rank R (and --qlora with --qlora-double-quant)")
+    if args.qlora_double_quant and not args.qlora:
+        _fail("--qlora-double-quant needs --qlora")
+    try:
+        qlora_config(args)
     except ValueError as e:
         _fail(str(e))
     if args.pretrained_checkpoint is not None and not os.path.isdir(args.pretrained_checkpoint):

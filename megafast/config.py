@@ -266,3 +266,32 @@ class LoRAConfig:
     def from_dict(cls, d: dict) -> LoRAConfig:
         return cls(int(d["rank"]), float(d["alpha"]), float(d.get("dropout", 0.0)),
                    tuple(d.get("target_modules", LORA_TARGET_MODULES)))
+
+
+@dataclass(frozen=True)
+class QLoRAConfig:
+    """``--qlora --qlora-block-size --qlora-double-quant``: the frozen base weights of the LoRA
+    layers stored in NF4 over blocks of ``block_size``, the block scales 8-bit over blocks of
+    ``double_quant_block_size`` with ``double_quant`` (megafast.quant)."""
+
+    block_size: int = 64
+    double_quant: bool = False
+    double_quant_block_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.block_size < 2 or self.block_size % 2:
+            raise ValueError(f"--qlora-block-size must be a positive even number (QLoRA uses 64), got {self.block_size}")
+
+    @classmethod
+    def from_args(cls, args: dict) -> Optional[QLoRAConfig]:
+        """From the flags as a dict (a checkpoint's saved args too); None without ``--qlora``."""
+        if not args.get("qlora"):
+            return None
+        return cls(int(args.get("qlora_block_size") or 64), bool(args.get("qlora_double_quant")))
+
+    @property
+    def bits_per_element(self) -> float:
+        """Stored bits per base weight element: 4 + the block scales (4.5, or 4.127 double-quantized)."""
+        if self.double_quant:
+            return 4 + 8 / self.block_size + 32 / (self.block_size * self.double_quant_block_size)
+        return 4 + 32 / self.block_size

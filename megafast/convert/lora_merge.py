@@ -12,6 +12,10 @@ merged shards), and written as a ``release`` checkpoint::
 
 (``tools/checkpoint/convert.py --merge-lora`` does both in one go.) The merged checkpoint keeps the
 run's args without the LoRA flags, so it loads as an ordinary model.
+
+A QLoRA run (``--qlora``) trained its adapters on the NF4 round trip of the base, so that is what
+they are merged into: each rank's base shard is quantized and dequantized exactly as the run did
+(megafast.model.qlora.dequantize_base_state, in the run's model dtype) before W_hat + s B A.
 """
 
 from __future__ import annotations
@@ -20,14 +24,18 @@ import os
 import shutil
 from typing import Any
 
+import torch
+
 from megafast.checkpoint.args import HF_METADATA, TOKENIZER_DIR
 from megafast.checkpoint.commit import committed, write_commit
 from megafast.checkpoint.paths import MODEL_FILE, TRACKER_FILE, iteration_dir, model_keys, rank_dirs
 from megafast.checkpoint.state_dict import atomic_torch_save, file_metadata, load_file
-from megafast.config import LoRAConfig
+from megafast.config import LoRAConfig, QLoRAConfig
 from megafast.model.lora import is_adapter_name, merge_state_dict
+from megafast.model.qlora import dequantize_base_state
 
-LORA_ARGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules")
+LORA_ARGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "qlora", "qlora_block_size",
+             "qlora_double_quant")
 
 
 def _committed_dir(root: str, what: str) -> str:
@@ -78,8 +86,12 @@ def merge_lora_checkpoint(lora_dir: str, save_dir: str, base_dir: str | None = N
                          f"checkpoint {sorted(lora_files)}: reshard the base with tools/checkpoint/convert.py")
     if os.path.realpath(save_dir) in (os.path.realpath(lora_dir), os.path.realpath(base_dir)):
         raise ValueError(f"--save-dir {save_dir} must differ from the LoRA and base checkpoints")
+    qlora = QLoRAConfig.from_args(run_args)  # a QLoRA run trained on the NF4 round trip of the base
+    run_dtype = torch.bfloat16 if run_args.get("bf16") else torch.float16 if run_args.get("fp16") else torch.float32
     args = {k: v for k, v in run_args.items() if k not in LORA_ARGS}
     args.update(lora_rank=0, merged_lora=lora.to_dict())
+    if qlora is not None:
+        args["merged_lora"]["qlora"] = {"block_size": qlora.block_size, "double_quant": qlora.double_quant}
     base_args = dict(load_file(next(iter(base_files.values()))).get("args") or {})
     if base_args.get(HF_METADATA):  # a base converted from HF: keep what its export needs
         args[HF_METADATA] = base_args[HF_METADATA]
@@ -96,6 +108,8 @@ def merge_lora_checkpoint(lora_dir: str, save_dir: str, base_dir: str | None = N
             if missing:
                 raise ValueError(f"{lora_path}: {missing[0]} is not an adapter weight: not a LoRA checkpoint")
             state.update(adapters[key])
+            if qlora is not None:
+                state = dequantize_base_state(state, qlora, run_dtype)
             merged[key] = merge_state_dict(state, lora.scale)
         rel = os.path.relpath(os.path.dirname(lora_path), lora_iter)
         layout = dict(adapters.get("parallel_layout") or {}, distributed_optimizer=False)

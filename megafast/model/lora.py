@@ -193,12 +193,17 @@ def merge_state_dict(state: dict[str, torch.Tensor], scale: float) -> dict[str, 
 
 @torch.no_grad()
 def merge_lora_(model: nn.Module, scale: float) -> None:
-    """Fold every adapter of ``model`` into its base weight and remove it (in place)."""
+    """Fold every adapter of ``model`` into its base weight and remove it (in place; a QLoRA base
+    becomes its dequantized weight plus the update)."""
     for module in model.modules():
         adapter = getattr(module, "adapter", None)
         if isinstance(adapter, LoRAAdapter):
             delta = scale * (adapter.linear_out.weight.float() @ adapter.linear_in.weight.float())
-            module.weight.copy_((module.weight.float() + delta).to(module.weight.dtype))
+            if not isinstance(module.weight, torch.Tensor):  # QLoRA: an NF4 weight, merged into its dequantized form
+                base = module.weight.dequantize()
+                module.weight = nn.Parameter((base.float() + delta).to(base.dtype), requires_grad=False)
+            else:
+                module.weight.copy_((module.weight.float() + delta).to(module.weight.dtype))
             module.adapter = None
 
 

@@ -28,6 +28,7 @@ from megafast.arguments import (
     model_vocab_size,
     parallel_config,
     parse_args,
+    qlora_config,
     validate_args,
 )
 from megafast.config import GPTConfig
@@ -38,6 +39,7 @@ from megafast.data.sft_dataset import build_sft_datasets
 from megafast.data.tokenizer import build_tokenizer
 from megafast.extras import require
 from megafast.model.lora import apply_lora
+from megafast.model.qlora import quantize_base_, quantized_bytes
 from megafast.parallel.state import ParallelState
 from megafast.pipeline.engine import Microbatch, PipelineEngine
 from megafast.pipeline.partition import build_model_chunks
@@ -215,6 +217,11 @@ def setup(argv: Optional[Sequence[str]] = None) -> Run:
             run.iteration, run.consumed_samples = loaded.iteration, loaded.consumed_samples
             run.consumed_valid_samples = loaded.consumed_valid_samples
             logger.info(f"loaded checkpoint {loaded.path} at iteration {loaded.iteration}")
+    qlora = qlora_config(args)
+    if qlora is not None:  # quantize on load: the base weights are final once the checkpoints are read
+        quantized = sum(quantize_base_(chunk, qlora, args.kernels) for chunk in chunks)
+        logger.info(f"> QLoRA: {quantized:,} base weights of the LoRA layers in NF4 on the last rank, "
+                    f"{sum(quantized_bytes(c) for c in chunks) / 2**20:.1f} MiB ({qlora.bits_per_element:.3f} bits each)")
     n_params = sum(p.numel() for c in chunks for p in c.parameters())
     if lora is not None:
         trainable = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
