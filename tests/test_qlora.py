@@ -170,6 +170,42 @@ def test_flags_need_lora_and_quantization_keeps_trainable_weights_out():
     assert isinstance(model.decoder.layers["0"].self_attention.linear_qkv.weight, NF4Weight)
 
 
+@pytest.mark.parametrize("dtype,double_quant", [(torch.bfloat16, False), (torch.float32, True)])
+def test_planner_qlora_row_equals_a_real_step(dtype, double_quant):
+    """Allocated bytes of a QLoRA model after one optimizer step == megafast.planner.qlora_memory."""
+    from megafast.planner import Layout, qlora_memory
+    from megafast.training.data_parallel import DataParallel
+    from megafast.training.optimizer import OptimizerConfig, build_optimizer
+
+    def storage_bytes(tensors) -> int:
+        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+    lora, qcfg = LoRAConfig(rank=4, alpha=8.0, target_modules=("linear_qkv", "linear_fc2")), QLoRAConfig(double_quant=double_quant)
+    state = ParallelState.single()
+    model = GPTModel(config(), state, seed=1, params_dtype=dtype)
+    apply_lora(model, lora, 1)
+    quantize_base_(model, qcfg)
+    ddp = DataParallel([model], state)
+    opt = build_optimizer([model], ddp, state, OptimizerConfig(bf16=dtype == torch.bfloat16))
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(draw_seed()))
+    model(ids, labels=ids).sum().backward()
+    assert opt.step().success
+    states = [v for st in opt.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+    params = list(model.parameters())
+    got = {
+        "base_nf4": quantized_bytes(model),
+        "frozen": storage_bytes(p for p in params if not p.requires_grad),
+        "adapters": storage_bytes(p for p in params if p.requires_grad),
+        "gradients": storage_bytes(b.grad_data for b in ddp.buffers),
+        "master_weights": storage_bytes(s.master for s in opt.shards if not s.alias),
+        "optimizer_states": storage_bytes(states),
+    }
+    plan = qlora_memory(config(), Layout(dtype="bf16" if dtype == torch.bfloat16 else "fp32"), lora, qcfg)
+    assert got == {k: getattr(plan, k) for k in got}
+    bits = 8 * plan.base_nf4 / plan.base_elements
+    assert bits == 4.5 if not double_quant else 4.127 < bits < 4.2
+
+
 # ---- end to end: pretrain_gpt.py --qlora, TP / PP / resume, merged HF export ----
 
 MODEL = ["--num-layers", "2", "--hidden-size", "128", "--num-attention-heads", "4", "--group-query-attention",

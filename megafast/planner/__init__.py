@@ -59,6 +59,7 @@ from megafast.planner.parameters import (
     stage_parameters,
     total_parameter_count,
 )
+from megafast.planner.qlora import QLoRAMemory, nf4_bytes, qlora_memory
 from megafast.planner.search import Plan, search
 from megafast.planner.throughput import (
     Cluster,
@@ -84,6 +85,7 @@ __all__ = [
     "ModuleMemory",
     "ParamSpec",
     "Plan",
+    "QLoRAMemory",
     "RankMemory",
     "RankParameters",
     "Stage",
@@ -106,8 +108,10 @@ __all__ = [
     "layout_config",
     "matmul_params_per_layer",
     "module_memory",
+    "nf4_bytes",
     "output_forward_flops_per_token",
     "peak_memory",
+    "qlora_memory",
     "rank_memory",
     "rank_parameter_count",
     "rank_parameter_state",
