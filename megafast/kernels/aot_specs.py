@@ -9,7 +9,7 @@ survive ``prune_attention_configs``). :mod:`megafast.kernels.aot_check` compiles
 and sm_80.
 
 Shapes: hidden 2048-8192 at 16k tokens; vocabulary shards 32k-128k; sequence 2k-8k with head dim
-64 and 128, with and without GQA; fp32, bf16 (and fp16 where the kernel is dtype-generic and the
+64 and 128, with and without GQA; NF4 base weights of hidden 4096 and 8192 models; fp32, bf16 (and fp16 where the kernel is dtype-generic and the
 model can run it: --fp16), forward and backward.
 """
 
@@ -25,6 +25,7 @@ from megafast.kernels import cross_entropy_kernel as ce
 from megafast.kernels import flash_attention_kernel as fa
 from megafast.kernels import gelu_kernel as gelu
 from megafast.kernels import layer_norm_kernel as ln
+from megafast.kernels import nf4_dequantize_kernel as nf4
 from megafast.kernels import rms_norm_kernel as rms
 from megafast.kernels import rotary_kernel as rope
 from megafast.kernels import swiglu_kernel as swiglu
@@ -42,6 +43,9 @@ ATTENTION_SHAPES = (
     (4, 32, 32, 4096, 128),  # Llama-2 7B class, no GQA
     (1, 64, 8, 8192, 128),  # 70B class (TP 1 slice), GQA 8
 )
+# frozen [out, in] base weights QLoRA dequantizes (one TP shard at TP 1): Llama-3 8B's attention
+# and MLP, Llama-3 70B's attention and MLP
+NF4_WEIGHTS = ((4096, 4096), (14336, 4096), (8192, 8192), (28672, 8192))
 SM_COUNT = 132  # only sets how many rows a norm-backward program loops over (no compile effect)
 
 
@@ -155,6 +159,17 @@ def _cross_entropy_kernels() -> list[LaunchSpec]:
     return specs
 
 
+def _quant_kernels() -> list[LaunchSpec]:
+    """NF4 dequantization (QLoRA's base weights) into each model dtype, blocks of 64."""
+    f32, u8, specs = torch.float32, torch.uint8, []
+    for rows, cols in NF4_WEIGHTS:
+        for dt in DTYPES:
+            specs.append(LaunchSpec(
+                "nf4_dequantize", nf4._nf4_dequantize_kernel, (_t(u8), _t(f32), _t(f32), _t(dt), rows * cols),
+                {"BLOCK_SIZE": 64, "BLOCK": nf4.BLOCK}, f"{rows}x{cols}", _SHORT[dt], nf4.NUM_WARPS))
+    return specs
+
+
 def _attention_kernels(capability: int) -> list[LaunchSpec]:
     """Flash attention forward, D, dK/dV and dQ: every autotune candidate the launcher may pick."""
     f32, specs = torch.float32, []
@@ -194,4 +209,5 @@ def _attention_kernels(capability: int) -> list[LaunchSpec]:
 
 def launch_specs(capability: int) -> list[LaunchSpec]:
     """Every launch of every Triton kernel (for compute capability ``capability``, e.g. 90 or 80)."""
-    return _row_kernels() + _elementwise_kernels() + _cross_entropy_kernels() + _attention_kernels(capability)
+    return (_row_kernels() + _elementwise_kernels() + _cross_entropy_kernels() + _attention_kernels(capability)
+            + _quant_kernels())
