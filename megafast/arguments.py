@@ -302,7 +302,8 @@ def _check_finetuning(args: argparse.Namespace) -> None:
     except ValueError as e:
         _fail(str(e))
     if (args.qlora or args.qlora_double_quant) and not args.lora_rank:
-        _fail("--qlora quantizes the frozen base of a LoRA run: add --lora-rank R (and --qlora with --qlora-double-quant)")
+        _fail("--qlora quantizes the frozen base of a LoRA run: add --lora-rank R "
+              "(and --qlora with --qlora-double-quant)")
     if args.qlora_double_quant and not args.qlora:
         _fail("--qlora-double-quant needs --qlora")
     try:

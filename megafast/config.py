@@ -280,7 +280,9 @@ class QLoRAConfig:
 
     def __post_init__(self) -> None:
         if self.block_size < 2 or self.block_size % 2:
-            raise ValueError(f"--qlora-block-size must be a positive even number (QLoRA uses 64), got {self.block_size}")
+            raise ValueError(
+                f"--qlora-block-size must be a positive even number (QLoRA uses 64), got {self.block_size}"
+            )
 
     @classmethod
     def from_args(cls, args: dict) -> Optional[QLoRAConfig]:

@@ -87,7 +87,8 @@ def merge_lora_checkpoint(lora_dir: str, save_dir: str, base_dir: str | None = N
     if os.path.realpath(save_dir) in (os.path.realpath(lora_dir), os.path.realpath(base_dir)):
         raise ValueError(f"--save-dir {save_dir} must differ from the LoRA and base checkpoints")
     qlora = QLoRAConfig.from_args(run_args)  # a QLoRA run trained on the NF4 round trip of the base
-    run_dtype = torch.bfloat16 if run_args.get("bf16") else torch.float16 if run_args.get("fp16") else torch.float32
+    run_dtype = (torch.bfloat16 if run_args.get("bf16") else
+                 torch.float16 if run_args.get("fp16") else torch.float32)
     args = {k: v for k, v in run_args.items() if k not in LORA_ARGS}
     args.update(lora_rank=0, merged_lora=lora.to_dict())
     if qlora is not None:

@@ -9,8 +9,8 @@ survive ``prune_attention_configs``). :mod:`megafast.kernels.aot_check` compiles
 and sm_80.
 
 Shapes: hidden 2048-8192 at 16k tokens; vocabulary shards 32k-128k; sequence 2k-8k with head dim
-64 and 128, with and without GQA; NF4 base weights of hidden 4096 and 8192 models; fp32, bf16 (and fp16 where the kernel is dtype-generic and the
-model can run it: --fp16), forward and backward.
+64 and 128, with and without GQA; NF4 base weights of hidden 4096 and 8192 models; fp32, bf16
+(and fp16 where the kernel is dtype-generic and the model can run it: --fp16), forward and backward.
 """
 
 from __future__ import annotations

@@ -199,7 +199,7 @@ def merge_lora_(model: nn.Module, scale: float) -> None:
         adapter = getattr(module, "adapter", None)
         if isinstance(adapter, LoRAAdapter):
             delta = scale * (adapter.linear_out.weight.float() @ adapter.linear_in.weight.float())
-            if not isinstance(module.weight, torch.Tensor):  # QLoRA: an NF4 weight, merged into its dequantized form
+            if not isinstance(module.weight, torch.Tensor):  # QLoRA's NF4 weight: merged into its dequantized form
                 base = module.weight.dequantize()
                 module.weight = nn.Parameter((base.float() + delta).to(base.dtype), requires_grad=False)
             else:

@@ -34,8 +34,8 @@ def quantize_base_(model: nn.Module, config: QLoRAConfig, backend: str = "auto")
     parameters are released (nothing else references frozen weights: data parallelism and the
     optimizer keep only trainable ones).
     """
-    targets = [m for m in model.modules()
-               if isinstance(getattr(m, "adapter", None), LoRAAdapter) and isinstance(getattr(m, "weight", None), torch.Tensor)]
+    targets = [m for m in model.modules() if isinstance(getattr(m, "adapter", None), LoRAAdapter)
+               and isinstance(getattr(m, "weight", None), torch.Tensor)]
     for module in targets:  # checked before anything changes
         if module.weight.requires_grad:
             raise ValueError(f"{type(module).__name__} has a trainable weight: QLoRA quantizes frozen bases only")
@@ -72,7 +72,8 @@ def dequantize_base_state(
         if name not in out:
             raise ValueError(f"adapter {key} has no base weight {name} to dequantize")
         w = out[name]
-        q = nf4_quantize(w.to(dtype or w.dtype), config.block_size, config.double_quant, config.double_quant_block_size)
+        q = nf4_quantize(w.to(dtype or w.dtype), config.block_size, config.double_quant,
+                         config.double_quant_block_size)
         out[name] = nf4_dequantize(q).to(w.dtype)
     return out
 

@@ -41,7 +41,8 @@ class QLoRAMemory:
 
     @property
     def total(self) -> int:
-        return self.base_nf4 + self.frozen + self.adapters + self.gradients + self.master_weights + self.optimizer_states
+        return (self.base_nf4 + self.frozen + self.adapters + self.gradients + self.master_weights
+                + self.optimizer_states)
 
     @property
     def static(self) -> StaticMemory:
@@ -76,7 +77,8 @@ def qlora_memory(
                 adapter_tensors += 2
             else:
                 frozen += spec.numel * e
-    masters = adapter_numel if not (layout.distributed_optimizer and layout.dp > 1) else -(-adapter_numel // layout.dp)
+    sharded = layout.distributed_optimizer and layout.dp > 1
+    masters = -(-adapter_numel // layout.dp) if sharded else adapter_numel
     adam = layout.optimizer == "adam"
     states = masters * MASTER_BYTES * (2 if adam else 1) + (4 * adapter_tensors if adam else 0)
     return QLoRAMemory(

@@ -220,8 +220,9 @@ def setup(argv: Optional[Sequence[str]] = None) -> Run:
     qlora = qlora_config(args)
     if qlora is not None:  # quantize on load: the base weights are final once the checkpoints are read
         quantized = sum(quantize_base_(chunk, qlora, args.kernels) for chunk in chunks)
+        mib = sum(quantized_bytes(c) for c in chunks) / 2**20
         logger.info(f"> QLoRA: {quantized:,} base weights of the LoRA layers in NF4 on the last rank, "
-                    f"{sum(quantized_bytes(c) for c in chunks) / 2**20:.1f} MiB ({qlora.bits_per_element:.3f} bits each)")
+                    f"{mib:.1f} MiB ({qlora.bits_per_element:.3f} bits each)")
     n_params = sum(p.numel() for c in chunks for p in c.parameters())
     if lora is not None:
         trainable = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
