@@ -125,9 +125,11 @@ def _add_optimizer(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--fused-optimizer", choices=["auto", "torch", "cuda"], default="auto",
+    g.add_argument("--fused-optimizer", choices=["auto", "torch", "cuda", "cpu"], default="auto",
                    help="optimizer step: cuda = megafast._C's multi-tensor AdamW/Lion (fp32 masters and "
-                        "states, bf16 weights written in the same pass); auto = cuda when built and on CUDA")
+                        "states, bf16 weights written in the same pass); cpu = megafast._C's two-pass AdamW "
+                        "on CPU (torch's bits, half the memory traffic); auto = cuda on CUDA, cpu for AdamW "
+                        "on CPU")
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:

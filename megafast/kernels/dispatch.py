@@ -209,13 +209,15 @@ def vocab_parallel_cross_entropy(
     ignore_index: int = -100,
     *,
     backend: str = "auto",
+    inplace: bool = False,
 ) -> torch.Tensor:
-    """Per-token loss of vocabulary-parallel ``logits`` [..., V/p] (``megafast.parallel``'s contract)."""
+    """Per-token loss of vocabulary-parallel ``logits`` [..., V/p] (``megafast.parallel``'s contract).
+    ``inplace``: the torch path may overwrite ``logits`` (a temporary of the caller's)."""
     if resolve_backend(backend, logits) == "triton":
         return _ce.vocab_parallel_cross_entropy_triton(logits, target, tp_group, vocab_size, ignore_index)
     from megafast.parallel.cross_entropy import vocab_parallel_cross_entropy as torch_ce
 
-    return torch_ce(logits, target, tp_group, vocab_size, ignore_index)
+    return torch_ce(logits, target, tp_group, vocab_size, ignore_index, inplace)
 
 
 def fused_linear_cross_entropy(
