@@ -78,7 +78,7 @@ def loop_unpermute(expert_out: torch.Tensor, row_id_map: torch.Tensor, probs: to
 
 GEMM_CASES = {  # name: (tokens per expert, rows T (>= their sum: the rest are dropped slots), K, N)
     "odd": ([10, 0, 30, 7], 47, 37, 45),
-    "multi_tile": ([70, 3, 0, 41, 0, 1, 33], 148, 64, 96),
+    "multi_tile": ([40, 3, 0, 33, 0, 1, 5], 82, 64, 70),
     "one_token": ([0, 1, 0], 1, 19, 23),
     "one_expert": ([0, 0, 40, 0], 40, 33, 17),
     "dropped_slots": ([5, 0, 9], 20, 16, 40),
