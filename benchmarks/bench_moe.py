@@ -81,18 +81,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 2) -> float:
-    """Median wall time of ``fn`` over ``reps`` calls (after ``warmup``), synchronising a GPU."""
+def time_ms(fns: dict[str, Callable[[], object]], device: torch.device, reps: int, warmup: int = 2) -> dict:
+    """Median wall time (ms) of each of ``fns`` over ``reps`` calls after ``warmup``, synchronising a
+    GPU; the functions take turns within each repetition, so a change of machine load hits them alike."""
     for _ in range(warmup):
-        fn()
+        for fn in fns.values():
+            fn()
     _sync(device)
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -112,9 +115,11 @@ def routed_counts(tokens: int, experts: int, top_k: int, device: torch.device) -
 
 
 def loop_grouped_gemm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-    """The per-expert Python loop: split the rows by expert, one matmul each, concatenate."""
+    """The per-expert Python loop: split the rows by expert, one matmul each, concatenate (the weights
+    unbound once, as separate per-expert parameters would be: ``w[e]`` would cost a full [E, H, F]
+    zero gradient per expert in backward)."""
     parts = x.split(tokens_per_expert.tolist())
-    return torch.cat([p @ w[e] for e, p in enumerate(parts)])
+    return torch.cat([p @ w_e for p, w_e in zip(parts, w.unbind(0))])
 
 
 def bench_grouped_gemm(rows: list[Row], shapes, dtype: torch.dtype, device: torch.device, reps: int) -> None:
@@ -128,7 +133,7 @@ def bench_grouped_gemm(rows: list[Row], shapes, dtype: torch.dtype, device: torc
         w = (torch.randn(experts, hidden, ffn, device=device) / hidden**0.5).to(dtype).requires_grad_()
         dy = torch.randn(n, ffn, device=device).to(dtype)
         shape = f"{name}: T={tokens} k={top_k} E={experts} {n}x{hidden} @ [{experts}, {hidden}, {ffn}]"
-        results = {}
+        results, steps = {}, {}
         for impl, fn in impls.items():
             y = fn(x, w, counts)
             results[impl] = (y, *torch.autograd.grad(y, (x, w), dy))
@@ -137,7 +142,8 @@ def bench_grouped_gemm(rows: list[Row], shapes, dtype: torch.dtype, device: torc
                 y = fn(x, w, counts)
                 torch.autograd.grad(y, (x, w), dy)
 
-            ms = time_ms(step, device, reps)
+            steps[impl] = step
+        for impl, ms in time_ms(steps, device, reps).items():
             err = None
             if impl != "loop":
                 err = max(rel_err(a, b) for a, b in zip(results[impl], results["loop"]))
@@ -195,7 +201,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default: 5 on CPU, 20 on GPU)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default: 7 on CPU, 20 on GPU)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: float32 on CPU, bfloat16 on GPU")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repetition (checks the script)")
@@ -208,7 +214,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     shapes = SMOKE_SHAPES if args.smoke else GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
-    reps = 1 if args.smoke else args.reps or (20 if device.type == "cuda" else 5)
+    reps = 1 if args.smoke else args.reps or (20 if device.type == "cuda" else 7)
     torch.manual_seed(0)
     info = versions(device)
     print(json.dumps(info), flush=True)
