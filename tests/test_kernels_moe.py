@@ -82,6 +82,8 @@ GEMM_CASES = {  # name: (tokens per expert, rows T (>= their sum: the rest are d
     "one_token": ([0, 1, 0], 1, 19, 23),
     "one_expert": ([0, 0, 40, 0], 40, 33, 17),
     "dropped_slots": ([5, 0, 9], 20, 16, 40),
+    "many_k_tiles": ([20, 0, 13], 33, 300, 40),  # dw: two groups of K tiles, the last one partial
+    "tail_group": ([33, 33, 33, 33, 1], 133, 40, 70),  # a real row tile in the last, partial tile group
     "no_tokens": ([0, 0], 0, 8, 8),
 }
 
