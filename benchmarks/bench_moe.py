@@ -1,6 +1,6 @@
 """MoE benchmark: the experts' grouped GEMM against a per-expert Python loop, forward + backward.
 
-    python benchmarks/bench_moe.py [--out DIR] [--only grouped_gemm] [--reps 5] [--write-doc docs/benchmarks.md]
+    python benchmarks/bench_moe.py [--out DIR] [--only grouped_gemm] [--reps 7] [--write-doc FILE.md]
     python benchmarks/bench_moe.py --smoke        # seconds: tiny shapes (a self-check of the script)
 
 Each part of the benchmark is one function in :data:`PARTS` that appends :class:`Row` s (one per
@@ -167,7 +167,8 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 def versions(device: torch.device) -> dict:
     info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+            "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
     try:
         import triton
 

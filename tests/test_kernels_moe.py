@@ -236,7 +236,8 @@ def test_bench_moe_smoke_mode(tmp_path):
     import os
     import sys
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_moe.py")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "benchmarks", "bench_moe.py")
     spec = importlib.util.spec_from_file_location("bench_moe_under_test", path)
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench  # its dataclass looks its module up there

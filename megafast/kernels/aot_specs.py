@@ -217,14 +217,17 @@ def _moe_kernels() -> list[LaunchSpec]:
                 specs += [
                     LaunchSpec("grouped_gemm fwd", gg._grouped_gemm_kernel,  # y = x @ w[e]
                                (_t(dt), _t(dt), _t(dt), _t(i32), n_tiles, nn, kk, e,
-                                kk, 1, kk * nn, nn, 1, nn, 1), blocks, shape, d, warps, stages, uses_dot=True),
+                                kk, 1, kk * nn, nn, 1, nn, 1),
+                               blocks, shape, d, warps, stages, uses_dot=True),
                     LaunchSpec("grouped_gemm dx", gg._grouped_gemm_kernel,  # dx = dy @ w[e]^T
                                (_t(dt), _t(dt), _t(dt), _t(i32), n_tiles, kk, nn, e,
-                                nn, 1, kk * nn, 1, nn, kk, 1), blocks, shape, d, warps, stages, uses_dot=True),
+                                nn, 1, kk * nn, 1, nn, kk, 1),
+                               blocks, shape, d, warps, stages, uses_dot=True),
                     LaunchSpec("grouped_gemm dw", gg._grouped_gemm_dw_kernel,  # dw[e] = x_e^T @ dy_e
                                (_t(dt), _t(dt), _t(dt), _t(i64), _t(i64), nn, kk,
                                 kk, 1, nn, 1, kk * nn, nn, 1),
-                               {"PRECISION": prec, "BLOCK_M": dbm, "BLOCK_N": dbn, "BLOCK_K": dbk, "GROUP_K": gg.GROUP},
+                               {"PRECISION": prec, "BLOCK_M": dbm, "BLOCK_N": dbn, "BLOCK_K": dbk,
+                                "GROUP_K": gg.GROUP},
                                shape, d, dwarps, dstages, uses_dot=True),
                 ]
         for dt in DTYPES:
@@ -240,7 +243,8 @@ def _moe_kernels() -> list[LaunchSpec]:
                     LaunchSpec("moe combine_rows" + (" (unpermute)" if has else " (d hidden)"),
                                perm._combine_rows_kernel,
                                (_t(dt), _t(dt), _t(i64), _t(scale_dt or dt), h, h, h),
-                               {"TOP_K": k, "HAS_SCALE": has, "BLOCK": block}, shape + tag, d, perm.NUM_WARPS),
+                               {"TOP_K": k, "HAS_SCALE": has, "BLOCK": block},
+                               shape + tag, d, perm.NUM_WARPS),
                 ]
                 if has:
                     specs.append(LaunchSpec("moe prob_grad", perm._prob_grad_kernel,
@@ -251,5 +255,5 @@ def _moe_kernels() -> list[LaunchSpec]:
 
 def launch_specs(capability: int) -> list[LaunchSpec]:
     """Every launch of every Triton kernel (for compute capability ``capability``, e.g. 90 or 80)."""
-    return (_row_kernels() + _elementwise_kernels() + _cross_entropy_kernels() + _attention_kernels(capability)
-            + _moe_kernels())
+    return (_row_kernels() + _elementwise_kernels() + _cross_entropy_kernels()
+            + _attention_kernels(capability) + _moe_kernels())

@@ -170,15 +170,21 @@ def tile_map(tokens_per_expert: torch.Tensor, rows: int, block_m: int) -> torch.
 
 def _check(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor) -> None:
     if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"grouped_gemm: x must be [T, K] and w [E, K, N], got {tuple(x.shape)} and {tuple(w.shape)}")
+        raise ValueError(
+            f"grouped_gemm: x must be [T, K] and w [E, K, N], got {tuple(x.shape)} and {tuple(w.shape)}"
+        )
     if tokens_per_expert.shape != (w.shape[0],):
         raise ValueError(
-            f"grouped_gemm: tokens_per_expert must be [E] = [{w.shape[0]}], got {tuple(tokens_per_expert.shape)}"
+            f"grouped_gemm: tokens_per_expert must be [E] = [{w.shape[0]}], "
+            f"got {tuple(tokens_per_expert.shape)}"
         )
 
 
-def grouped_gemm_forward(a: torch.Tensor, b: torch.Tensor, tokens_per_expert: torch.Tensor, *, b_transposed=False):
-    """a [T, K] @ b[e] per group (b [E, K, N], or [E, N, K] used transposed) -> [T, N] (zeros past the groups)."""
+def grouped_gemm_forward(
+    a: torch.Tensor, b: torch.Tensor, tokens_per_expert: torch.Tensor, *, b_transposed: bool = False
+) -> torch.Tensor:
+    """a [T, K] @ b[e] per group (b [E, K, N], or [E, N, K] used transposed) -> [T, N] (zeros past
+    the groups)."""
     rows, k = a.shape
     e = b.shape[0]
     n = b.shape[1] if b_transposed else b.shape[2]
@@ -199,7 +205,9 @@ def grouped_gemm_forward(a: torch.Tensor, b: torch.Tensor, tokens_per_expert: to
     return c
 
 
-def grouped_gemm_dw(x: torch.Tensor, dy: torch.Tensor, tokens_per_expert: torch.Tensor, w_dtype) -> torch.Tensor:
+def grouped_gemm_dw(
+    x: torch.Tensor, dy: torch.Tensor, tokens_per_expert: torch.Tensor, w_dtype: torch.dtype
+) -> torch.Tensor:
     """dw [E, K, N]: x[rows of e]^T @ dy[rows of e] per expert."""
     (rows, k), n, e = x.shape, dy.shape[1], tokens_per_expert.numel()
     block_m, block_n, block_k, warps, stages = dw_blocks(x.is_cuda)
@@ -231,7 +239,9 @@ class GroupedGemmFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, w, tokens_per_expert = ctx.saved_tensors
         dy = dy.contiguous()
-        dx = grouped_gemm_forward(dy, w, tokens_per_expert, b_transposed=True) if ctx.needs_input_grad[0] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = grouped_gemm_forward(dy, w, tokens_per_expert, b_transposed=True)
         dw = grouped_gemm_dw(x, dy, tokens_per_expert, w.dtype) if ctx.needs_input_grad[1] else None
         return dx, dw, None
 

@@ -74,7 +74,8 @@ def _combine_rows_kernel(
     for j in tl.static_range(TOP_K):
         row = tl.load(ROW_ID_MAP + t * TOP_K + j)
         kept = row >= 0
-        x = tl.load(SRC + tl.where(kept, row, 0) * stride_src + cols, mask=mask & kept, other=0.0).to(tl.float32)
+        src_ptrs = SRC + tl.where(kept, row, 0) * stride_src + cols
+        x = tl.load(src_ptrs, mask=mask & kept, other=0.0).to(tl.float32)
         if HAS_SCALE:
             x = x * tl.load(SCALE + t * TOP_K + j).to(tl.float32)
         acc += x
@@ -82,7 +83,9 @@ def _combine_rows_kernel(
 
 
 @triton.jit
-def _prob_grad_kernel(DOUT, EXPERT_OUT, ROW_ID_MAP, DPROBS, n_cols, top_k, stride_dout, stride_e, BLOCK: tl.constexpr):
+def _prob_grad_kernel(
+    DOUT, EXPERT_OUT, ROW_ID_MAP, DPROBS, n_cols, top_k, stride_dout, stride_e, BLOCK: tl.constexpr
+):
     """DPROBS[c] = dot(DOUT[c // top_k], EXPERT_OUT[ROW_ID_MAP[c]]) for the flat choice c (0 if dropped)."""
     c = tl.program_id(0).to(tl.int64)
     t = c // top_k
@@ -104,7 +107,9 @@ def _prob_grad_kernel(DOUT, EXPERT_OUT, ROW_ID_MAP, DPROBS, n_cols, top_k, strid
 
 def _check(indices: torch.Tensor, num_experts: int, rows: int) -> None:
     if indices.dim() != 2 or indices.shape[0] != rows:
-        raise ValueError(f"moe permute: indices must be [T, k] with T = {rows} tokens, got {tuple(indices.shape)}")
+        raise ValueError(
+            f"moe permute: indices must be [T, k] with T = {rows} tokens, got {tuple(indices.shape)}"
+        )
     if indices.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"moe permute: indices must be int64 (or int32) expert ids, got {indices.dtype}")
     if num_experts < 1:
@@ -145,7 +150,9 @@ def _blocks(n_cols: int) -> int:
     return min(BLOCK_H, triton.next_power_of_2(max(n_cols, 1)))
 
 
-def gather_rows(src: torch.Tensor, source_choice: torch.Tensor, top_k: int, scale=None, dtype=None) -> torch.Tensor:
+def gather_rows(
+    src: torch.Tensor, source_choice: torch.Tensor, top_k: int, scale=None, dtype=None
+) -> torch.Tensor:
     """[len(source_choice), H]: row p = scale[c] * src[c // top_k] for c = source_choice[p] (0 if c < 0)."""
     n_cols = src.shape[1]
     out = torch.empty((source_choice.numel(), n_cols), dtype=dtype or src.dtype, device=src.device)
@@ -237,7 +244,8 @@ def unpermute(expert_out: torch.Tensor, row_id_map: torch.Tensor, probs: torch.T
 def _check_unpermute(expert_out: torch.Tensor, row_id_map: torch.Tensor, probs: torch.Tensor) -> None:
     if probs.shape != row_id_map.shape or expert_out.dim() != 2 or expert_out.shape[0] != row_id_map.numel():
         raise ValueError(
-            f"moe unpermute: expert_out must be [T*k, H] and probs [T, k] like row_id_map {tuple(row_id_map.shape)}, "
+            f"moe unpermute: expert_out must be [T*k, H] and probs [T, k] like row_id_map "
+            f"{tuple(row_id_map.shape)}, "
             f"got {tuple(expert_out.shape)} and {tuple(probs.shape)}"
         )
 
