@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from megafast.config import GPTConfig
 from megafast.model.moe import MoELayer, MoELossTracker
 from megafast.parallel.state import ParallelState
-from tests.seeding import seed_torch
+from seeding import seed_torch
 
 E, H, FFN, SHARED = 4, 16, 12, 20
 S, B = 7, 3  # T = 21 tokens: capacities are not round
