@@ -20,6 +20,8 @@ from typing import Optional, Union
 
 import torch
 
+from megafast.config import GPTConfig
+
 Scale = Union[float, torch.Tensor]
 
 
@@ -66,3 +68,13 @@ def attach_loss(x: torch.Tensor, loss: torch.Tensor, tracker: Optional[MoELossTr
     """``x`` unchanged; backward also differentiates ``loss`` with gradient ``tracker.backward_scale``
     (1 without a tracker)."""
     return _AttachLoss.apply(x, loss, tracker)
+
+
+def loss_names(config: GPTConfig) -> tuple[str, ...]:
+    """The losses the router of ``config`` attaches (and the log shows), in order."""
+    names = []
+    if config.is_moe and config.moe_router_load_balancing_type != "none" and config.moe_aux_loss_coeff > 0:
+        names.append("load_balancing_loss")
+    if config.is_moe and config.moe_z_loss_coeff:
+        names.append("z_loss")
+    return tuple(names)
