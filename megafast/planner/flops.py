@@ -9,7 +9,9 @@ FLOPs per token (2 per multiply-accumulate; s sequence length)::
     training = 3 * forward              (backward = 2 * forward: input and weight gradients)
 
 An MoE layer's fc1 + fc2 are replaced by what a token multiplies through: the router (h E),
-its top-k experts (k (F_1 + F) h) and the shared experts; so MoE FLOPs count *active* parameters.
+its top-k experts (k (F_1 + F) h), the shared experts, and the weighted combine of the k expert
+outputs (k h multiply-adds: the permutation kernel's batched matmul); so MoE FLOPs count *active*
+parameters.
 
 The trainer's TFLOP/s and MFU use :func:`training_flops_per_token` (model FLOPs, as Megatron-LM
 reports them: recomputation is not counted, so MFU does not reward recomputing). The step-time
@@ -55,6 +57,7 @@ def matmul_params_per_layer(c: GPTConfig, layer: int = 0) -> int:
             h * (c.qkv_size + c.num_attention_heads * c.head_dim)
             + h * c.num_experts
             + c.moe_router_topk * (glu + 1) * c.moe_ffn_hidden_size * h
+            + c.moe_router_topk * h  # combine: sum over the k choices of weight * expert output
             + (glu + 1) * shared * h
             + (h if c.moe_shared_expert_gate else 0)
         )

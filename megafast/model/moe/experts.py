@@ -43,7 +43,8 @@ class StackedWeight(nn.Module):
 
 
 class Experts(nn.Module):
-    """forward(x [N, h] sorted by expert, tokens_per_expert [E] int64) -> [N, h]."""
+    """forward(x [N, h] sorted by expert, tokens_per_expert [E] int64) -> [N, h]; rows past
+    sum(tokens_per_expert) (slots of dropped choices) give 0."""
 
     def __init__(self, config: GPTConfig, layer_number: int, seed: int, params_dtype=torch.float32, device=None) -> None:
         super().__init__()
@@ -75,7 +76,7 @@ class Experts(nn.Module):
             backend = self.kernel_config.kernels
             h = kernel_dispatch.grouped_gemm(x, w1.transpose(1, 2), tokens_per_expert, backend=backend)  # [N, 2f]
             return kernel_dispatch.grouped_gemm(self._act(h), w2.transpose(1, 2), tokens_per_expert, backend=backend)
-        outputs = []
-        for e, rows in enumerate(x.split(tokens_per_expert.tolist(), dim=0)):
-            outputs.append(F.linear(self._act(F.linear(rows, w1[e])), w2[e]))  # [c_e, h]
-        return torch.cat(outputs, dim=0)
+        counts = tokens_per_expert.tolist()  # host sync: the loop needs the sizes
+        *groups, dropped = x.split(counts + [x.shape[0] - sum(counts)], dim=0)
+        outputs = [F.linear(self._act(F.linear(rows, w1[e])), w2[e]) for e, rows in enumerate(groups)]  # [c_e, h]
+        return torch.cat(outputs + [x.new_zeros(dropped.shape[0], w2.shape[1])], dim=0)

@@ -55,15 +55,15 @@ class MoELayer(nn.Module):
             if config.moe_shared_expert_intermediate_size
             else None
         )
-        self.dispatcher: TokenDispatcher = LocalTokenDispatcher(config.num_experts)
+        self.dispatcher: TokenDispatcher = LocalTokenDispatcher(config.num_experts, config.kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:  # [s/p, b, h] -> [s, b, h]; backward keeps this rank's rows
             x = gather_from_sequence_parallel_region(x, self.tp_group, tensor_parallel_output_grad=False)
         s, b, h = x.shape
         tokens = x.reshape(s * b, h)  # [T, h], sequence-major
-        probs, routing_map = self.router(tokens, (s, b))  # [T, E] each
-        expert_input, tokens_per_expert, handle = self.dispatcher.dispatch(tokens, probs, routing_map)
+        probs, indices = self.router(tokens, (s, b))  # [T, k] each
+        expert_input, tokens_per_expert, handle = self.dispatcher.dispatch(tokens, probs, indices)
         out = self.dispatcher.combine(self.experts(expert_input, tokens_per_expert), handle)  # [T, h]
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)

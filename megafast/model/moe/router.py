@@ -77,10 +77,10 @@ def expert_capacity(num_tokens: int, cfg: RouterConfig) -> int:
 
 
 def topk_routing(logits: torch.Tensor, cfg: RouterConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits [T, E] -> (probs [T, E] fp32, routing_map [T, E] bool, topk_map [T, E] bool).
+    """logits [T, E] -> (weights [T, k] fp32, indices [T, k] int64, topk_map [T, E] bool).
 
-    ``probs`` holds each token's weights at its kept experts and 0 elsewhere; ``routing_map``
-    marks the kept (token, expert) pairs; ``topk_map`` the top-k choices before capacity dropping.
+    ``indices[t, j]`` is token t's j-th expert, or -1 when capacity dropped that choice (its weight
+    is then 0); ``topk_map`` marks the top-k choices before dropping (for the balancing losses).
     """
     logits = logits.float()
     if cfg.score_function == "softmax":
@@ -93,16 +93,16 @@ def topk_routing(logits: torch.Tensor, cfg: RouterConfig) -> tuple[torch.Tensor,
         weights, index = torch.topk(torch.sigmoid(logits), cfg.topk, dim=-1)
         if cfg.topk > 1:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    probs = torch.zeros_like(logits).scatter(1, index, weights)  # [T, E]
-    topk_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, index, True)
+    topk_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, index, True)  # [T, E]
     if cfg.capacity_factor is None:
-        return probs, topk_map, topk_map
+        return weights, index, topk_map
     capacity = expert_capacity(logits.shape[0], cfg)
     # per expert (column), the `capacity` tokens of highest weight; non-routed tokens have weight 0
+    probs = torch.zeros_like(logits).scatter(1, index, weights.detach())  # [T, E]
     _, keep = torch.topk(probs, capacity, dim=0, sorted=False)  # [capacity, E]
     capacity_mask = torch.zeros_like(topk_map).scatter(0, keep, True)
-    routing_map = topk_map & capacity_mask
-    return probs * routing_map, routing_map, topk_map
+    kept = capacity_mask.gather(1, index)  # [T, k]
+    return weights * kept, torch.where(kept, index, -1), topk_map
 
 
 def balancing_scores(logits: torch.Tensor, cfg: RouterConfig) -> torch.Tensor:
@@ -140,8 +140,9 @@ def z_loss(logits: torch.Tensor, coeff: float) -> torch.Tensor:
 class TopKRouter(nn.Module):
     """``router.weight`` [E, h] (replicated over TP, initialised N(0, init_method_std) from the seed).
 
-    forward(x [T, h], (s, b)) -> (probs [T, E] in x's dtype, routing_map [T, E] bool), with the
-    configured losses recorded in ``tracker`` and attached to ``probs`` for the backward pass.
+    forward(x [T, h], (s, b)) -> (weights [T, k] in x's dtype, expert indices [T, k], -1 where
+    dropped), with the configured losses recorded in ``tracker`` and attached to the weights for
+    the backward pass.
     """
 
     def __init__(
@@ -165,7 +166,7 @@ class TopKRouter(nn.Module):
     def forward(self, x: torch.Tensor, seq_batch: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         logits = F.linear(x, self.weight)  # [T, E]
-        probs, routing_map, topk_map = topk_routing(logits, cfg)
+        probs, indices, topk_map = topk_routing(logits, cfg)
         if self.training and torch.is_grad_enabled():
             losses = {}
             if cfg.load_balancing_type != "none" and cfg.aux_loss_coeff > 0:
@@ -181,4 +182,4 @@ class TopKRouter(nn.Module):
                 probs = attach_loss(probs, loss, self.tracker)
                 if self.tracker is not None:
                     self.tracker.record(name, self.layer_number, loss)
-        return probs.to(x.dtype), routing_map
+        return probs.to(x.dtype), indices

@@ -2,17 +2,18 @@
 
 A dispatcher turns the router's decision into the experts' input and back:
 
-    dispatch(x [T, h], probs [T, E], routing_map [T, E] bool)
-        -> expert input [N, h], rows sorted by (local) expert, and tokens_per_expert [E_local] int64
-    combine(expert output [N, h]) -> [T, h]: sum over each token's experts of probs[t, e] * y_{t,e}
+    dispatch(x [T, h], probs [T, k], indices [T, k] (expert ids, -1: a dropped choice))
+        -> expert input [N, h], rows sorted by (local) expert, tokens_per_expert [E_local] int64, handle
+    combine(expert output [N, h], handle) -> [T, h]: sum over token t's kept choices j of
+        probs[t, j] * (the expert's output row of choice (t, j))
 
-N = the number of kept (token, expert) pairs. :class:`TokenDispatcher` is the interface; an
-expert-parallel dispatcher (all-to-all or all-gather over an explicit expert-parallel process
-group) implements the same two calls with communication between the permutation and the
-experts. :class:`LocalTokenDispatcher` is expert-parallel size 1: every expert is on this rank,
-so dispatching is a permutation.
-
-Permutation order (Megatron's ``permute``): expert 0's tokens in token order, then expert 1's, ...
+:class:`TokenDispatcher` is the interface; an expert-parallel dispatcher (all-to-all or
+all-gather over an explicit expert-parallel process group) implements the same two calls with
+communication between the permutation and the experts. :class:`LocalTokenDispatcher` is
+expert-parallel size 1: every expert is on this rank, so dispatching is the fused permutation
+``megafast.kernels`` ``moe_permute``/``moe_unpermute`` (Triton on the GPU, torch on CPU): N = T k
+rows, expert 0's tokens in token order, then expert 1's, ..., then zero rows for dropped choices
+(Megatron's ``permute`` order).
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ from typing import Any
 
 import torch
 
+from megafast.kernels import dispatch as kernel_dispatch
+
 
 @dataclass
 class DispatchHandle:
     """What ``combine`` needs from its ``dispatch`` (a dispatcher keeps no state between calls)."""
 
-    token_index: torch.Tensor  # [N] token of each permuted row
-    weights: torch.Tensor  # [N] its routing weight (differentiable)
-    num_tokens: int
+    row_id_map: torch.Tensor  # [T, k] permuted row of each choice, -1 when dropped
+    probs: torch.Tensor  # [T, k] routing weights (differentiable)
     extra: Any = None  # an expert-parallel dispatcher's own bookkeeping (split sizes, ...)
 
 
@@ -41,7 +43,7 @@ class TokenDispatcher(ABC):
 
     @abstractmethod
     def dispatch(
-        self, x: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor
+        self, x: torch.Tensor, probs: torch.Tensor, indices: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, DispatchHandle]:
         """(expert input [N, h] sorted by local expert, tokens_per_expert [E_local] int64, handle)."""
 
@@ -51,23 +53,19 @@ class TokenDispatcher(ABC):
 
 
 class LocalTokenDispatcher(TokenDispatcher):
-    """Expert-parallel size 1: a gather of the routed rows and a weighted scatter-add back."""
+    """Expert-parallel size 1: permute the routed rows, combine them back weighted."""
 
-    def __init__(self, num_experts: int) -> None:
+    def __init__(self, num_experts: int, backend: str = "auto") -> None:
         self.num_local_experts = num_experts
+        self.backend = backend  # --kernels (megafast.kernels.dispatch)
 
     def dispatch(
-        self, x: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor
+        self, x: torch.Tensor, probs: torch.Tensor, indices: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, DispatchHandle]:
-        num_tokens = x.shape[0]
-        by_expert = routing_map.t()  # [E, T]
-        token_ids = torch.arange(num_tokens, device=x.device).expand(by_expert.shape)
-        token_index = token_ids.masked_select(by_expert)  # [N]
-        weights = probs.t().masked_select(by_expert)  # [N]
-        tokens_per_expert = by_expert.sum(dim=1)  # [E] int64
-        return x.index_select(0, token_index), tokens_per_expert, DispatchHandle(token_index, weights, num_tokens)
+        permuted, row_id_map, tokens_per_expert = kernel_dispatch.moe_permute(
+            x, indices, self.num_local_experts, backend=self.backend
+        )  # [T k, h], [T, k], [E]
+        return permuted, tokens_per_expert, DispatchHandle(row_id_map, probs)
 
     def combine(self, expert_output: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-        weighted = expert_output * handle.weights.unsqueeze(-1).to(expert_output.dtype)  # [N, h]
-        out = expert_output.new_zeros(handle.num_tokens, expert_output.shape[-1])
-        return out.index_add(0, handle.token_index, weighted)  # [T, h]
+        return kernel_dispatch.moe_unpermute(expert_output, handle.row_id_map, handle.probs, backend=self.backend)
