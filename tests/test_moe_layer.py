@@ -247,3 +247,25 @@ def test_moe_layer_triton_kernels_match_reference(case):
     for name, p in params.items():
         torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-5, atol=1e-5,
                                    msg=lambda m, n=name: f"{case} seed={seed}: d{n} {m}")
+
+
+def test_full_recompute_gives_the_same_gradients_and_records_losses_once():
+    from megafast.model.gpt import GPTModel
+
+    seed = seed_torch()
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(seed))
+    results = []
+    for recompute in (None, "full"):
+        cfg = _config(num_layers=3, moe_router_topk=2, moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.01,
+                      moe_expert_capacity_factor=1.0, recompute_granularity=recompute)
+        model = GPTModel(cfg, seed=seed)
+        model.train()
+        model(ids, labels=ids).sum().backward()
+        tracker = model.moe_loss_tracker
+        results.append(({n: p.grad.clone() for n, p in model.named_parameters()},
+                        dict(tracker.counts), {k: v.item() for k, v in tracker.sums.items()}))
+    (plain, plain_counts, plain_sums), (rec, rec_counts, rec_sums) = results
+    assert plain_counts == rec_counts == {"load_balancing_loss": 3, "z_loss": 3}, f"seed={seed}"
+    assert plain_sums == rec_sums, f"seed={seed}"
+    for name, grad in plain.items():
+        torch.testing.assert_close(rec[name], grad, rtol=0, atol=0, msg=lambda m, n=name: f"seed={seed}: {n} {m}")
