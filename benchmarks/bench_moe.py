@@ -32,6 +32,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -222,7 +223,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for part in parts:
         PARTS[part](rows, shapes, dtype, device, reps)
     bad = [r for r in rows if r.max_rel_err is not None and not r.max_rel_err <= TOLERANCE[dtype]]
-    command = "python benchmarks/bench_moe.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/bench_moe.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = render_markdown(info, rows, command.strip(), args.note)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_moe.json"), "w") as f:

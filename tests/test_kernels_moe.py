@@ -82,6 +82,8 @@ GEMM_CASES = {  # name: (tokens per expert, rows T (>= their sum: the rest are d
     "one_token": ([0, 1, 0], 1, 19, 23),
     "one_expert": ([0, 0, 40, 0], 40, 33, 17),
     "dropped_slots": ([5, 0, 9], 20, 16, 40),
+    "many_k_tiles": ([20, 0, 13], 33, 300, 40),  # dw: two groups of K tiles, the last one partial
+    "tail_group": ([33, 33, 33, 33, 1], 133, 40, 70),  # a real row tile in the last, partial tile group
     "no_tokens": ([0, 0], 0, 8, 8),
 }
 
@@ -225,3 +227,28 @@ def test_dispatch_backends_agree_on_a_routed_expert_layer():
         for name, a, b in zip(("out", "d hidden", "d w", "d probs"), got, (ref, *ref_grads)):
             assert rel_err(a, b) <= 1e-5, f"{backend} {name}: {rel_err(a, b)} seed={seed}"
     assert all(torch.equal(a, b) for a, b in zip(outs["auto"], outs["torch"]))
+
+
+def test_bench_moe_smoke_mode(tmp_path):
+    """benchmarks/bench_moe.py --smoke runs in-process: every implementation checked against the loop,
+    its tables written, and a docs section replaced in place."""
+    import importlib.util
+    import os
+    import sys
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_moe.py")
+    spec = importlib.util.spec_from_file_location("bench_moe_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclass looks its module up there
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        del sys.modules[spec.name]
+    doc = tmp_path / "doc.md"
+    doc.write_text("# doc\n\nkept\n")
+    assert bench.main(["--smoke", "--out", str(tmp_path), "--write-doc", str(doc)]) == 0
+    rows = __import__("json").loads((tmp_path / "bench_moe.json").read_text())["rows"]
+    assert {r["impl"] for r in rows} >= {"loop", "torch"}
+    assert all(r["max_rel_err"] is None or r["max_rel_err"] <= 1e-5 for r in rows)
+    text = doc.read_text()
+    assert "kept" in text and "<!-- bench_moe:start -->" in text and "| grouped_gemm |" in text

@@ -213,7 +213,7 @@ def _moe_kernels() -> list[LaunchSpec]:
             d, prec = _SHORT[dt], gg._precision(dt)
             for what, kk, nn in (("fc1", h, 2 * f), ("fc2", f, h)):
                 shape = f"{what} E{e} {rows}x{kk}x{nn}"
-                blocks = {"PRECISION": prec, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+                blocks = {"PRECISION": prec, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gg.GROUP}
                 specs += [
                     LaunchSpec("grouped_gemm fwd", gg._grouped_gemm_kernel,  # y = x @ w[e]
                                (_t(dt), _t(dt), _t(dt), _t(i32), n_tiles, nn, kk, e,
@@ -224,7 +224,7 @@ def _moe_kernels() -> list[LaunchSpec]:
                     LaunchSpec("grouped_gemm dw", gg._grouped_gemm_dw_kernel,  # dw[e] = x_e^T @ dy_e
                                (_t(dt), _t(dt), _t(dt), _t(i64), _t(i64), nn, kk,
                                 kk, 1, nn, 1, kk * nn, nn, 1),
-                               {"PRECISION": prec, "BLOCK_M": dbm, "BLOCK_N": dbn, "BLOCK_K": dbk},
+                               {"PRECISION": prec, "BLOCK_M": dbm, "BLOCK_N": dbn, "BLOCK_K": dbk, "GROUP_K": gg.GROUP},
                                shape, d, dwarps, dstages, uses_dot=True),
                 ]
         for dt in DTYPES:

@@ -35,6 +35,7 @@ GPU_BLOCKS = (128, 128, 64, 8, 3)
 INTERPRETER_BLOCKS = (32, 32, 32, 4, 1)  # CPU interpreter: few programs, masks still exercised
 # the weight gradient's (BLOCK_M: rows reduced per step, BLOCK_N, BLOCK_K, warps, stages): 128x128 dw tiles
 DW_GPU_BLOCKS = (64, 128, 128, 8, 3)
+GROUP = 8  # row tiles (dw: K tiles) that sweep the column tiles together, for L2 reuse
 
 # ---------------------------------------------------------------------------------------- kernels
 
@@ -45,12 +46,18 @@ def _grouped_gemm_kernel(
     N, K, num_experts,
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    """C[rows of tile] = A[rows] @ B[e] for row tile ``pid // n_col_tiles`` (its expert e)."""
+    """C[rows of a row tile] = A[rows] @ B[e] (e: that tile's expert) for one column tile."""
     pid = tl.program_id(0)
     n_col_tiles = tl.cdiv(N, BLOCK_N)
-    tile = pid // n_col_tiles  # consecutive programs share the A rows and the expert's B
-    pid_n = pid % n_col_tiles
+    # grouped order (Triton's matmul tutorial): GROUP_M consecutive row tiles sweep the column
+    # tiles together, so each B column slab is read once per group of row tiles, not per row tile
+    in_group = GROUP_M * n_col_tiles
+    first = (pid // in_group) * GROUP_M
+    size = tl.minimum(n_tiles - first, GROUP_M)
+    tile = first + (pid % in_group) % size
+    pid_n = (pid % in_group) // size
     expert = tl.load(TILE_MAP + tile)
     if expert >= 0:
         row0 = tl.load(TILE_MAP + n_tiles + tile)
@@ -81,6 +88,7 @@ def _grouped_gemm_dw_kernel(
     N, K,
     stride_xm, stride_xk, stride_dym, stride_dyn, stride_we, stride_wk, stride_wn,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_K: tl.constexpr,
 ):
     """DW[e][k tile, n tile] = X[rows of e, k tile]^T @ DY[rows of e, n tile] (0 when e has no rows)."""
     pid = tl.program_id(0)
@@ -88,8 +96,11 @@ def _grouped_gemm_dw_kernel(
     n_k_tiles = tl.cdiv(K, BLOCK_K)
     expert = pid // (n_col_tiles * n_k_tiles)
     rest = pid % (n_col_tiles * n_k_tiles)
-    pid_k = rest // n_col_tiles
-    pid_n = rest % n_col_tiles
+    in_group = GROUP_K * n_col_tiles  # grouped order, as in _grouped_gemm_kernel, over (k, n) tiles
+    first = (rest // in_group) * GROUP_K
+    size = tl.minimum(n_k_tiles - first, GROUP_K)
+    pid_k = first + (rest % in_group) % size
+    pid_n = (rest % in_group) // size
     start = tl.load(GROUP_START + expert)
     end = tl.load(GROUP_END + expert)
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -182,7 +193,7 @@ def grouped_gemm_forward(a: torch.Tensor, b: torch.Tensor, tokens_per_expert: to
     _grouped_gemm_kernel[grid](
         a, b, c, tmap, n_tiles, n, k, e,
         a.stride(0), a.stride(1), stride_be, stride_bk, stride_bn, c.stride(0), c.stride(1),
-        PRECISION=_precision(a.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        PRECISION=_precision(a.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP,
         num_warps=warps, num_stages=stages,
     )
     return c
@@ -200,7 +211,7 @@ def grouped_gemm_dw(x: torch.Tensor, dy: torch.Tensor, tokens_per_expert: torch.
     _grouped_gemm_dw_kernel[grid](
         x, dy, dw, starts, ends, n, k,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
-        PRECISION=_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        PRECISION=_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_K=GROUP,
         num_warps=warps, num_stages=stages,
     )
     return dw
