@@ -233,3 +233,13 @@ def test_megafast_checkpoint_missing_an_expert_tensor_fails_export(models, tmp_p
         torch.save(state, path)
     with pytest.raises(ValueError, match="decoder.layers.3.mlp.experts.linear_fc2.weight"):
         to_hf(ckpt, str(tmp_path / "hf"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_finetune_flags_rebuild_the_moe_model(models, name):
+    from megafast.arguments import model_config, parse_args
+    from megafast.convert.converter import finetune_flags
+
+    ckpt = models[name][4][(2, 2)]
+    args = parse_args(finetune_flags(ckpt) + ["--seq-length", "128", "--micro-batch-size", "1"])
+    assert model_config(args, VOCAB) == MegafastCheckpointReader(ckpt).config
