@@ -73,7 +73,9 @@ def config_from_hf(
         )
     else:
         base = dict(hf, use_sliding_window=hf.get("use_sliding_window", False))
-        dense, metadata = hf_llama.config_from_hf(base, BASE[architecture], make_vocab_size_divisible_by, where)
+        dense, metadata = hf_llama.config_from_hf(
+            base, BASE[architecture], make_vocab_size_divisible_by, where
+        )
         num_layers = dense.num_layers
         step = int(hf.get("decoder_sparse_step", 1))
         only_dense = set(hf.get("mlp_only_layers") or [])
@@ -104,7 +106,11 @@ def config_from_hf(
 
 def architecture_for(config: GPTConfig) -> str | None:
     """The MoE architecture that can hold ``config`` exactly, or None."""
-    if not config.is_moe or config.moe_router_score_function != "softmax" or config.moe_expert_capacity_factor:
+    if (
+        not config.is_moe
+        or config.moe_router_score_function != "softmax"
+        or config.moe_expert_capacity_factor
+    ):
         return None
     dense = hf_llama.architecture_for(dataclasses.replace(config, num_experts=None))
     if dense is None or config.activation != "swiglu":
@@ -121,8 +127,8 @@ def architecture_for(config: GPTConfig) -> str | None:
         return "MixtralForCausalLM"
     if config.moe_shared_expert_intermediate_size and config.moe_shared_expert_gate:
         # Qwen2-MoE's layer pattern: MoE where (i + 1) % step == 0 and not listed dense
-        if dense == "Qwen2ForCausalLM" or (not config.add_qkv_bias and not config.add_bias_linear
-                                            and config.kv_channels * config.num_attention_heads == config.hidden_size):
+        plain_heads = config.kv_channels * config.num_attention_heads == config.hidden_size
+        if dense == "Qwen2ForCausalLM" or (not config.add_qkv_bias and plain_heads):
             return "Qwen2MoeForCausalLM"
     return None
 
@@ -177,7 +183,9 @@ def _moe_rules(config: GPTConfig, architecture: str, i: int) -> list[Rule]:
         s = f"{h}shared_expert."
         rules += [
             Rule(f"{m}shared_experts.gate_weight", (f"{h}shared_expert_gate.weight",)),
-            Rule(f"{m}shared_experts.linear_fc1.weight", (f"{s}gate_proj.weight", f"{s}up_proj.weight"), "gate_up"),
+            Rule(
+                f"{m}shared_experts.linear_fc1.weight", (f"{s}gate_proj.weight", f"{s}up_proj.weight"), "gate_up"
+            ),
             Rule(f"{m}shared_experts.linear_fc2.weight", (f"{s}down_proj.weight",)),
         ]
     return rules

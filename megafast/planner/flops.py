@@ -78,7 +78,8 @@ def layer_forward_flops_per_token(c: GPTConfig, seq_length: int, layer: Optional
         if not c.is_moe:
             layer = 0
         else:
-            return sum(layer_forward_flops_per_token(c, seq_length, i) for i in range(c.num_layers)) / c.num_layers
+            layers = range(c.num_layers)
+            return sum(layer_forward_flops_per_token(c, seq_length, i) for i in layers) / c.num_layers
     return 2.0 * matmul_params_per_layer(c, layer) + attention_flops_per_token(c, seq_length)
 
 

@@ -88,7 +88,8 @@ def layer_parameters(config: GPTConfig, layer: int, tp: int = 1) -> list[ParamSp
     c, h, p = config, config.hidden_size, f"decoder.layers.{layer}"
     fc1_rows = c.ffn_hidden_size * (2 if c.activation == "swiglu" else 1)
     if c.is_moe_layer(layer):
-        attention = layer_parameters(dataclasses.replace(c, num_experts=None), layer, tp)[:-2 - 2 * c.add_bias_linear]
+        dense = layer_parameters(dataclasses.replace(c, num_experts=None), layer, tp)
+        attention = dense[:-2]  # without the dense fc1, fc2 (MoE models have no linear biases)
         return attention + moe_parameters(c, layer)
     return (
         _norm(f"{p}.input_layernorm", c)

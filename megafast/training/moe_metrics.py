@@ -24,7 +24,9 @@ from megafast.parallel.state import ParallelState
 class MoELossMeter:
     def __init__(self, chunks: Sequence[nn.Module], config: GPTConfig, state: ParallelState, device) -> None:
         self.names = loss_names(config)
-        self.trackers = [c.moe_loss_tracker for c in chunks if getattr(c, "moe_loss_tracker", None) is not None]
+        self.trackers = [
+            c.moe_loss_tracker for c in chunks if getattr(c, "moe_loss_tracker", None) is not None
+        ]
         self.state = state
         self.totals = torch.zeros(len(self.names), 2, dtype=torch.float64, device=device)  # (sum, count)
 

@@ -35,7 +35,9 @@ class StackedWeight(nn.Module):
     """A module holding one ``weight`` (so the state-dict key is ``<name>.weight``), drawn in full
     from the seed of its global name (``init.normal``)."""
 
-    def __init__(self, shape: tuple[int, ...], seed: int, name: str, std: float, params_dtype, device) -> None:
+    def __init__(
+        self, shape: tuple[int, ...], seed: int, name: str, std: float, params_dtype, device
+    ) -> None:
         super().__init__()
         full = torch.empty(shape)
         init.normal(seed, name, std)(full)
@@ -46,7 +48,9 @@ class Experts(nn.Module):
     """forward(x [N, h] sorted by expert, tokens_per_expert [E] int64) -> [N, h]; rows past
     sum(tokens_per_expert) (slots of dropped choices) give 0."""
 
-    def __init__(self, config: GPTConfig, layer_number: int, seed: int, params_dtype=torch.float32, device=None) -> None:
+    def __init__(
+        self, config: GPTConfig, layer_number: int, seed: int, params_dtype=torch.float32, device=None
+    ) -> None:
         super().__init__()
         self.num_experts = config.num_experts
         self.activation = config.activation
@@ -74,9 +78,12 @@ class Experts(nn.Module):
         w1, w2 = self.linear_fc1.weight, self.linear_fc2.weight
         if self.grouped_gemm:
             backend = self.kernel_config.kernels
-            h = kernel_dispatch.grouped_gemm(x, w1.transpose(1, 2), tokens_per_expert, backend=backend)  # [N, 2f]
-            return kernel_dispatch.grouped_gemm(self._act(h), w2.transpose(1, 2), tokens_per_expert, backend=backend)
+            gemm = kernel_dispatch.grouped_gemm  # w [E, K, N]: the weights' transposed views
+            h = gemm(x, w1.transpose(1, 2), tokens_per_expert, backend=backend)  # [N, 2f]
+            return gemm(self._act(h), w2.transpose(1, 2), tokens_per_expert, backend=backend)  # [N, h]
         counts = tokens_per_expert.tolist()  # host sync: the loop needs the sizes
         *groups, dropped = x.split(counts + [x.shape[0] - sum(counts)], dim=0)
-        outputs = [F.linear(self._act(F.linear(rows, w1[e])), w2[e]) for e, rows in enumerate(groups)]  # [c_e, h]
+        outputs = [  # [c_e, h] each
+            F.linear(self._act(F.linear(rows, w1[e])), w2[e]) for e, rows in enumerate(groups)
+        ]
         return torch.cat(outputs + [x.new_zeros(dropped.shape[0], w2.shape[1])], dim=0)

@@ -26,7 +26,10 @@ from megafast.model.moe.experts import Experts
 from megafast.model.moe.router import TopKRouter
 from megafast.model.moe.shared_experts import SharedExperts
 from megafast.model.moe.token_dispatcher import LocalTokenDispatcher, TokenDispatcher
-from megafast.parallel.mappings import gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region
+from megafast.parallel.mappings import (
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
 from megafast.parallel.state import ParallelState
 
 

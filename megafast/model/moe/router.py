@@ -118,7 +118,8 @@ def aux_loss(scores: torch.Tensor, topk_map: torch.Tensor, topk: int, coeff: flo
     """Switch/GShard load-balancing loss over all T tokens (formula in the module docstring)."""
     num_tokens, num_experts = scores.shape
     tokens_per_expert = topk_map.sum(dim=0).float()  # f_e [E]
-    return (scores.sum(dim=0) * tokens_per_expert).sum() * (coeff * num_experts / (topk * num_tokens * num_tokens))
+    scale = coeff * num_experts / (topk * num_tokens * num_tokens)
+    return (scores.sum(dim=0) * tokens_per_expert).sum() * scale
 
 
 def seq_aux_loss(

@@ -25,7 +25,9 @@ from megafast.model.moe.experts import StackedWeight
 class SharedExperts(nn.Module):
     """forward(x [T, h]) -> [T, h]."""
 
-    def __init__(self, config: GPTConfig, layer_number: int, seed: int, params_dtype=torch.float32, device=None) -> None:
+    def __init__(
+        self, config: GPTConfig, layer_number: int, seed: int, params_dtype=torch.float32, device=None
+    ) -> None:
         super().__init__()
         self.activation = config.activation
         self.kernel_config = config.kernel_config
@@ -33,7 +35,9 @@ class SharedExperts(nn.Module):
         prefix = f"decoder.layers.{layer_number}.mlp.shared_experts"
         std = config.init_method_std
         rows = 2 * size if config.activation == "swiglu" else size
-        self.linear_fc1 = StackedWeight((rows, h), seed, f"{prefix}.linear_fc1.weight", std, params_dtype, device)
+        self.linear_fc1 = StackedWeight(
+            (rows, h), seed, f"{prefix}.linear_fc1.weight", std, params_dtype, device
+        )
         self.linear_fc2 = StackedWeight(
             (h, size), seed, f"{prefix}.linear_fc2.weight", std / math.sqrt(2.0 * config.num_layers),
             params_dtype, device,

@@ -68,4 +68,6 @@ class LocalTokenDispatcher(TokenDispatcher):
         return permuted, tokens_per_expert, DispatchHandle(row_id_map, probs)
 
     def combine(self, expert_output: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-        return kernel_dispatch.moe_unpermute(expert_output, handle.row_id_map, handle.probs, backend=self.backend)
+        return kernel_dispatch.moe_unpermute(
+            expert_output, handle.row_id_map, handle.probs, backend=self.backend
+        )  # [T, h]
