@@ -9,6 +9,7 @@ be checked without a process group (world size, batch sizes, layers vs stages, f
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 from typing import Optional, Sequence
 
@@ -67,6 +68,57 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fused-linear-cross-entropy", action="store_true",
                    help="output layer + cross-entropy fused and chunked over tokens: the [tokens, vocab] "
                         "logits are never held in memory (Triton under --kernels; the loss is unchanged)")
+
+
+def moe_layer_freq(text: str) -> int | tuple[int, ...]:
+    """Megatron's --moe-layer-freq: an int N (layers 0, N, 2N, ... are MoE) or a Python list of
+    0/1 per layer, literal or built with + and * (e.g. "[1,0,1,0]" or "([1]*3+[0])*2")."""
+
+    def value(node: ast.AST):
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.List):
+            return [value(e) for e in node.elts]
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            left, right = value(node.left), value(node.right)
+            return left + right if isinstance(node.op, ast.Add) else left * right
+        raise ValueError
+    try:
+        parsed = value(ast.parse(text.strip(), mode="eval").body)
+        if isinstance(parsed, list) and all(isinstance(v, int) for v in parsed):
+            return tuple(parsed)
+        if isinstance(parsed, int):
+            return parsed
+    except (SyntaxError, ValueError, TypeError):
+        pass
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is neither an int nor a list of 0/1 per layer such as [1,0,1,0] or ([1]*3+[0])*2"
+    )
+
+
+def _add_moe(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("mixture of experts (megafast.model.moe; expert-parallel size 1)")
+    g.add_argument("--num-experts", type=int, default=None, help="experts per MoE layer; default: a dense model")
+    g.add_argument("--moe-router-topk", type=int, default=2)
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="each expert's FFN size; default --ffn-hidden-size")
+    g.add_argument("--moe-router-load-balancing-type", choices=["aux_loss", "seq_aux_loss", "none"], default="aux_loss")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    g.add_argument("--moe-z-loss-coeff", type=float, default=None)
+    g.add_argument("--moe-grouped-gemm", action="store_true",
+                   help="all experts in one grouped GEMM (Triton on CUDA) instead of a loop over experts")
+    g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None)
+    g.add_argument("--moe-shared-expert-gate", action="store_true",
+                   help="gate the shared experts' output by sigmoid(x . w) per token (Qwen2-MoE)")
+    g.add_argument("--moe-router-score-function", choices=["softmax", "sigmoid"], default="softmax")
+    g.add_argument("--moe-router-pre-softmax", action="store_true",
+                   help="softmax over all experts before the top-k (weights not renormalised)")
+    g.add_argument("--moe-expert-capacity-factor", type=float, default=None,
+                   help="cap each expert at ceil(tokens * topk / experts * factor) tokens, dropping the "
+                        "lowest-probability ones; default: dropless")
+    g.add_argument("--moe-layer-freq", type=moe_layer_freq, default=1,
+                   help="int N: every Nth layer (0, N, ...) is MoE; or a list of 0/1 per layer, e.g. [1,0,1,0]")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1,
+                   help="only 1 for now: every rank holds every expert")
 
 
 def _add_parallel(p: argparse.ArgumentParser) -> None:
@@ -198,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     for add in (_add_model, _add_parallel, _add_training, _add_optimizer, _add_data, _add_finetuning,
-                _add_checkpoint_and_logging):
+                _add_checkpoint_and_logging, _add_moe):
         add(p)
     return p
 
@@ -233,6 +285,28 @@ def model_config(args: argparse.Namespace, vocab_size: int) -> GPTConfig:
         rope_kernel=args.rope_kernel,
         attention_backend=args.attention_backend,
         fused_linear_cross_entropy=args.fused_linear_cross_entropy,
+        **moe_fields(args),
+    )
+
+
+def moe_fields(args: argparse.Namespace) -> dict:
+    """The GPTConfig MoE fields of the --moe-* flags (none without --num-experts)."""
+    if getattr(args, "num_experts", None) is None:
+        return {}
+    return dict(
+        num_experts=args.num_experts,
+        moe_router_topk=args.moe_router_topk,
+        moe_ffn_hidden_size=args.moe_ffn_hidden_size,
+        moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+        moe_z_loss_coeff=args.moe_z_loss_coeff,
+        moe_grouped_gemm=args.moe_grouped_gemm,
+        moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=args.moe_shared_expert_gate,
+        moe_router_score_function=args.moe_router_score_function,
+        moe_router_pre_softmax=args.moe_router_pre_softmax,
+        moe_expert_capacity_factor=args.moe_expert_capacity_factor,
+        moe_layer_freq=args.moe_layer_freq,
     )
 
 
@@ -383,6 +457,9 @@ def validate_args(args: argparse.Namespace, world_size: int, vocab_size: Optiona
             f"the tokenizer has {vocab_size} tokens but --vocab-size is {args.vocab_size}: "
             f"raise --vocab-size to at least {vocab_size} or drop it"
         )
+    if getattr(args, "expert_model_parallel_size", 1) != 1:
+        _fail(f"--expert-model-parallel-size {args.expert_model_parallel_size}: expert parallelism is not "
+              "implemented yet; use 1 (every rank holds every expert)")
     _check_data_files(args)
     _check_finetuning(args)
     try:

@@ -23,6 +23,7 @@ from torch import nn
 from megafast.config import GPTConfig, ParallelConfig, validate_layout
 from megafast.model import init
 from megafast.model.kv_cache import InferenceParams
+from megafast.model.moe import MoELossTracker
 from megafast.model.norm import build_norm
 from megafast.model.output_head import WORD_EMBEDDINGS, OutputHead
 from megafast.model.packing import PackedSeqParams
@@ -180,7 +181,12 @@ class GPTModel(nn.Module):
         self.rotary = (
             RotaryEmbedding(config.head_dim, config.rotary_base) if config.position_embedding_type == "rope" else None
         )
-        layers = {str(i): TransformerLayer(config, state, i, self.tracker, seed, **factory) for i in range(start, end)}
+        # MoE: the router losses' gradient scale and logged values (megafast.model.moe.aux_loss)
+        self.moe_loss_tracker = MoELossTracker() if config.is_moe else None
+        layers = {
+            str(i): TransformerLayer(config, state, i, self.tracker, seed, self.moe_loss_tracker, **factory)
+            for i in range(start, end)
+        }
         final_norm = build_norm(config, state.sequence_parallel, **factory) if self.post_process else None
         self.decoder = Decoder(config, self.tracker, layers, final_norm)
         # registered as ``output_layer``: Megatron's key output_layer.weight (no weight when tied on this stage)

@@ -34,6 +34,7 @@ class IterationStats:
     skipped_iterations: int
     nan_iterations: int
     task_losses: Optional[dict[str, float]] = None  # fine-tuning: mean loss of each task's answer tokens
+    moe_losses: Optional[dict[str, float]] = None  # MoE: load_balancing_loss / z_loss (megafast.training.moe_metrics)
 
     def line(self) -> str:
         grad_norm = "n/a" if self.grad_norm is None else f"{self.grad_norm:.3f}"
@@ -53,6 +54,7 @@ class IterationStats:
             f" number of skipped iterations: {self.skipped_iterations:3d} |"
             f" number of nan iterations: {self.nan_iterations:3d} |"
             + tasks
+            + "".join(f" {name}: {value:.6E} |" for name, value in (self.moe_losses or {}).items())
         )
 
     def record(self) -> dict[str, Any]:
@@ -71,6 +73,7 @@ class IterationStats:
             "skipped_iterations": self.skipped_iterations,
             "nan_iterations": self.nan_iterations,
             **({"task_losses": self.task_losses} if self.task_losses is not None else {}),
+            **(self.moe_losses or {}),
         }
 
 

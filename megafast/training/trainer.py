@@ -45,6 +45,7 @@ from megafast.planner.flops import device_peak_tflops, training_flops_per_token
 from megafast.training.checkpointing import Checkpointer, load_checkpoint
 from megafast.training.data_parallel import DataParallel
 from megafast.training.logging import IterationStats, Timer, TrainingLogger
+from megafast.training.moe_metrics import MoELossMeter
 from megafast.training.lr_schedule import LRScheduler, megatron_schedule_steps
 from megafast.training.optimizer import OptimizerConfig, build_optimizer
 from megafast.training.task_loss import TaskLossMeter, apply_equal_task_weighting, task_token_counts
@@ -333,6 +334,7 @@ def _train_loop(run: Run, prefetcher: MicroBatchPrefetcher) -> None:
     nan_iterations = torch.zeros((), dtype=torch.int64, device=run.device)  # since the start of this run
     num_tasks = len(run.task_names)
     task_meter = TaskLossMeter(run.task_names)
+    moe_meter = MoELossMeter(run.chunks, run.config, state, run.device)  # router losses (MoE models)
     for c in run.chunks:
         c.train()
     while run.iteration < args.train_iters and run.consumed_samples < total:
@@ -349,6 +351,7 @@ def _train_loop(run: Run, prefetcher: MicroBatchPrefetcher) -> None:
         result = run.engine.run(mbs, denominator, loss_scale=run.optimizer.loss_scale,
                                 before_last_backward=lambda c: run.ddp.set_last_microbatch(True, chunk=c),
                                 num_tasks=num_tasks)
+        moe_meter.after_step()
         try:
             step = run.optimizer.step()
         except RuntimeError as e:  # too many non-finite steps in a row
@@ -378,6 +381,7 @@ def _train_loop(run: Run, prefetcher: MicroBatchPrefetcher) -> None:
                 loss_scale=step.loss_scale, grad_norm=step.grad_norm if step.success else None,
                 skipped_iterations=step.num_skipped, nan_iterations=int(nan_iterations.item()),
                 task_losses=task_meter.means() if num_tasks else None,
+                moe_losses=moe_meter.means() or None,
             ))
             interval_loss.zero_()
             interval_iters = 0
