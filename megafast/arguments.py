@@ -231,8 +231,11 @@ def _add_workflow(p: argparse.ArgumentParser) -> None:
 
 def pipeline_split(args: argparse.Namespace) -> Optional[PipelineSplit]:
     """Megatron's uneven pipeline split flags, or None when none is given."""
-    split = PipelineSplit(args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers,
-                          args.account_for_embedding_in_pipeline_split, args.account_for_loss_in_pipeline_split)
+    try:
+        split = PipelineSplit(args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers,
+                              args.account_for_embedding_in_pipeline_split, args.account_for_loss_in_pipeline_split)
+    except ValueError as e:
+        _fail(str(e))
     return split if split.active else None
 
 
