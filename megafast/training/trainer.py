@@ -47,10 +47,10 @@ from megafast.pipeline.partition import build_model_chunks
 from megafast.planner.flops import device_peak_tflops, training_flops_per_token
 from megafast.training.checkpointing import Checkpointer, load_checkpoint
 from megafast.training.data_parallel import DataParallel
+from megafast.training.early_stopping import EarlyStopping
 from megafast.training.logging import IterationStats, Timer, TrainingLogger
 from megafast.training.lr_schedule import LRScheduler, megatron_schedule_steps
 from megafast.training.optimizer import OptimizerConfig, build_optimizer
-from megafast.training.early_stopping import EarlyStopping
 from megafast.training.task_loss import (
     SelfPacedWeights,
     TaskLossMeter,
@@ -283,8 +283,9 @@ def setup(argv: Optional[Sequence[str]] = None) -> Run:
                 optimizer.reload_model_params()
             run.iteration, run.consumed_samples = loaded.iteration, loaded.consumed_samples
             run.consumed_valid_samples = loaded.consumed_valid_samples
-            if run.early_stopping is not None:
+            if run.early_stopping is not None:  # continue counting evaluations without improvement
                 run.early_stopping.load_state_dict(saved.get("early_stopping_state"))
+                args.early_stopping_state = run.early_stopping.state_dict()
             logger.info(f"loaded checkpoint {loaded.path} at iteration {loaded.iteration}")
     n_params = sum(p.numel() for c in chunks for p in c.parameters())
     if lora is not None:
