@@ -198,6 +198,7 @@ def test_lion_uses_adam_betas(monkeypatch):
     (31, 8, 1, PipelineSplit(account_for_embedding=True), None, [3, 4, 4, 4, 4, 4, 4, 4]),
     (30, 4, 1, PipelineSplit(6, 6), None, [6, 9, 9, 6]),
     (30, 4, 1, PipelineSplit(first_stage_layers=3), None, [3, 9, 9, 9]),
+    (30, 4, 1, PipelineSplit(2, 4), None, [2, 12, 12, 4]),
     (30, 4, 1, PipelineSplit(last_stage_layers=0), None, [10, 10, 10, 0]),
     # interleaved: virtual stage s = chunk * pp + rank
     (16, 4, 2, PipelineSplit(2, 2), None, [1, 3, 3, 1, 1, 3, 3, 1]),
