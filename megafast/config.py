@@ -300,6 +300,46 @@ def validate_layout(model: GPTConfig, parallel: ParallelConfig, world_size: Opti
         )
 
 
+@dataclass(frozen=True)
+class PipelineSplit:
+    """Megatron's uneven pipeline split (``megafast.pipeline.partition.split_layer_counts``).
+
+    ``--decoder-first-pipeline-num-layers`` / ``--decoder-last-pipeline-num-layers``: transformer
+    layers on the first / last pipeline rank (the other ranks share the rest evenly); 0 is allowed
+    without interleaving (a stage holding only the embedding, or only the final norm and output
+    layer: DeepSpeed-pipeline users' ``parts: [1, 5, ..., 5, 1]``), where Megatron asks for >= 1.
+    ``--account-for-embedding-in-pipeline-split`` / ``--account-for-loss-in-pipeline-split``: the
+    embedding / the output layer with the loss count as one layer each in the split.
+    """
+
+    first_stage_layers: Optional[int] = None
+    last_stage_layers: Optional[int] = None
+    account_for_embedding: bool = False
+    account_for_loss: bool = False
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--decoder-first-pipeline-num-layers", self.first_stage_layers),
+                            ("--decoder-last-pipeline-num-layers", self.last_stage_layers)):
+            if value is not None and value < 0:
+                raise ValueError(f"{flag} must be >= 0, got {value}")
+        if (self.first_stage_layers is not None or self.last_stage_layers is not None) and (
+                self.account_for_embedding or self.account_for_loss):
+            raise ValueError("--decoder-first/last-pipeline-num-layers and --account-for-embedding/loss-in-"
+                             "pipeline-split exclude each other (as in Megatron): use one kind")
+
+    @property
+    def uneven(self) -> bool:
+        return self.first_stage_layers is not None or self.last_stage_layers is not None
+
+    @property
+    def accounting(self) -> bool:
+        return self.account_for_embedding or self.account_for_loss
+
+    @property
+    def active(self) -> bool:
+        return self.uneven or self.accounting
+
+
 LORA_TARGET_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 

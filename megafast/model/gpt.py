@@ -173,7 +173,8 @@ class GPTModel(nn.Module):
         self.pre_process = state.is_first_stage if pre_process is None else pre_process
         self.post_process = state.is_last_stage if post_process is None else post_process
         start, end = layer_range or uniform_layer_range(config.num_layers, state.pp_size, state.pp_rank)
-        if not 0 <= start < end <= config.num_layers:
+        # an empty range only on a stage holding the embedding or the output layer (uneven pipeline splits)
+        if not 0 <= start <= end <= config.num_layers or (start == end and not (self.pre_process or self.post_process)):
             raise ValueError(f"layer range [{start}, {end}) is empty or outside the {config.num_layers} layers")
         self.layer_range = (start, end)
 

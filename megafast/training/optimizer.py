@@ -87,7 +87,8 @@ class OptimizerConfig:
             raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         for name in ("adam_beta1", "adam_beta2", "lion_beta1", "lion_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+                flag = name.replace("lion_", "adam_").replace("_", "-")  # Lion's betas come from --adam-beta1/2
+                raise ValueError(f"--{flag} must be in [0, 1), got {getattr(self, name)}")
         if self.adam_eps <= 0:
             raise ValueError(f"--adam-eps must be > 0, got {self.adam_eps}")
         if self.clip_grad < 0:
