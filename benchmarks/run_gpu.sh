@@ -16,10 +16,11 @@
 #
 #   device run:  bash benchmarks/run_gpu.sh            (carry [".whl"] when the wheel is there)
 #                bash benchmarks/run_gpu.sh train
+#                bash benchmarks/run_gpu.sh moe     (the MoE kernels' gpu tests + benchmarks/bench_moe.py)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=kernels
-if [ "${1:-}" = train ] || [ "${1:-}" = kernels ]; then MODE=$1; shift; fi
+if [ "${1:-}" = train ] || [ "${1:-}" = kernels ] || [ "${1:-}" = moe ]; then MODE=$1; shift; fi
 OUT=${OUT:-$PWD/gpu_results}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -53,6 +54,17 @@ if [ "$MODE" = train ]; then
   timeout --signal=INT "$left" "$PY" benchmarks/bench_train.py --out "$OUT" "$@" 2>&1 \
     | tee "$OUT/bench_train.log"
   exit "${PIPESTATUS[0]}"
+fi
+
+if [ "$MODE" = moe ]; then
+  echo "== [$SECONDS s] MoE gpu tests"
+  "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfEs -k moe tests/test_kernels_gpu.py 2>&1 | tee "$OUT/pytest_gpu.log"
+  tests_rc=${PIPESTATUS[0]}
+  left=$((BUDGET_S - SECONDS))
+  echo "== [$SECONDS s] MoE benchmark (${left} s left)"
+  timeout --signal=INT "$left" "$PY" benchmarks/bench_moe.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_moe.log"
+  bench_rc=${PIPESTATUS[0]}
+  exit $(( tests_rc != 0 || bench_rc != 0 ))
 fi
 
 echo "== [$SECONDS s] gpu tests"

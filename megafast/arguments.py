@@ -9,6 +9,7 @@ be checked without a process group (world size, batch sizes, layers vs stages, f
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 from typing import Optional, Sequence
 
@@ -20,6 +21,7 @@ from megafast.config import (
     GPTConfig,
     LoRAConfig,
     ParallelConfig,
+    PipelineSplit,
     QLoRAConfig,
     validate_layout,
 )
@@ -68,6 +70,57 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fused-linear-cross-entropy", action="store_true",
                    help="output layer + cross-entropy fused and chunked over tokens: the [tokens, vocab] "
                         "logits are never held in memory (Triton under --kernels; the loss is unchanged)")
+
+
+def moe_layer_freq(text: str) -> int | tuple[int, ...]:
+    """Megatron's --moe-layer-freq: an int N (layers 0, N, 2N, ... are MoE) or a Python list of
+    0/1 per layer, literal or built with + and * (e.g. "[1,0,1,0]" or "([1]*3+[0])*2")."""
+
+    def value(node: ast.AST):
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.List):
+            return [value(e) for e in node.elts]
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            left, right = value(node.left), value(node.right)
+            return left + right if isinstance(node.op, ast.Add) else left * right
+        raise ValueError
+    try:
+        parsed = value(ast.parse(text.strip(), mode="eval").body)
+        if isinstance(parsed, list) and all(isinstance(v, int) for v in parsed):
+            return tuple(parsed)
+        if isinstance(parsed, int):
+            return parsed
+    except (SyntaxError, ValueError, TypeError):
+        pass
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is neither an int nor a list of 0/1 per layer such as [1,0,1,0] or ([1]*3+[0])*2"
+    )
+
+
+def _add_moe(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("mixture of experts (megafast.model.moe; expert-parallel size 1)")
+    g.add_argument("--num-experts", type=int, default=None, help="experts per MoE layer; default: a dense model")
+    g.add_argument("--moe-router-topk", type=int, default=2)
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="each expert's FFN size; default --ffn-hidden-size")
+    g.add_argument("--moe-router-load-balancing-type", choices=["aux_loss", "seq_aux_loss", "none"], default="aux_loss")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    g.add_argument("--moe-z-loss-coeff", type=float, default=None)
+    g.add_argument("--moe-grouped-gemm", action="store_true",
+                   help="all experts in one grouped GEMM (Triton on CUDA) instead of a loop over experts")
+    g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None)
+    g.add_argument("--moe-shared-expert-gate", action="store_true",
+                   help="gate the shared experts' output by sigmoid(x . w) per token (Qwen2-MoE)")
+    g.add_argument("--moe-router-score-function", choices=["softmax", "sigmoid"], default="softmax")
+    g.add_argument("--moe-router-pre-softmax", action="store_true",
+                   help="softmax over all experts before the top-k (weights not renormalised)")
+    g.add_argument("--moe-expert-capacity-factor", type=float, default=None,
+                   help="cap each expert at ceil(tokens * topk / experts * factor) tokens, dropping the "
+                        "lowest-probability ones; default: dropless")
+    g.add_argument("--moe-layer-freq", type=moe_layer_freq, default=1,
+                   help="int N: every Nth layer (0, N, ...) is MoE; or a list of 0/1 per layer, e.g. [1,0,1,0]")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1,
+                   help="only 1 for now: every rank holds every expert")
 
 
 def _add_parallel(p: argparse.ArgumentParser) -> None:
@@ -123,12 +176,16 @@ def _add_optimizer(p: argparse.ArgumentParser) -> None:
                    default="exponential")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--clip-grad", type=float, default=1.0)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-beta1", type=float, default=None,
+                   help="Adam beta1 (default 0.9); with --optimizer lion, Lion's beta1 (default 0.9)")
+    g.add_argument("--adam-beta2", type=float, default=None,
+                   help="Adam beta2 (default 0.999); with --optimizer lion, Lion's beta2 (default 0.99)")
     g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--fused-optimizer", choices=["auto", "torch", "cuda"], default="auto",
+    g.add_argument("--fused-optimizer", choices=["auto", "torch", "cuda", "cpu"], default="auto",
                    help="optimizer step: cuda = megafast._C's multi-tensor AdamW/Lion (fp32 masters and "
-                        "states, bf16 weights written in the same pass); auto = cuda when built and on CUDA")
+                        "states, bf16 weights written in the same pass); cpu = megafast._C's two-pass AdamW "
+                        "on CPU (torch's bits, half the memory traffic); auto = cuda on CUDA, cpu for AdamW "
+                        "on CPU")
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
@@ -154,9 +211,10 @@ def _add_finetuning(p: argparse.ArgumentParser) -> None:
     g.add_argument("--packing", action="store_true",
                    help="sft: pack several samples into each --seq-length row, attention confined to each "
                         "sample and positions restarting per sample (default: one sample per row, padded)")
-    g.add_argument("--task-loss-weighting", choices=["none", "equal"], default="none",
+    g.add_argument("--task-loss-weighting", choices=["none", "equal", "self-paced"], default="none",
                    help="sft: none = mean over all answer tokens; equal = mean of the per-task mean losses "
-                        "of each global batch (MFTCoder-style)")
+                        "of each global batch (MFTCoder-style); self-paced = MFTCoder's self-paced weights "
+                        "from the slopes of the per-task validation losses (megafast.training.task_loss)")
     g.add_argument("--role-markers", default=None,
                    help="JSON chat role markers the data was made with (see tools/preprocess_data.py); "
                         "validated and recorded in the checkpoint's args for generation and export")
@@ -197,13 +255,167 @@ def _add_checkpoint_and_logging(p: argparse.ArgumentParser) -> None:
                         "(megafast.planner.PEAK_BF16_TFLOPS, e.g. H100 bf16 989), else measured")
 
 
+def _add_workflow(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training workflow (epochs, early stopping, separate eval sets, pipeline split)")
+    g.add_argument("--train-epochs", type=float, default=None,
+                   help="train for N passes over the training data: iterations = ceil(N x samples per epoch / "
+                        "global batch); --train-iters / --train-samples take precedence when given")
+    g.add_argument("--early-stopping-patience", type=int, default=None,
+                   help="stop (and save) after K evaluations (--eval-interval) without the validation loss "
+                        "improving by more than --early-stopping-min-delta")
+    g.add_argument("--early-stopping-min-delta", type=float, default=0.0,
+                   help="smallest decrease of the validation loss that counts as an improvement")
+    for split in ("train", "valid", "test"):
+        g.add_argument(f"--{split}-data-path", nargs="*", default=None,
+                       help=f"{split} data only (PREFIX, or WEIGHT PREFIX ...), instead of --data-path + --split"
+                            + ("; evaluated at the end of training" if split == "test" else ""))
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None,
+                   help="transformer layers on the first pipeline rank (the others share the rest evenly); "
+                        "0 = the embedding alone")
+    g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
+                   help="transformer layers on the last pipeline rank; 0 = the output layer alone")
+    g.add_argument("--account-for-embedding-in-pipeline-split", action="store_true",
+                   help="count the embedding as one layer when splitting layers over pipeline stages")
+    g.add_argument("--account-for-loss-in-pipeline-split", action="store_true",
+                   help="count the output layer and loss as one layer when splitting layers over pipeline stages")
+    g.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, default=None,
+                   help="interleaved pipelining: model chunks per pipeline rank (Megatron's; needed with "
+                        "--decoder-first/last-pipeline-num-layers)")
+    g.add_argument("--self-paced-history-length", type=int, default=100,
+                   help="self-paced: validation losses kept per task to fit their slope; weights are equal "
+                        "until this many steps are done")
+    g.add_argument("--self-paced-interval", type=int, default=1,
+                   help="self-paced: steps between validation samples (and weight updates)")
+    g.add_argument("--self-paced-scale-factor", type=float, default=50.0,
+                   help="self-paced: scale of the scores before the softmax that gives the weights")
+
+
+def pipeline_split(args: argparse.Namespace) -> Optional[PipelineSplit]:
+    """Megatron's uneven pipeline split flags, or None when none is given."""
+    try:
+        split = PipelineSplit(args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers,
+                              args.account_for_embedding_in_pipeline_split, args.account_for_loss_in_pipeline_split)
+    except ValueError as e:
+        _fail(str(e))
+    return split if split.active else None
+
+
+def split_data_paths(args: argparse.Namespace) -> Optional[list]:
+    """[train, valid, test] blends of --train/valid/test-data-path (None entries when absent), or None
+    when the data comes from --data-path + --split."""
+    paths = [args.train_data_path, args.valid_data_path, args.test_data_path]
+    return paths if any(p is not None for p in paths) else None
+
+
+def _check_blend(flag: str, paths: list) -> list:
+    if not paths:
+        _fail(f"{flag} needs a PREFIX (or WEIGHT PREFIX pairs)")
+    if len(paths) > 1 and len(paths) % 2:
+        _fail(f"{flag} with several datasets takes WEIGHT PREFIX pairs, e.g. {flag} 0.3 A 0.7 B")
+    return paths[1::2] if len(paths) > 1 else paths
+
+
+def _check_workflow(args: argparse.Namespace) -> None:
+    """Epochs, early stopping, separate data paths, Lion betas, pipeline split (before the data checks)."""
+    lion = args.optimizer == "lion"
+    if args.adam_beta1 is None:
+        args.adam_beta1 = 0.9
+    if args.adam_beta2 is None:
+        args.adam_beta2 = 0.99 if lion else 0.999
+    if args.train_epochs is not None and args.train_epochs <= 0:
+        _fail(f"--train-epochs must be > 0, got {args.train_epochs}")
+    if args.early_stopping_patience is not None:
+        if args.early_stopping_patience < 1:
+            _fail(f"--early-stopping-patience must be >= 1, got {args.early_stopping_patience}")
+        if not args.eval_interval or args.eval_iters < 1:
+            _fail("--early-stopping-patience needs evaluations: set --eval-interval and --eval-iters >= 1")
+    if args.early_stopping_min_delta < 0:
+        _fail(f"--early-stopping-min-delta must be >= 0, got {args.early_stopping_min_delta}")
+    paths = split_data_paths(args)
+    if paths is not None:
+        if args.data_path is not None or args.mock_data:
+            _fail("--train/valid/test-data-path and --data-path (or --mock-data) exclude each other: give the "
+                  "splits' files or one --data-path with --split")
+        if args.split != "969, 30, 1":
+            _fail("--split applies to --data-path: drop it with --train/valid/test-data-path")
+        if args.train_data_path is None:
+            _fail("--valid/test-data-path need --train-data-path too")
+        for flag, blend in zip(("--train-data-path", "--valid-data-path", "--test-data-path"), paths):
+            if blend is None:
+                continue
+            for prefix in _check_blend(flag, blend):
+                for ext in (".bin", ".idx"):
+                    if not os.path.isfile(prefix + ext):
+                        _fail(f"data file {prefix + ext} does not exist: check {flag} (the prefix without .bin/.idx)")
+                if args.dataset_type == "sft":
+                    sft = sft_paths(prefix)
+                    for path in (sft.loss_mask + ".idx", sft.task_ids + ".idx", sft.info):
+                        if not os.path.isfile(path):
+                            _fail(f"{path} does not exist: --dataset-type sft needs data made by "
+                                  "tools/preprocess_data.py --dataset-type sft")
+    if args.task_loss_weighting == "self-paced":
+        if args.dataset_type != "sft":
+            _fail("--task-loss-weighting self-paced needs --dataset-type sft")
+        if args.self_paced_history_length < 2 or args.self_paced_interval < 1:
+            _fail("--self-paced-history-length must be >= 2 and --self-paced-interval >= 1")
+        if args.eval_iters < 1:
+            _fail("--task-loss-weighting self-paced samples validation batches: set --eval-iters >= 1 and give "
+                  "a validation set")
+
+
+def _check_pipeline_split(args: argparse.Namespace) -> None:
+    """Megatron's uneven split flags and --num-virtual-stages-per-pipeline-rank (sets num_model_chunks)."""
+    split = pipeline_split(args)
+    pp = args.pipeline_model_parallel_size
+    vstages = args.num_virtual_stages_per_pipeline_rank
+    if vstages is not None:
+        if args.num_layers_per_virtual_pipeline_stage is not None:
+            _fail("--num-layers-per-virtual-pipeline-stage and --num-virtual-stages-per-pipeline-rank exclude each "
+                  "other: give one")
+        if vstages < 1 or (vstages > 1 and pp < 2):
+            _fail("--num-virtual-stages-per-pipeline-rank must be >= 1 and needs --pipeline-model-parallel-size > 1")
+        args.num_model_chunks = vstages
+        if vstages > 1 and args.num_microbatches % pp:
+            _fail(f"interleaved pipelining needs the number of microbatches ({args.num_microbatches}) to be a "
+                  f"multiple of the pipeline size {pp}: change --global-batch-size")
+    if split is None:
+        return
+    if args.num_layers_per_virtual_pipeline_stage is not None:
+        if split.uneven:
+            _fail("with --decoder-first/last-pipeline-num-layers give interleaving as "
+                  "--num-virtual-stages-per-pipeline-rank (as Megatron asks)")
+        per = args.num_layers_per_virtual_pipeline_stage
+        blocks = args.num_layers + int(split.account_for_embedding) + int(split.account_for_loss)
+        if per < 1 or blocks % (per * pp):
+            _fail(f"{blocks} blocks (layers + embedding/loss) are not divisible by "
+                  f"--num-layers-per-virtual-pipeline-stage {per} x pipeline size {pp}")
+        args.num_model_chunks = blocks // (per * pp)
+    if args.pipeline_partition == "parameters":
+        _fail("--pipeline-partition parameters and the uneven split flags exclude each other")
+    from megafast.pipeline.partition import split_layer_counts
+
+    blocks_list = None
+    if args.pipeline_partition != "uniform":
+        try:
+            blocks_list = [int(x) for x in args.pipeline_partition.split(",")]
+        except ValueError:
+            _fail(f"--pipeline-partition {args.pipeline_partition!r} is not 'uniform' or a list of counts")
+    try:
+        split_layer_counts(args.num_layers, pp, args.num_model_chunks, split, blocks_list)
+    except ValueError as e:
+        _fail(str(e))
+    if args.num_model_chunks > 1 and args.num_microbatches % pp:
+        _fail(f"interleaved pipelining needs the number of microbatches ({args.num_microbatches}) to be a multiple "
+              f"of the pipeline size {pp}: change --global-batch-size")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Pretrain a GPT/Llama model with tensor, pipeline and data parallelism (Megatron flags).",
         allow_abbrev=False,
     )
     for add in (_add_model, _add_parallel, _add_training, _add_optimizer, _add_data, _add_finetuning,
-                _add_checkpoint_and_logging):
+                _add_checkpoint_and_logging, _add_moe, _add_workflow):
         add(p)
     return p
 
@@ -238,6 +450,28 @@ def model_config(args: argparse.Namespace, vocab_size: int) -> GPTConfig:
         rope_kernel=args.rope_kernel,
         attention_backend=args.attention_backend,
         fused_linear_cross_entropy=args.fused_linear_cross_entropy,
+        **moe_fields(args),
+    )
+
+
+def moe_fields(args: argparse.Namespace) -> dict:
+    """The GPTConfig MoE fields of the --moe-* flags (none without --num-experts)."""
+    if getattr(args, "num_experts", None) is None:
+        return {}
+    return dict(
+        num_experts=args.num_experts,
+        moe_router_topk=args.moe_router_topk,
+        moe_ffn_hidden_size=args.moe_ffn_hidden_size,
+        moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+        moe_z_loss_coeff=args.moe_z_loss_coeff,
+        moe_grouped_gemm=args.moe_grouped_gemm,
+        moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=args.moe_shared_expert_gate,
+        moe_router_score_function=args.moe_router_score_function,
+        moe_router_pre_softmax=args.moe_router_pre_softmax,
+        moe_expert_capacity_factor=args.moe_expert_capacity_factor,
+        moe_layer_freq=args.moe_layer_freq,
     )
 
 
@@ -283,7 +517,7 @@ def _check_finetuning(args: argparse.Namespace) -> None:
                 _fail(f"{flag} needs --dataset-type sft (data made by tools/preprocess_data.py --dataset-type sft)")
     elif args.mock_data:
         _fail("--mock-data makes pretraining samples: use --dataset-type gpt with it, or give SFT --data-path")
-    else:
+    elif args.data_path is not None:
         for prefix in (args.data_path[1::2] if len(args.data_path) > 1 else args.data_path):
             paths = sft_paths(prefix)
             for path in (paths.loss_mask + ".idx", paths.task_ids + ".idx", paths.info):
@@ -315,7 +549,7 @@ def _check_finetuning(args: argparse.Namespace) -> None:
 
 
 def _check_data_files(args: argparse.Namespace) -> None:
-    if args.mock_data:
+    if args.mock_data or split_data_paths(args) is not None:  # the split paths are checked by _check_workflow
         return
     if not args.data_path:
         _fail("no training data: give --data-path PREFIX (made by tools/preprocess_data.py) or --mock-data")
@@ -348,11 +582,15 @@ def validate_args(args: argparse.Namespace, world_size: int, vocab_size: Optiona
             f"{args.micro_batch_size} x data-parallel size {dp}: change --global-batch-size or --micro-batch-size"
         )
     args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
-    if (args.train_iters is None) == (args.train_samples is None):
+    _check_workflow(args)
+    if args.train_iters is not None and args.train_samples is not None:
         _fail("give exactly one of --train-iters and --train-samples")
+    if args.train_iters is None and args.train_samples is None and args.train_epochs is None:
+        _fail("give one of --train-iters, --train-samples and --train-epochs")
     if args.train_samples is not None:
         args.train_iters = args.train_samples // args.global_batch_size
-    if args.train_iters < 1:
+    # with only --train-epochs, train_iters stays None here: the trainer sets it from the data's size
+    if args.train_iters is not None and args.train_iters < 1:
         _fail(f"training would run {args.train_iters} iterations: raise --train-iters/--train-samples")
     if args.lr is None:
         _fail("--lr is required")
@@ -375,7 +613,7 @@ def validate_args(args: argparse.Namespace, world_size: int, vocab_size: Optiona
         )
     pp = args.pipeline_model_parallel_size
     args.num_model_chunks = 1
-    if args.num_layers_per_virtual_pipeline_stage is not None:
+    if args.num_layers_per_virtual_pipeline_stage is not None and pipeline_split(args) is None:
         per = args.num_layers_per_virtual_pipeline_stage
         if pp < 2:
             _fail("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
@@ -390,7 +628,8 @@ def validate_args(args: argparse.Namespace, world_size: int, vocab_size: Optiona
                 f"interleaved pipelining needs the number of microbatches ({args.num_microbatches}) to be a multiple "
                 f"of the pipeline size {pp}: change --global-batch-size"
             )
-    if pp * args.num_model_chunks > args.num_layers:
+    _check_pipeline_split(args)
+    if pipeline_split(args) is None and pp * args.num_model_chunks > args.num_layers:
         _fail(f"{pp * args.num_model_chunks} pipeline stages exceed the {args.num_layers} layers: use fewer stages")
     if args.save_interval is not None and args.save_interval < 1:
         _fail("--save-interval must be >= 1")
@@ -402,6 +641,9 @@ def validate_args(args: argparse.Namespace, world_size: int, vocab_size: Optiona
             f"the tokenizer has {vocab_size} tokens but --vocab-size is {args.vocab_size}: "
             f"raise --vocab-size to at least {vocab_size} or drop it"
         )
+    if getattr(args, "expert_model_parallel_size", 1) != 1:
+        _fail(f"--expert-model-parallel-size {args.expert_model_parallel_size}: expert parallelism is not "
+              "implemented yet; use 1 (every rank holds every expert)")
     _check_data_files(args)
     _check_finetuning(args)
     try:

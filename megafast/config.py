@@ -98,6 +98,20 @@ class GPTConfig:
     # Output layer + loss by megafast.kernels.fused_linear_cross_entropy (chunked over tokens,
     # never holding the [tokens, V/p] logits; Triton under ``kernels``, else the unfused torch ops).
     fused_linear_cross_entropy: bool = False
+    # Mixture of experts (Megatron-core's names; megafast.model.moe). None: a dense model.
+    num_experts: Optional[int] = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: Optional[int] = None  # each expert's FFN size; default ffn_hidden_size
+    moe_router_load_balancing_type: str = "aux_loss"  # aux_loss | seq_aux_loss | none
+    moe_aux_loss_coeff: float = 0.0
+    moe_z_loss_coeff: Optional[float] = None
+    moe_grouped_gemm: bool = False  # experts as one grouped GEMM (megafast.kernels), else a per-expert loop
+    moe_shared_expert_intermediate_size: Optional[int] = None  # shared experts' total FFN size
+    moe_shared_expert_gate: bool = False  # Qwen2-MoE: shared output * sigmoid(x . gate_weight)
+    moe_router_score_function: str = "softmax"  # softmax | sigmoid
+    moe_router_pre_softmax: bool = False  # softmax over all experts before top-k (no renormalisation)
+    moe_expert_capacity_factor: Optional[float] = None  # None: dropless
+    moe_layer_freq: int | tuple[int, ...] = 1  # every Nth layer is MoE, or a 0/1 pattern per layer
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size"):
@@ -146,6 +160,66 @@ class GPTConfig:
                 "--attention-backend triton has no attention dropout: "
                 "set --attention-dropout 0 or use --attention-backend sdpa/flash"
             )
+        if self.num_experts is not None:
+            self._validate_moe()
+
+    def _validate_moe(self) -> None:
+        """One-line errors for an impossible MoE configuration (before anything is built)."""
+        if self.num_experts < 1:
+            raise ValueError(f"--num-experts must be >= 1, got {self.num_experts}")
+        if not 1 <= self.moe_router_topk <= self.num_experts:
+            raise ValueError(
+                f"--moe-router-topk {self.moe_router_topk} must be between 1 and --num-experts {self.num_experts}"
+            )
+        if self.moe_ffn_hidden_size is None:
+            object.__setattr__(self, "moe_ffn_hidden_size", self.ffn_hidden_size)
+        if self.add_bias_linear:
+            raise ValueError("MoE experts have no biases: pass --disable-bias-linear with --num-experts")
+        if self.moe_ffn_hidden_size < 1:
+            raise ValueError(f"--moe-ffn-hidden-size must be >= 1, got {self.moe_ffn_hidden_size}")
+        for flag, value, choices in (
+            ("--moe-router-load-balancing-type", self.moe_router_load_balancing_type,
+             ("aux_loss", "seq_aux_loss", "none")),
+            ("--moe-router-score-function", self.moe_router_score_function, ("softmax", "sigmoid")),
+        ):
+            if value not in choices:
+                raise ValueError(f"unknown {flag} {value!r}: choose one of {', '.join(choices)}")
+        if self.moe_router_pre_softmax and self.moe_router_score_function != "softmax":
+            raise ValueError("--moe-router-pre-softmax applies to the softmax router: drop it or use "
+                             "--moe-router-score-function softmax")
+        if self.moe_aux_loss_coeff < 0 or (self.moe_z_loss_coeff or 0.0) < 0:
+            raise ValueError("--moe-aux-loss-coeff and --moe-z-loss-coeff must be >= 0")
+        if self.moe_expert_capacity_factor is not None and self.moe_expert_capacity_factor <= 0:
+            raise ValueError(f"--moe-expert-capacity-factor must be > 0, got {self.moe_expert_capacity_factor}")
+        shared = self.moe_shared_expert_intermediate_size
+        if shared is not None and shared < 1:
+            raise ValueError(f"--moe-shared-expert-intermediate-size must be >= 1, got {shared}")
+        if self.moe_shared_expert_gate and shared is None:
+            raise ValueError("--moe-shared-expert-gate needs shared experts: set --moe-shared-expert-intermediate-size")
+        freq = self.moe_layer_freq
+        if isinstance(freq, int):
+            if freq < 1:
+                raise ValueError(f"--moe-layer-freq must be >= 1, got {freq}")
+        else:
+            object.__setattr__(self, "moe_layer_freq", tuple(int(v) for v in freq))
+            if len(self.moe_layer_freq) != self.num_layers or set(self.moe_layer_freq) - {0, 1}:
+                raise ValueError(
+                    f"--moe-layer-freq {list(self.moe_layer_freq)} must list 0 (dense) or 1 (MoE) for each "
+                    f"of the {self.num_layers} layers"
+                )
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts is not None
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer ``layer`` (global, 0-based) has an MoE MLP (Megatron's --moe-layer-freq:
+        an int N makes layers 0, N, 2N, ... MoE; a list gives 1/0 per layer)."""
+        if self.num_experts is None:
+            return False
+        if isinstance(self.moe_layer_freq, int):
+            return layer % self.moe_layer_freq == 0
+        return bool(self.moe_layer_freq[layer])
 
     @property
     def kernel_config(self) -> KernelConfig:
@@ -224,6 +298,46 @@ def validate_layout(model: GPTConfig, parallel: ParallelConfig, world_size: Opti
             f"pipeline parallel size {pp} exceeds the {model.num_layers} layers: "
             "use at most one stage per layer (--pipeline-model-parallel-size <= --num-layers)"
         )
+
+
+@dataclass(frozen=True)
+class PipelineSplit:
+    """Megatron's uneven pipeline split (``megafast.pipeline.partition.split_layer_counts``).
+
+    ``--decoder-first-pipeline-num-layers`` / ``--decoder-last-pipeline-num-layers``: transformer
+    layers on the first / last pipeline rank (the other ranks share the rest evenly); 0 is allowed
+    without interleaving (a stage holding only the embedding, or only the final norm and output
+    layer: DeepSpeed-pipeline users' ``parts: [1, 5, ..., 5, 1]``), where Megatron asks for >= 1.
+    ``--account-for-embedding-in-pipeline-split`` / ``--account-for-loss-in-pipeline-split``: the
+    embedding / the output layer with the loss count as one layer each in the split.
+    """
+
+    first_stage_layers: Optional[int] = None
+    last_stage_layers: Optional[int] = None
+    account_for_embedding: bool = False
+    account_for_loss: bool = False
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--decoder-first-pipeline-num-layers", self.first_stage_layers),
+                            ("--decoder-last-pipeline-num-layers", self.last_stage_layers)):
+            if value is not None and value < 0:
+                raise ValueError(f"{flag} must be >= 0, got {value}")
+        if (self.first_stage_layers is not None or self.last_stage_layers is not None) and (
+                self.account_for_embedding or self.account_for_loss):
+            raise ValueError("--decoder-first/last-pipeline-num-layers and --account-for-embedding/loss-in-"
+                             "pipeline-split exclude each other (as in Megatron): use one kind")
+
+    @property
+    def uneven(self) -> bool:
+        return self.first_stage_layers is not None or self.last_stage_layers is not None
+
+    @property
+    def accounting(self) -> bool:
+        return self.account_for_embedding or self.account_for_loss
+
+    @property
+    def active(self) -> bool:
+        return self.uneven or self.accounting
 
 
 LORA_TARGET_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")

@@ -25,7 +25,9 @@ def test_every_launch_compiles_fits_and_does_not_spill(capsys):
     assert {"rms_norm fwd", "rms_norm bwd", "add_rms_norm fwd", "add_rms_norm bwd", "layer_norm fwd",
             "layer_norm bwd", "rope fwd", "rope bwd", "swiglu fwd", "swiglu bwd", "gelu_tanh fwd",
             "gelu_erf bwd", "cross_entropy stats", "cross_entropy grad", "flash_attn fwd",
-            "flash_attn bwd_delta", "flash_attn bwd_dkdv", "flash_attn bwd_dq", "nf4_dequantize"} <= kernels
+            "flash_attn bwd_delta", "flash_attn bwd_dkdv", "flash_attn bwd_dq", "grouped_gemm fwd",
+            "grouped_gemm dx", "grouped_gemm dw", "moe gather_rows (permute)", "moe combine_rows (unpermute)",
+            "moe gather_rows (d expert_out)", "moe combine_rows (d hidden)", "moe prob_grad", "nf4_dequantize"} <= kernels
     dots = [r for r in results if r.arch == "sm_90a" and r.wgmma is not None]
     assert dots and all(r.wgmma for r in dots)
 

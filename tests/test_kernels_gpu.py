@@ -267,3 +267,30 @@ def test_model_triton_equals_torch_on_gpu(activation, norm, no_tf32):
     assert rel_err(l1, l2) <= TOLERANCES[torch.float32]
     for n in g2:
         assert rel_err(g1[n], g2[n]) <= 2e-5, f"grad {n} seed={seed}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_moe_grouped_gemm_and_permutation(dtype):
+    """The MoE kernels compiled for real: grouped GEMM (uneven and empty experts, dropped slots, odd
+    K and N) and permute/unpermute against their torch twins (float64 copies)."""
+    from megafast.kernels import grouped_gemm_kernel as gg
+    from megafast.kernels import moe_permute_kernel as mp
+
+    seed = fresh_seed()
+    counts = torch.tensor([300, 0, 1, 517, 129, 0, 64, 2], device=CUDA)
+    x = _t(1100, 1000, dtype=dtype)  # 1013 routed rows + 87 dropped slots
+    w = _t(8, 1000, 1400, dtype=dtype, scale=1000**-0.5)
+    check_against_reference(gg.grouped_gemm, gg.grouped_gemm_torch, (x, w, counts), tol=2e-2,
+                            what=f"grouped_gemm {dtype} seed={seed}")
+    t, k, e, h = 777, 2, 8, 1000
+    idx = torch.randn(t, e, device=CUDA).topk(k, dim=-1).indices
+    idx[::7, 1] = -1  # dropped choices
+    hidden = _t(t, h, dtype=dtype)
+    permuted, row_id_map, tpe = mp.permute(hidden, idx, e)
+    ref_permuted, ref_map, ref_tpe = mp.permute_torch(hidden, idx, e)
+    assert torch.equal(permuted, ref_permuted) and torch.equal(row_id_map, ref_map)
+    assert torch.equal(tpe, ref_tpe)
+    check_against_reference(lambda y, p: mp.unpermute(y, row_id_map, p),
+                            lambda y, p: mp.unpermute_torch(y, row_id_map, p),
+                            (_t(t * k, h, dtype=dtype), _t(t, k).softmax(-1).detach().requires_grad_()),
+                            tol=2e-2, what=f"unpermute {dtype} seed={seed}")

@@ -37,7 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("input data")
-    group.add_argument("--input", required=True, help=".jsonl, .jsonl.gz, .txt or .parquet file")
+    group.add_argument("--input", required=True, nargs="+",
+                       help=".jsonl, .jsonl.gz, .txt or .parquet file; with --dataset-type sft also JSON array "
+                            "files and task directories of JSONL files, several at once (megafast.data.sft_inputs)")
     group.add_argument("--json-keys", nargs="+", default=["text"],
                        help="fields (parquet: columns) to tokenize, one dataset each (default text)")
     group = parser.add_argument_group("tokenizer")
@@ -84,13 +86,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main_sft(args: argparse.Namespace) -> None:
-    """--dataset-type sft: one JSONL input, one output key."""
+    """--dataset-type sft: JSONL / JSON array files and task directories, one output key."""
     if len(args.json_keys) != 1:
         raise SystemExit(f"error: --dataset-type sft writes one dataset: give one --json-keys name, "
                          f"got {args.json_keys}")
     try:
         config = SFTPreprocessConfig(
-            input=args.input, output_prefix=args.output_prefix, tokenizer_type=args.tokenizer_type,
+            input=args.input[0] if len(args.input) == 1 else args.input, output_prefix=args.output_prefix,
+            tokenizer_type=args.tokenizer_type,
             tokenizer_model=args.tokenizer_model, vocab_file=args.vocab_file, merge_file=args.merge_file,
             vocab_size=args.vocab_size, json_key=args.json_keys[0], max_seq_length=args.max_seq_length,
             truncation=args.truncation, chat_template=args.chat_template, role_markers=args.role_markers,
@@ -112,6 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.dataset_type == "sft":
         main_sft(args)
         return
+    if len(args.input) != 1:
+        raise SystemExit(f"error: --input takes one file for pretraining data, got {len(args.input)}: "
+                         "merge the outputs with tools/merge_datasets.py or blend them with --data-path")
+    args.input = args.input[0]
     if args.partitions > 1:
         print(f"note: --partitions {args.partitions} is not needed (the input is streamed); "
               "writing one dataset per key in input order", file=sys.stderr)

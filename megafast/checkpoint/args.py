@@ -39,6 +39,13 @@ RUNTIME_ARGS = (
     "recompute_granularity", "recompute_method", "recompute_num_layers", "kernels", "rope_kernel",
     "attention_backend", "fused_linear_cross_entropy",
 )
+# MoE entries (GPTConfig fields under Megatron's flag names); absent: a dense model.
+MOE_ARGS = (
+    "num_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_router_load_balancing_type",
+    "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_grouped_gemm", "moe_shared_expert_intermediate_size",
+    "moe_shared_expert_gate", "moe_router_score_function", "moe_router_pre_softmax",
+    "moe_expert_capacity_factor", "moe_layer_freq",
+)
 CHOICES = {
     "position_embedding_type": ("learned_absolute", "rope", "none"),
     "normalization": ("LayerNorm", "RMSNorm"),
@@ -75,6 +82,7 @@ def model_args(config: GPTConfig, tp: int, pp: int) -> dict[str, Any]:
         pipeline_model_parallel_size=pp,
         num_layers_per_virtual_pipeline_stage=None,
         pipeline_partition="uniform",
+        **{name: getattr(config, name) for name in MOE_ARGS},
     )
 
 
@@ -192,6 +200,7 @@ def model_config(args: Mapping[str, Any], vocab_size: int, where: str = "checkpo
             init_method_std=args["init_method_std"],
             make_vocab_size_divisible_by=args["make_vocab_size_divisible_by"],
             **{name: args[name] for name in RUNTIME_ARGS if name in args},
+            **({name: args[name] for name in MOE_ARGS if name in args} if args.get("num_experts") else {}),
         )
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where}: its args describe no valid model: {' '.join(str(exc).split())}") from None

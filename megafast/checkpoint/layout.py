@@ -17,6 +17,10 @@ Full layouts (h hidden, H heads, G query groups, d head dim, f FFN size, V vocab
 | decoder.layers.i.self_attention.linear_proj  | weight [h, H d]     | (1, 1); bias replicated  |
 | decoder.layers.i.mlp.linear_fc1.*            | [f or 2f, h]        | (0, 2) SwiGLU, else (0, 1)|
 | decoder.layers.i.mlp.linear_fc2              | weight [h, f]       | (1, 1); bias replicated  |
+| decoder.layers.i.mlp.router.weight (MoE)     | [E, h]              | replicated               |
+| decoder.layers.i.mlp.experts.linear_fc1      | weight [E, 2F or F, h] | replicated (expert TP 1)|
+| decoder.layers.i.mlp.experts.linear_fc2      | weight [E, h, F]    | replicated               |
+| decoder.layers.i.mlp.shared_experts.*        | gate_weight [1, h], linear_fc1 [2S or S, h], linear_fc2 [h, S] | replicated |
 | decoder.final_layernorm.{weight,bias}        | [h]                 | replicated               |
 | output_layer.weight (untied only)            | [V, h]              | (0, 1), padded to Vp     |
 
@@ -72,12 +76,33 @@ def layer_specs(config: GPTConfig, i: int) -> Specs:
     if config.add_bias_linear:
         specs[f"{p}self_attention.linear_proj.bias"] = (h,)
     specs.update(_norm_specs(config, f"{p}pre_mlp_layernorm"))
+    if config.is_moe_layer(i):
+        specs.update(moe_specs(config, i))
+        return specs
     specs[f"{p}mlp.linear_fc1.weight"] = (fc1_rows, h)
     if config.add_bias_linear:
         specs[f"{p}mlp.linear_fc1.bias"] = (fc1_rows,)
     specs[f"{p}mlp.linear_fc2.weight"] = (h, config.ffn_hidden_size)
     if config.add_bias_linear:
         specs[f"{p}mlp.linear_fc2.bias"] = (h,)
+    return specs
+
+
+def moe_specs(config: GPTConfig, i: int) -> Specs:
+    """Full shapes of MoE layer ``i``'s MLP tensors (E experts of FFN size F, shared size S)."""
+    h, p, E, F = config.hidden_size, f"{layer_prefix(i)}mlp.", config.num_experts, config.moe_ffn_hidden_size
+    glu = 2 if config.activation == "swiglu" else 1
+    specs = {
+        f"{p}router.weight": (E, h),
+        f"{p}experts.linear_fc1.weight": (E, glu * F, h),
+        f"{p}experts.linear_fc2.weight": (E, h, F),
+    }
+    shared = config.moe_shared_expert_intermediate_size
+    if shared:
+        if config.moe_shared_expert_gate:
+            specs[f"{p}shared_experts.gate_weight"] = (1, h)
+        specs[f"{p}shared_experts.linear_fc1.weight"] = (glu * shared, h)
+        specs[f"{p}shared_experts.linear_fc2.weight"] = (h, shared)
     return specs
 
 
@@ -103,6 +128,8 @@ def tp_partition(name: str, config: GPTConfig) -> Optional[tuple[int, int]]:
     """
     if name in VOCAB_TENSORS or name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
         return 0, 1
+    if any(part in name for part in (".mlp.router.", ".mlp.experts.", ".mlp.shared_experts.")):
+        return None  # MoE: replicated over TP (expert tensor parallelism 1)
     if name.endswith(("linear_fc1.weight", "linear_fc1.bias")):
         return 0, 2 if config.activation == "swiglu" else 1
     if name.endswith(("linear_proj.weight", "linear_fc2.weight")):

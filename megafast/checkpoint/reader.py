@@ -84,7 +84,13 @@ class MegafastCheckpointReader:
                 "with it"
             )
         p, key = self._where[name]
-        return self._files[(tp_rank, p)][key][name]
+        shard = self._files[(tp_rank, p)][key]
+        if name not in shard:
+            raise ValueError(
+                f"{self.directory}: tensor {name} is missing from mp_rank_{tp_rank:02d}_{p:03d}, but the "
+                "checkpoint args describe a model with it: the checkpoint is incomplete"
+            )
+        return shard[name]
 
     def full(self, name: str) -> torch.Tensor:
         """The full tensor ``name`` (vocabulary unpadded), checked against the config's shape."""

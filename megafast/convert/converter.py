@@ -36,7 +36,7 @@ from megafast.checkpoint.args import (
 )
 from megafast.checkpoint.reader import MegafastCheckpointReader
 from megafast.config import GPTConfig, ParallelConfig, validate_layout
-from megafast.convert import hf_gpt2, hf_keymap, hf_llama
+from megafast.convert import hf_gpt2, hf_keymap, hf_llama, hf_moe
 from megafast.convert.hf_io import (
     CONFIG_FILE,
     GENERATION_CONFIG_FILE,
@@ -49,7 +49,7 @@ from megafast.convert.hf_tokenizer import copy_hf_tokenizer_files, export_tokeni
 from megafast.convert.megafast_checkpoint import MegafastCheckpointWriter
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-FAMILIES: tuple[ModuleType, ...] = (hf_llama, hf_gpt2)
+FAMILIES: tuple[ModuleType, ...] = (hf_llama, hf_gpt2, hf_moe)
 LOADERS = SAVERS = ("hf", "megafast")
 
 
@@ -395,6 +395,32 @@ def model_flags(config: GPTConfig) -> list[str]:
         flags.append("--disable-bias-linear")
     if config.add_qkv_bias:
         flags.append("--add-qkv-bias")
+    if config.is_moe:
+        flags += moe_flags(config)
+    return flags
+
+
+def moe_flags(config: GPTConfig) -> list[str]:
+    """The ``pretrain_gpt.py`` --moe-* flags that build ``config``'s experts."""
+    flags = ["--num-experts", str(config.num_experts), "--moe-router-topk", str(config.moe_router_topk),
+             "--moe-ffn-hidden-size", str(config.moe_ffn_hidden_size),
+             "--moe-router-score-function", config.moe_router_score_function,
+             "--moe-router-load-balancing-type", config.moe_router_load_balancing_type,
+             "--moe-aux-loss-coeff", repr(config.moe_aux_loss_coeff)]
+    freq = config.moe_layer_freq
+    flags += ["--moe-layer-freq", str(freq) if isinstance(freq, int) else str(list(freq)).replace(" ", "")]
+    if config.moe_z_loss_coeff is not None:
+        flags += ["--moe-z-loss-coeff", repr(config.moe_z_loss_coeff)]
+    if config.moe_shared_expert_intermediate_size:
+        flags += ["--moe-shared-expert-intermediate-size", str(config.moe_shared_expert_intermediate_size)]
+    if config.moe_shared_expert_gate:
+        flags.append("--moe-shared-expert-gate")
+    if config.moe_router_pre_softmax:
+        flags.append("--moe-router-pre-softmax")
+    if config.moe_expert_capacity_factor is not None:
+        flags += ["--moe-expert-capacity-factor", repr(config.moe_expert_capacity_factor)]
+    if config.moe_grouped_gemm:
+        flags.append("--moe-grouped-gemm")
     return flags
 
 

@@ -11,6 +11,8 @@ naming each megafast tensor, the HF tensor(s) it is made of, and how:
 | ``qkv_concat``  | one [q; k; v] bias [3 H d]        | fused per query group                      |
 | ``qkv_conv1d``  | one Conv1D weight [h, 3 H d]      | transposed, then fused per query group     |
 | ``gate_up``     | gate [f, ...], up [f, ...]        | [gate; up] (SwiGLU's fc1)                  |
+| ``experts``     | one [a, b] per expert (E of them) | stacked [E, a, b]                          |
+| ``experts_gate_up`` | gate_0, up_0, gate_1, ... [f, h] | stacked [gate_e; up_e]: [E, 2f, h]       |
 
 Every HF tensor read is checked against the shape the config implies (ValueError naming it);
 every transform is exact (reshapes, transposes and concatenations only), so HF -> megafast -> HF
@@ -27,7 +29,7 @@ import torch
 from megafast.checkpoint import layout
 from megafast.config import GPTConfig
 
-Kind = Literal["copy", "transpose", "qkv", "qkv_concat", "qkv_conv1d", "gate_up"]
+Kind = Literal["copy", "transpose", "qkv", "qkv_concat", "qkv_conv1d", "gate_up", "experts", "experts_gate_up"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,10 @@ def hf_shapes(rule: Rule, full_shape: tuple[int, ...], config: GPTConfig) -> lis
     if rule.kind == "gate_up":
         half = full_shape[0] // 2
         return [(half, *rest), (half, *rest)]
+    if rule.kind == "experts":
+        return [tuple(full_shape[1:])] * full_shape[0]
+    if rule.kind == "experts_gate_up":
+        return [(full_shape[1] // 2, *full_shape[2:])] * (2 * full_shape[0])
     raise AssertionError(f"unknown rule kind {rule.kind}")
 
 
@@ -74,6 +80,10 @@ def to_megafast(rule: Rule, tensors: list[torch.Tensor], config: GPTConfig) -> t
         return layout.fuse_qkv(q, k, v, config).contiguous()
     if rule.kind == "gate_up":
         return torch.cat(tensors, dim=0)
+    if rule.kind == "experts":
+        return torch.stack(tensors, dim=0)
+    if rule.kind == "experts_gate_up":  # (gate_0, up_0, gate_1, up_1, ...)
+        return torch.stack([torch.cat(tensors[i : i + 2], dim=0) for i in range(0, len(tensors), 2)], dim=0)
     raise AssertionError(f"unknown rule kind {rule.kind}")
 
 
@@ -90,6 +100,10 @@ def to_hf(rule: Rule, full: torch.Tensor, config: GPTConfig) -> list[torch.Tenso
         return [packed.t().contiguous() if rule.kind == "qkv_conv1d" else packed]
     if rule.kind == "gate_up":
         return [t.contiguous() for t in full.chunk(2, dim=0)]
+    if rule.kind == "experts":
+        return [t.contiguous() for t in full.unbind(0)]
+    if rule.kind == "experts_gate_up":
+        return [half.contiguous() for expert in full.unbind(0) for half in expert.chunk(2, dim=0)]
     raise AssertionError(f"unknown rule kind {rule.kind}")
 
 

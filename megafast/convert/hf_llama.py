@@ -140,6 +140,8 @@ def config_from_hf(
 
 def architecture_for(config: GPTConfig) -> str | None:
     """The Llama-family architecture that can hold ``config`` exactly, or None."""
+    if config.is_moe:  # experts: megafast.convert.hf_moe
+        return None
     if (config.position_embedding_type, config.normalization, config.activation) != (
         "rope",
         "RMSNorm",

@@ -216,3 +216,38 @@ def build_gpt_datasets(
         size = sum(target[d][k] for d in range(len(prefixes)))
         result.append(BlendedDataset(parts, w, size, cache_dir, sync))
     return tuple(result)
+
+
+SPLIT_ONLY = ("1,0,0", "0,1,0", "0,0,1")  # the --split that makes a whole dataset one split
+
+
+def build_gpt_split_datasets(
+    split_paths: Sequence[Sequence[str] | None],
+    seq_length: int,
+    num_samples: Sequence[int | None],
+    seed: int,
+    cache_dir: str | None = None,
+    **kwargs,
+) -> tuple[GPTDataset | BlendedDataset | None, ...]:
+    """Megatron's ``--train-data-path``/``--valid-data-path``/``--test-data-path``: split k is built
+    from its own blend, all of each dataset's sequences going to that split (the split named k, so
+    its samples are those ``build_gpt_datasets`` gives a "1,0,0"-style ``--split``); None where a
+    split has no path. Other arguments as :func:`build_gpt_datasets`."""
+    counts = _check_num_samples(num_samples)
+    out: list[GPTDataset | BlendedDataset | None] = []
+    for k, paths in enumerate(split_paths):
+        if paths is None:
+            out.append(None)
+            continue
+        wanted = [0, 0, 0]
+        wanted[k] = counts[k]
+        out.append(build_gpt_datasets(paths, SPLIT_ONLY[k], seq_length, wanted, seed, cache_dir, **kwargs)[k])
+    return tuple(out)
+
+
+def samples_per_epoch(build_one, data_path: Sequence[str] | str) -> int:
+    """Training samples in one pass over the training data: the sum over the blend's datasets of
+    one epoch of each (``build_one(prefix)`` builds the training split of one prefix, one epoch)."""
+    prefixes, _ = parse_data_path(data_path)
+    return sum(len(build_one(p)) for p in prefixes)
+

@@ -33,11 +33,12 @@ import numpy as np
 from megafast.data.sft_format import TEXT, BadRecord, Conversation
 from megafast.data.tokenizer import Tokenizer
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 DEFAULT_ROLE_MARKERS: dict[str, tuple[str, str]] = {
     "system": ("<|im_start|>system\n", "<|im_end|>\n"),
     "user": ("<|im_start|>user\n", "<|im_end|>\n"),
     "assistant": ("<|im_start|>assistant\n", "\n"),  # the EOS token ends the answer
+    "tool": ("<|im_start|>tool\n", "<|im_end|>\n"),  # an API's output (typed conver_has_api records)
 }
 TEMPLATE_MODES = ("auto", "default", "tokenizer")
 

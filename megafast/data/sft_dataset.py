@@ -275,7 +275,7 @@ class SFTDataset(CachedIndexDataset):
 
 
 def build_sft_datasets(
-    data_path: Sequence[str] | str,
+    data_path: Sequence[str] | str | None,
     split: str,
     seq_length: int,
     num_samples: Sequence[int | None],
@@ -284,26 +284,37 @@ def build_sft_datasets(
     *,
     packing: bool = False,
     group: torch.distributed.ProcessGroup | None = None,
+    split_paths: Sequence[Sequence[str] | None] | None = None,
 ) -> tuple[tuple[Any, Any, Any], list[str]]:
     """(train, valid, test) SFT datasets (or blends of them) and the run's task names.
 
     ``data_path``, ``split`` and the blending of weighted prefixes work as for GPT data
-    (megafast.data.builder): a split with a zero share is None. ValueError for bad files/flags.
+    (megafast.data.builder): a split with a zero share is None. With ``split_paths`` (Megatron's
+    ``--train/valid/test-data-path``, ``data_path`` None) split k is built from its own blend, all
+    of each dataset's records going to it (None where a split has no path); task ids are global
+    over every dataset of every split (train first). ValueError for bad files/flags.
     """
-    prefixes, weights = parse_data_path(data_path)
-    bookends = split_bookends(parse_split(split))
+    if split_paths is None:
+        prefixes, weights = parse_data_path(data_path)
+        bookends = split_bookends(parse_split(split))
+        plans = [(prefixes, weights, bookends[k]) for k in range(3)]
+    else:
+        plans = []
+        for paths in split_paths:
+            plans.append((*parse_data_path(paths), (0.0, 1.0)) if paths is not None else ([], None, None))
     config = SFTDatasetConfig(seq_length, int(seed), packing, cache_dir)
     sync = CacheSync.from_process_group(group) if group is not None else CacheSync()
-    sources = {p: SFTSource(p) for p in dict.fromkeys(prefixes)}
+    sources = {p: SFTSource(p) for plan in plans for p in dict.fromkeys(plan[0])}
     tasks: list[str] = []
     for source in sources.values():
         tasks += [t for t in source.task_names if t not in tasks]
     task_maps = {p: [tasks.index(t) for t in s.task_names] for p, s in sources.items()}
 
     def one(prefix: str, k: int, count: int | None) -> SFTDataset | None:
-        if bookends[k] is None:
+        bookend = plans[k][2]
+        if bookend is None:
             return None
-        beg, end = split_range(bookends[k], len(sources[prefix]))
+        beg, end = split_range(bookend, len(sources[prefix]))
         if beg == end:
             if not count:
                 return None
@@ -311,18 +322,19 @@ def build_sft_datasets(
                              f"{len(sources[prefix])}; give it a larger or a zero share")
         return SFTDataset(sources[prefix], (beg, end), count, SPLIT_NAMES[k], config, task_maps[prefix], sync)
 
-    if weights is None:
-        return tuple(one(prefixes[0], k, num_samples[k]) for k in range(3)), tasks  # type: ignore[return-value]
-    w = normalize_weights(weights)
     result = []
-    for k in range(3):
-        n = num_samples[k] or 0
-        target = [math.ceil(n * wd) for wd in w]
-        parts = [one(p, k, math.ceil(t * (1 + MID_LEVEL_SURPLUS))) for p, t in zip(prefixes, target)]
-        if bookends[k] is None or any(p is None for p in parts):
+    for k, (prefixes, weights, bookend) in enumerate(plans):
+        if bookend is None:
             result.append(None)
-            continue
-        result.append(BlendedDataset(parts, w, sum(target), cache_dir, sync))
+        elif weights is None:
+            result.append(one(prefixes[0], k, num_samples[k]))
+        else:
+            w = normalize_weights(weights)
+            n = num_samples[k] or 0
+            target = [math.ceil(n * wd) for wd in w]
+            parts = [one(p, k, math.ceil(t * (1 + MID_LEVEL_SURPLUS))) for p, t in zip(prefixes, target)]
+            result.append(None if any(p is None for p in parts) else BlendedDataset(parts, w, sum(target),
+                                                                                     cache_dir, sync))
     return tuple(result), tasks  # type: ignore[return-value]
 
 

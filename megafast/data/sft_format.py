@@ -11,6 +11,22 @@ task, default ``"default"``):
   (optional)}``: a user turn ``instruction`` (+ ``"\\n\\n" + input`` when non-empty), then the
   answer ``output``.
 - plain text: ``{"text": ...}`` for continued pretraining: every token is learned from.
+- typed records (DeepSpeed-pipeline trainers such as gdGPT/jllm), ``{"type": ..., ...}``:
+
+  - ``"pretrain"``: ``text``, as plain text;
+  - ``"instruct"``: ``instruct`` (+ ``"\n\n" + input`` when non-empty) as the user turn,
+    ``output`` as the answer;
+  - ``"conversation"``: ``rounds``, a list of ``[role, text]`` pairs, roles ``ask`` (user) and
+    ``ans`` (answer), consecutive asks kept as separate user turns;
+  - ``"conver_has_api"``: ``api_desc`` as the system part, then ``rounds`` that may also hold
+    ``["ans-api", {"actions": [...], "ans": ...}]``: each action is an answer turn (learned)
+    ``inner_thought + "\n" + json.dumps({"api_name": ..., "api_param": ...})`` followed by a
+    ``tool`` turn holding its ``api_res`` (a string, or JSON text; not learned), and ``ans`` is
+    the final answer;
+  - ``"ref_qa"``: ``reference`` as the system part, then ``rounds`` as for a conversation.
+
+  An optional ``system`` string comes before ``api_desc``/``reference`` in the system part
+  (joined by a blank line).
 
 A record is bad (counted and reported with its line number, never silently dropped) when it is
 not JSON / not an object or list, when a round has no role, an unknown role or no string content,
@@ -40,7 +56,10 @@ from megafast.atomic_file import atomic_write
 
 FORMAT = "megafast-sft-1"
 DEFAULT_TASK = "default"
-ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "bot": "assistant"}
+ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "bot": "assistant",
+                "tool": "tool"}
+RECORD_TYPES = ("pretrain", "instruct", "conversation", "conver_has_api", "ref_qa")
+ROUND_ROLES = {"ask": "user", "ans": "assistant"}  # typed records' [role, text] rounds (plus "ans-api")
 CONVERSATION_KEYS = ("messages", "chat_rounds", "conversations")
 TEXT = "text"  # the role of a plain-text record's single "message"
 
@@ -51,7 +70,7 @@ class BadRecord(ValueError):
 
 @dataclass(frozen=True)
 class Message:
-    role: str  # system | user | assistant | text
+    role: str  # system | user | assistant | tool (an API's output, not learned) | text
     content: str
 
 
@@ -111,6 +130,85 @@ def _check_conversation(messages: list[Message]) -> None:
         raise BadRecord(f"conversation does not end with an answer (last message is {messages[-1].role})")
 
 
+def _string(obj: dict[str, Any], key: str, what: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        raise BadRecord(f"{what} record without a string '{key}'")
+    return value
+
+
+def _action_text(action: Any, number: int) -> tuple[str, str]:
+    """(learned call text, tool output text) of one ``ans-api`` action."""
+    if not isinstance(action, dict) or not isinstance(action.get("api_name"), str):
+        raise BadRecord(f"ans-api action {number} is not an object with a string 'api_name'")
+    thought = action.get("inner_thought", "")
+    if not isinstance(thought, str):
+        raise BadRecord(f"ans-api action {number}: 'inner_thought' must be a string")
+    call = json.dumps({"api_name": action["api_name"], "api_param": action.get("api_param", "")}, ensure_ascii=False)
+    result = action.get("api_res", "")
+    result = result if isinstance(result, str) else json.dumps(result, ensure_ascii=False)
+    return (f"{thought}\n{call}" if thought else call), result
+
+
+def _typed_rounds(rounds: Any) -> list[Message]:
+    """``rounds`` of [role, text] pairs (ask / ans / ans-api) -> messages."""
+    if not isinstance(rounds, list) or not rounds:
+        raise BadRecord("'rounds' must be a non-empty list of [role, text] pairs")
+    out: list[Message] = []
+    for i, pair in enumerate(rounds, 1):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not isinstance(pair[0], str):
+            raise BadRecord(f"round {i} is not a [role, text] pair")
+        role, value = pair
+        if role == "ans-api":
+            if not isinstance(value, dict) or not isinstance(value.get("actions"), list):
+                raise BadRecord(f"round {i} (ans-api) needs an object with an 'actions' list")
+            for j, action in enumerate(value["actions"], 1):
+                call, result = _action_text(action, j)
+                out += [Message("assistant", call), Message("tool", result)]
+            if not isinstance(value.get("ans"), str):
+                raise BadRecord(f"round {i} (ans-api) has no string 'ans'")
+            out.append(Message("assistant", value["ans"]))
+        elif role in ROUND_ROLES:
+            if not isinstance(value, str):
+                raise BadRecord(f"round {i} ({role}) has no text")
+            out.append(Message(ROUND_ROLES[role], value))
+        else:
+            raise BadRecord(f"round {i} has unknown role {role!r:.40} (use ask, ans or ans-api)")
+    return out
+
+
+def _typed_record(obj: dict[str, Any], task: str) -> Conversation:
+    """A ``{"type": ...}`` record (module docstring)."""
+    kind = obj["type"]
+    if kind not in RECORD_TYPES:
+        raise BadRecord(f"unknown record type {kind!r:.40} (use {', '.join(RECORD_TYPES)})")
+    if kind == "pretrain":
+        text = _string(obj, "text", "pretrain")
+        if not text.strip():
+            raise BadRecord("'text' must be a non-empty string")
+        return Conversation((Message(TEXT, text),), task)
+    if kind == "instruct":
+        prompt = _string(obj, "instruct", "instruct")
+        output = _string(obj, "output", "instruct")
+        extra = obj.get("input", "")
+        if extra is not None and not isinstance(extra, str):
+            raise BadRecord("'input' must be a string")
+        if not output.strip():
+            raise BadRecord("empty answer ('output')")
+        prompt += f"\n\n{extra}" if extra and extra.strip() else ""
+        messages = [Message("user", prompt), Message("assistant", output)]
+    else:
+        messages = _typed_rounds(obj.get("rounds"))
+    system = [obj["system"]] if isinstance(obj.get("system"), str) and obj["system"].strip() else []
+    context = {"conver_has_api": "api_desc", "ref_qa": "reference"}.get(kind)
+    if context is not None:
+        system.append(_string(obj, context, kind))
+    if system:
+        messages.insert(0, Message("system", "\n\n".join(system)))
+    _check_conversation(messages)
+    return Conversation(tuple(messages), task)
+
+
 def parse_record(obj: Any) -> Conversation:
     """The conversation of one decoded JSON line (see the module docstring); BadRecord if unusable."""
     if isinstance(obj, list):
@@ -120,6 +218,8 @@ def parse_record(obj: Any) -> Conversation:
     if not isinstance(obj, dict):
         raise BadRecord(f"not a JSON object or list (a {type(obj).__name__})")
     task = _task_of(obj)
+    if "type" in obj:
+        return _typed_record(obj, task)
     key = next((k for k in CONVERSATION_KEYS if k in obj), None)
     if key is not None:
         rounds = obj[key]

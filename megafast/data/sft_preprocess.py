@@ -13,14 +13,18 @@ nothing is cut here; training truncates samples longer than ``--seq-length + 1``
 
 Bad records (see sft_format) are skipped, counted and listed with their line numbers in the
 report (``P_K_sft.json`` keeps up to 10000 of them, stderr the first few); with ``strict`` the
-first one stops the run. Reading works as in megafast.data.preprocess; workers, order, progress
-lines and temporary files are megafast.data.worker_pool's.
+first one stops the run. Inputs (JSON Lines files, JSON array files, MFTCoder-style task
+directories; several at once) are megafast.data.sft_inputs'; reading works as in
+megafast.data.preprocess; workers, order, progress lines and temporary files are
+megafast.data.worker_pool's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,8 +33,9 @@ import numpy as np
 
 from megafast.data.chat_template import TEMPLATE_MODES, ChatTemplate
 from megafast.data.indexed_dataset import best_fitting_dtype
-from megafast.data.preprocess import _Chunk, _read_blocks, input_format, iter_json_lines
+from megafast.data.preprocess import iter_json_lines
 from megafast.data.sft_format import BadRecord, parse_record, sft_paths, write_info
+from megafast.data.sft_inputs import SFTChunk, read_chunks, resolve_inputs, total_bytes
 from megafast.data.tokenizer import build_tokenizer
 from megafast.data.worker_pool import IndexedOutputs, Progress, WorkerPool
 
@@ -43,7 +48,7 @@ TASK_ID_DTYPE = np.uint16
 class SFTPreprocessConfig:
     """What to convert and how (the SFT flags of tools/preprocess_data.py)."""
 
-    input: str
+    input: str | Sequence[str]  # files and/or task directories (megafast.data.sft_inputs)
     output_prefix: str
     tokenizer_type: str
     tokenizer_model: str | None = None
@@ -62,10 +67,7 @@ class SFTPreprocessConfig:
     max_bad_examples: int = 5
 
     def __post_init__(self) -> None:
-        if not os.path.isfile(self.input):
-            raise ValueError(f"--input {self.input}: file not found")
-        if input_format(self.input) != "jsonl":
-            raise ValueError(f"--input {self.input}: --dataset-type sft reads JSONL (.jsonl, .jsonl.gz)")
+        resolve_inputs(self.input)  # ValueError naming a missing or unreadable path
         if self.max_seq_length is not None and self.max_seq_length < 2:
             raise ValueError(f"--max-seq-length must be at least 2, got {self.max_seq_length}")
         if self.truncation not in TRUNCATION_POLICIES:
@@ -120,6 +122,7 @@ class _Record:
 class _Result:
     records: list[_Record]
     bad: list[tuple[int, str]]
+    path: str = ""  # the input file of these records
     truncated: int = 0
     dropped_too_long: int = 0
     dropped_no_answer: int = 0
@@ -135,16 +138,21 @@ class _Encoder:
         self.max_len = config.max_seq_length
         self.truncation = config.truncation
 
-    def __call__(self, chunk: _Chunk) -> _Result:
+    def __call__(self, item: SFTChunk) -> _Result:
+        chunk = item.chunk
         bad: list[tuple[int, str]] = []
         parsed = []  # (line, task, pieces)
         for line, obj in iter_json_lines(chunk.data, chunk.first_line, bad):
             try:
                 conversation = parse_record(obj)
+                if item.task is not None:  # a task directory names the task of all its records
+                    conversation = dataclasses.replace(conversation, task=item.task)
                 parsed.append((line, conversation.task, self.template.pieces(conversation)))
             except BadRecord as exc:
                 bad.append((line, str(exc)))
-        result = _Result([], bad)
+        if item.label is not None:
+            bad = [(line, f"{reason} (in {item.label})") for line, reason in bad]
+        result = _Result([], bad, item.path)
         encoded = self.template.encode_pieces([p for _, _, p in parsed])
         for (line, task, _), (ids, mask) in zip(parsed, encoded):
             if self.max_len is not None and len(ids) > self.max_len:
@@ -179,7 +187,7 @@ class _Writer:
         if result.bad:
             if self.config.strict:
                 line, reason = result.bad[0]
-                raise ValueError(f"{self.config.input} line {line}: {reason} (--strict stops at the first "
+                raise ValueError(f"{result.path} line {line}: {reason} (--strict stops at the first "
                                  "bad record; drop it to skip and count bad records)")
             stats.bad_records += len(result.bad)
             room = MAX_LISTED_BAD_RECORDS - len(stats.bad_examples)
@@ -211,7 +219,9 @@ class _Writer:
         s = self.stats
         write_info(self.paths.info, {
             "tasks": list(self.task_ids), "records": s.records, "tokens": s.tokens,
-            "answer_tokens": s.answer_tokens, "per_task": s.per_task, "input": os.path.abspath(self.config.input),
+            "answer_tokens": s.answer_tokens, "per_task": s.per_task,
+            "input": (os.path.abspath(self.config.input) if isinstance(self.config.input, str)
+                      else [os.path.abspath(p) for p in self.config.input]),
             "max_seq_length": self.config.max_seq_length, "truncation": self.config.truncation,
             "truncated": s.truncated, "dropped_too_long": s.dropped_too_long,
             "dropped_no_answer": s.dropped_no_answer, "bad_records": s.bad_records,
@@ -228,11 +238,20 @@ def preprocess_sft(config: SFTPreprocessConfig) -> SFTStats:
     with ExitStack() as stack:
         writer = _Writer(stack, config, vocab_size)
         pool = WorkerPool(stack, config.workers, _Encoder, (config,), inline)
-        progress = Progress(os.path.getsize(config.input), False, config.log_interval,
-                            os.path.basename(config.input), "records")
-        for chunk, result in pool.imap(_read_blocks(config.input, config.chunk_bytes, "jsonl")):
+        files = resolve_inputs(config.input)
+        name = os.path.basename(files[0].path) if len(files) == 1 else f"{len(files)} files"
+        progress = Progress(total_bytes(files), False, config.log_interval, name, "records")
+        positions: dict[int, int] = {}
+        chunks = read_chunks(files, config.chunk_bytes)
+
+        def items():
+            for item, position in chunks:
+                positions[id(item)] = position
+                yield item
+
+        for item, result in pool.imap(items()):
             writer.write(result)
-            progress.update(writer.stats.records, chunk.end_position)
+            progress.update(writer.stats.records, positions.pop(id(item)))
         if writer.stats.records == 0:
             raise ValueError(f"--input {config.input}: no usable record (" +
                              ("; ".join(writer.stats.report(config.max_bad_examples)[1:]) or "empty input") + ")")

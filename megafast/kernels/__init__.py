@@ -1,5 +1,5 @@
-"""Fused kernels: Triton (norms, RoPE, activations, cross-entropy, flash attention), CUDA (RoPE,
-multi-tensor AdamW/Lion) and their plain-torch implementations.
+"""Fused kernels: Triton (norms, RoPE, activations, cross-entropy, flash attention, the MoE grouped
+GEMM and token permutation), CUDA (RoPE, multi-tensor AdamW/Lion) and their plain-torch implementations.
 
 Each op is one file ``*_kernel.py`` (kernels -> launchers -> autograd.Function -> ``*_torch``, the
 plain-torch implementation that is also the CPU backend); the functions exported here dispatch
@@ -20,7 +20,10 @@ from megafast.kernels.dispatch import (
     cross_entropy,
     fused_linear_cross_entropy,
     gelu,
+    grouped_gemm,
     layer_norm,
+    moe_permute,
+    moe_unpermute,
     nf4_dequantize,
     resolve_attention,
     resolve_backend,
@@ -38,7 +41,10 @@ __all__ = [
     "flash_attention",
     "fused_linear_cross_entropy",
     "gelu",
+    "grouped_gemm",
     "layer_norm",
+    "moe_permute",
+    "moe_unpermute",
     "nf4_dequantize",
     "resolve_attention",
     "resolve_backend",

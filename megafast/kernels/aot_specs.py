@@ -9,8 +9,10 @@ survive ``prune_attention_configs``). :mod:`megafast.kernels.aot_check` compiles
 and sm_80.
 
 Shapes: hidden 2048-8192 at 16k tokens; vocabulary shards 32k-128k; sequence 2k-8k with head dim
-64 and 128, with and without GQA; NF4 base weights of hidden 4096 and 8192 models; fp32, bf16
-(and fp16 where the kernel is dtype-generic and the model can run it: --fp16), forward and backward.
+64 and 128, with and without GQA; fp32, bf16 (and fp16 where the kernel is dtype-generic and the
+model can run it: --fp16), forward and backward. MoE: Mixtral-like (hidden 4096, expert FFN 14336,
+8 experts, top-2) and Qwen2-MoE-like (hidden 2048, FFN 1408, 60 experts, top-4) at 16k tokens.
+NF4 dequantization (QLoRA) of the base weights of hidden 4096 and 8192 models.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from megafast.kernels import add_rms_norm_kernel as add_rms
 from megafast.kernels import cross_entropy_kernel as ce
 from megafast.kernels import flash_attention_kernel as fa
 from megafast.kernels import gelu_kernel as gelu
+from megafast.kernels import grouped_gemm_kernel as gg
 from megafast.kernels import layer_norm_kernel as ln
+from megafast.kernels import moe_permute_kernel as perm
 from megafast.kernels import nf4_dequantize_kernel as nf4
 from megafast.kernels import rms_norm_kernel as rms
 from megafast.kernels import rotary_kernel as rope
@@ -43,6 +47,12 @@ ATTENTION_SHAPES = (
     (4, 32, 32, 4096, 128),  # Llama-2 7B class, no GQA
     (1, 64, 8, 8192, 128),  # 70B class (TP 1 slice), GQA 8
 )
+# MoE layers (tokens, hidden, expert FFN, experts, top-k): Mixtral-8x7B-like and Qwen2-MoE-like
+MOE_SHAPES = (
+    (TOKENS, 4096, 14336, 8, 2),
+    (TOKENS, 2048, 1408, 60, 4),
+)
+
 # frozen [out, in] base weights QLoRA dequantizes (one TP shard at TP 1): Llama-3 8B's attention
 # and MLP, Llama-3 70B's attention and MLP
 NF4_WEIGHTS = ((4096, 4096), (14336, 4096), (8192, 8192), (28672, 8192))
@@ -207,7 +217,60 @@ def _attention_kernels(capability: int) -> list[LaunchSpec]:
     return specs
 
 
+def _moe_kernels() -> list[LaunchSpec]:
+    """MoE: the grouped GEMM (y, dx, dw) of fc1 ([E, H, 2F]: gate and up) and fc2 ([E, F, H]), bf16/fp16
+    (fp32 grouped GEMMs run in torch on GPUs); token permute/unpermute gathers and d probs, fp32/bf16/fp16."""
+    f32, i32, i64, specs = torch.float32, torch.int32, torch.int64, []
+    bm, bn, bk, warps, stages = gg.gemm_blocks(True)
+    dbm, dbn, dbk, dwarps, dstages = gg.dw_blocks(True)
+    for tokens, h, f, e, k in MOE_SHAPES:
+        rows = tokens * k
+        n_tiles = gg.max_row_tiles(rows, e, bm)
+        for dt in (torch.bfloat16, torch.float16):
+            d, prec = _SHORT[dt], gg._precision(dt)
+            for what, kk, nn in (("fc1", h, 2 * f), ("fc2", f, h)):
+                shape = f"{what} E{e} {rows}x{kk}x{nn}"
+                blocks = {"PRECISION": prec, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gg.GROUP}
+                specs += [
+                    LaunchSpec("grouped_gemm fwd", gg._grouped_gemm_kernel,  # y = x @ w[e]
+                               (_t(dt), _t(dt), _t(dt), _t(i32), n_tiles, nn, kk, e,
+                                kk, 1, kk * nn, nn, 1, nn, 1),
+                               blocks, shape, d, warps, stages, uses_dot=True),
+                    LaunchSpec("grouped_gemm dx", gg._grouped_gemm_kernel,  # dx = dy @ w[e]^T
+                               (_t(dt), _t(dt), _t(dt), _t(i32), n_tiles, kk, nn, e,
+                                nn, 1, kk * nn, 1, nn, kk, 1),
+                               blocks, shape, d, warps, stages, uses_dot=True),
+                    LaunchSpec("grouped_gemm dw", gg._grouped_gemm_dw_kernel,  # dw[e] = x_e^T @ dy_e
+                               (_t(dt), _t(dt), _t(dt), _t(i64), _t(i64), nn, kk,
+                                kk, 1, nn, 1, kk * nn, nn, 1),
+                               {"PRECISION": prec, "BLOCK_M": dbm, "BLOCK_N": dbn, "BLOCK_K": dbk,
+                                "GROUP_K": gg.GROUP},
+                               shape, d, dwarps, dstages, uses_dot=True),
+                ]
+        for dt in DTYPES:
+            d, block, shape = _SHORT[dt], perm._blocks(h), f"T{tokens} k{k} E{e} H{h}"
+            for scale_dt in ((None, f32, dt) if dt != f32 else (None, f32)):
+                has = scale_dt is not None
+                tag = "" if not has else f" probs {_SHORT[scale_dt]}"
+                specs += [
+                    LaunchSpec("moe gather_rows" + (" (d expert_out)" if has else " (permute)"),
+                               perm._gather_rows_kernel,
+                               (_t(dt), _t(dt), _t(i64), _t(scale_dt or dt), h, k, h, h),
+                               {"HAS_SCALE": has, "BLOCK": block}, shape + tag, d, perm.NUM_WARPS),
+                    LaunchSpec("moe combine_rows" + (" (unpermute)" if has else " (d hidden)"),
+                               perm._combine_rows_kernel,
+                               (_t(dt), _t(dt), _t(i64), _t(scale_dt or dt), h, h, h),
+                               {"TOP_K": k, "HAS_SCALE": has, "BLOCK": block},
+                               shape + tag, d, perm.NUM_WARPS),
+                ]
+                if has:
+                    specs.append(LaunchSpec("moe prob_grad", perm._prob_grad_kernel,
+                                            (_t(dt), _t(dt), _t(i64), _t(scale_dt), h, k, h, h),
+                                            {"BLOCK": block}, shape + tag, d, perm.NUM_WARPS))
+    return specs
+
+
 def launch_specs(capability: int) -> list[LaunchSpec]:
     """Every launch of every Triton kernel (for compute capability ``capability``, e.g. 90 or 80)."""
-    return (_row_kernels() + _elementwise_kernels() + _cross_entropy_kernels() + _attention_kernels(capability)
-            + _quant_kernels())
+    return (_row_kernels() + _elementwise_kernels() + _cross_entropy_kernels()
+            + _attention_kernels(capability) + _moe_kernels() + _quant_kernels())

@@ -36,7 +36,9 @@ from megafast.kernels import cross_entropy_kernel as _ce
 from megafast.kernels import flash_attention_kernel as _fa
 from megafast.kernels import fused_linear_cross_entropy_kernel as _flce
 from megafast.kernels import gelu_kernel as _gelu
+from megafast.kernels import grouped_gemm_kernel as _gg
 from megafast.kernels import layer_norm_kernel as _ln
+from megafast.kernels import moe_permute_kernel as _perm
 from megafast.kernels import nf4_dequantize_kernel as _nf4
 from megafast.kernels import rms_norm_kernel as _rms
 from megafast.kernels import rotary_kernel as _rope
@@ -230,13 +232,15 @@ def vocab_parallel_cross_entropy(
     ignore_index: int = -100,
     *,
     backend: str = "auto",
+    inplace: bool = False,
 ) -> torch.Tensor:
-    """Per-token loss of vocabulary-parallel ``logits`` [..., V/p] (``megafast.parallel``'s contract)."""
+    """Per-token loss of vocabulary-parallel ``logits`` [..., V/p] (``megafast.parallel``'s contract).
+    ``inplace``: the torch path may overwrite ``logits`` (a temporary of the caller's)."""
     if resolve_backend(backend, logits) == "triton":
         return _ce.vocab_parallel_cross_entropy_triton(logits, target, tp_group, vocab_size, ignore_index)
     from megafast.parallel.cross_entropy import vocab_parallel_cross_entropy as torch_ce
 
-    return torch_ce(logits, target, tp_group, vocab_size, ignore_index)
+    return torch_ce(logits, target, tp_group, vocab_size, ignore_index, inplace)
 
 
 def fused_linear_cross_entropy(
@@ -294,3 +298,37 @@ def attention(
         k = k.repeat_interleave(heads // groups, dim=1)
         v = v.repeat_interleave(heads // groups, dim=1)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
+
+
+# ------------------------------------------------------------------------------------- MoE ops
+
+
+def grouped_gemm(
+    x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor, *, backend: str = "auto"
+) -> torch.Tensor:
+    """``y[rows of e] = x[rows of e] @ w[e]``: x [T, K] sorted by expert, w [E, K, N],
+    tokens_per_expert [E] (rows past their sum: dropped slots, y = 0). fp32 on a GPU runs in torch
+    (the Triton kernel is bf16/fp16 there: exact fp32 dots would be slow and spill); the torch path
+    reads the counts on the host (one sync)."""
+    if resolve_backend(backend, x) == "triton" and not (x.is_cuda and x.dtype not in HALF_DTYPES):
+        return _gg.grouped_gemm(x, w, tokens_per_expert)
+    return _gg.grouped_gemm_torch(x, w, tokens_per_expert)
+
+
+def moe_permute(
+    hidden: torch.Tensor, indices: torch.Tensor, num_experts: int, *, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(permuted [T*k, H] sorted by expert, row_id_map [T, k], tokens_per_expert [E]) for the top-k
+    expert ids ``indices`` [T, k] (-1: a dropped choice); see ``moe_permute_kernel``."""
+    if resolve_backend(backend, hidden) == "triton":
+        return _perm.permute(hidden, indices, num_experts)
+    return _perm.permute_torch(hidden, indices, num_experts)
+
+
+def moe_unpermute(
+    expert_out: torch.Tensor, row_id_map: torch.Tensor, probs: torch.Tensor, *, backend: str = "auto"
+) -> torch.Tensor:
+    """[T, H]: sum over token t's kept choices j of ``probs[t, j] * expert_out[row_id_map[t, j]]``."""
+    if resolve_backend(backend, expert_out) == "triton":
+        return _perm.unpermute(expert_out, row_id_map, probs)
+    return _perm.unpermute_torch(expert_out, row_id_map, probs)

@@ -174,14 +174,34 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
+class _RotaryTorch(torch.autograd.Function):
+    """``x * cos + rotate_half(x) * sin`` with its transpose as the backward,
+    ``dx = g * cos + rotate_half^T(g * sin)``, ``rotate_half^T([y1, y2]) = [y2, -y1]``: the values
+    autograd computes through the formula, bit for bit, in fewer passes and temporaries."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return (x * cos).add_(rotate_half(x).mul_(sin))
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        g_sin = g * sin
+        dx = g * cos
+        half = dx.shape[-1] // 2
+        dx[..., :half].add_(g_sin[..., half:])
+        dx[..., half:].sub_(g_sin[..., :half])
+        return dx, None, None
+
+
 def apply_rotary_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Plain torch: ``x * cos + rotate_half(x) * sin`` in x's dtype (the model's own formula);
     cos/sin [s, d], or broadcastable to x: [s, 1, 1, d], [s, b, 1, d]."""
     if cos.dim() == 2:
         shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
         cos, sin = cos.view(shape), sin.view(shape)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return x * cos + rotate_half(x) * sin
+    return _RotaryTorch.apply(x, cos.to(x.dtype), sin.to(x.dtype))
 
 
 # ----------------------------------------------------------- CUDA alternative (csrc/cuda/rope.cu)

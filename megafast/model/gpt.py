@@ -23,6 +23,7 @@ from torch import nn
 from megafast.config import GPTConfig, ParallelConfig, validate_layout
 from megafast.model import init
 from megafast.model.kv_cache import InferenceParams
+from megafast.model.moe import MoELossTracker
 from megafast.model.norm import build_norm
 from megafast.model.output_head import WORD_EMBEDDINGS, OutputHead
 from megafast.model.packing import PackedSeqParams
@@ -172,7 +173,8 @@ class GPTModel(nn.Module):
         self.pre_process = state.is_first_stage if pre_process is None else pre_process
         self.post_process = state.is_last_stage if post_process is None else post_process
         start, end = layer_range or uniform_layer_range(config.num_layers, state.pp_size, state.pp_rank)
-        if not 0 <= start < end <= config.num_layers:
+        # an empty range only on a stage holding the embedding or the output layer (uneven pipeline splits)
+        if not 0 <= start <= end <= config.num_layers or (start == end and not (self.pre_process or self.post_process)):
             raise ValueError(f"layer range [{start}, {end}) is empty or outside the {config.num_layers} layers")
         self.layer_range = (start, end)
 
@@ -180,7 +182,12 @@ class GPTModel(nn.Module):
         self.rotary = (
             RotaryEmbedding(config.head_dim, config.rotary_base) if config.position_embedding_type == "rope" else None
         )
-        layers = {str(i): TransformerLayer(config, state, i, self.tracker, seed, **factory) for i in range(start, end)}
+        # MoE: the router losses' gradient scale and logged values (megafast.model.moe.aux_loss)
+        self.moe_loss_tracker = MoELossTracker() if config.is_moe else None
+        layers = {
+            str(i): TransformerLayer(config, state, i, self.tracker, seed, self.moe_loss_tracker, **factory)
+            for i in range(start, end)
+        }
         final_norm = build_norm(config, state.sequence_parallel, **factory) if self.post_process else None
         self.decoder = Decoder(config, self.tracker, layers, final_norm)
         # registered as ``output_layer``: Megatron's key output_layer.weight (no weight when tied on this stage)

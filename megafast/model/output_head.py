@@ -100,7 +100,7 @@ class OutputHead(nn.Module):
             logits = logits + self.adapter(x)
         if labels is None:
             return logits.transpose(0, 1)
-        loss = vocab_parallel_cross_entropy(
-            logits, labels.t(), self.tp_group, self.config.vocab_size, backend=kernels.kernels
+        loss = vocab_parallel_cross_entropy(  # the logits are ours: the loss may overwrite them
+            logits, labels.t(), self.tp_group, self.config.vocab_size, backend=kernels.kernels, inplace=True
         )
         return loss.t()  # [b, s]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from megafast.kernels import apply_rotary as kernel_apply_rotary
+
 
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, base: float) -> None:
@@ -42,22 +44,12 @@ class RotaryEmbedding(nn.Module):
         return cos[:, 0, 0][index][:, :, None], sin[:, 0, 0][index][:, :, None]  # [s, b, 1, d]
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
 def apply_rotary(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend: str = "torch"
 ) -> torch.Tensor:
     """x [s, b, heads, d]; cos/sin broadcastable [s, 1, 1, d] (or [s, b, 1, d]).
 
     ``backend``: 'torch' (``x * cos + rotate_half(x) * sin`` in x's dtype), or 'auto' / 'triton' /
-    'cuda' for the fused kernels of :func:`megafast.kernels.apply_rotary`.
+    'cuda' for the fused kernels (:func:`megafast.kernels.apply_rotary` picks by ``backend``).
     """
-    if backend != "torch":
-        from megafast.kernels import apply_rotary as fused_apply_rotary
-
-        return fused_apply_rotary(x, cos, sin, backend=backend)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return x * cos + rotate_half(x) * sin
+    return kernel_apply_rotary(x, cos, sin, backend=backend)

@@ -20,6 +20,7 @@ from megafast.config import GPTConfig
 from megafast.model import init
 from megafast.model.attention import SelfAttention
 from megafast.model.kv_cache import InferenceParams
+from megafast.model.moe import MoELayer, MoELossTracker
 from megafast.model.norm import build_norm
 from megafast.model.packing import PackedSeqParams
 from megafast.parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -78,6 +79,7 @@ class TransformerLayer(nn.Module):
         layer_number: int,
         tracker: RNGStatesTracker,
         seed: int,
+        moe_tracker: Optional[MoELossTracker] = None,
         **factory,
     ) -> None:
         super().__init__()
@@ -87,7 +89,10 @@ class TransformerLayer(nn.Module):
         self.input_layernorm = build_norm(config, state.sequence_parallel, **factory)
         self.self_attention = SelfAttention(config, state, layer_number, tracker, seed, **factory)
         self.pre_mlp_layernorm = build_norm(config, state.sequence_parallel, **factory)
-        self.mlp = MLP(config, state, layer_number, seed, **factory)
+        if config.is_moe_layer(layer_number):  # --num-experts with --moe-layer-freq: the MoE MLP
+            self.mlp = MoELayer(config, state, layer_number, seed, moe_tracker, **factory)
+        else:
+            self.mlp = MLP(config, state, layer_number, seed, **factory)
 
     def dropout(self, x: torch.Tensor) -> torch.Tensor:
         # with sequence parallelism each TP rank holds a different shard: independent masks

@@ -9,7 +9,9 @@ all-reduce SUM of the masked pick):
 
 Columns at or beyond ``vocab_size`` (vocabulary padding) are excluded from the softmax, so the loss
 does not depend on how much padding the TP size needs. Targets equal to ``ignore_index`` get loss 0
-and no gradient.
+and no gradient. With ``inplace=True`` the caller hands the logits buffer over: z - m, exp and the
+softmax saved for backward are computed in it (no second [..., V/p] tensor; the output head's logits
+are a temporary that nothing else reads).
 """
 
 from __future__ import annotations
@@ -29,18 +31,21 @@ def _all_reduce_(x: torch.Tensor, op: dist.ReduceOp, group: Group) -> None:
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, group, vocab_size, ignore_index):
+    def forward(ctx, logits, target, group, vocab_size, ignore_index, inplace):
         # logits [..., V/p], target [...]
+        owned = inplace and logits.dtype == torch.float32  # else .float() below makes a new tensor
         logits = logits.float()
         per_rank = logits.shape[-1]
         start = group_rank(group) * per_rank
         if vocab_size is not None and start + per_rank > vocab_size:
-            logits = logits.clone()
+            if not owned:
+                logits, owned = logits.clone(), True
             logits[..., max(vocab_size - start, 0):] = float("-inf")
 
-        logits_max = logits.max(dim=-1).values
+        logits_max = logits.amax(dim=-1)
         _all_reduce_(logits_max, dist.ReduceOp.MAX, group)
-        shifted = logits - logits_max.unsqueeze(-1)  # z - m, [..., V/p]
+        # z - m, [..., V/p]
+        shifted = logits.sub_(logits_max.unsqueeze(-1)) if owned else logits - logits_max.unsqueeze(-1)
 
         ignored = target == ignore_index
         local_target = target - start
@@ -66,7 +71,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         one_hot = (~off_shard).to(grad.dtype)
         grad.scatter_add_(-1, local_target.unsqueeze(-1), -one_hot.unsqueeze(-1))
         grad.mul_(grad_loss.masked_fill(ignored, 0.0).unsqueeze(-1))
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -75,10 +80,12 @@ def vocab_parallel_cross_entropy(
     tp_group: Group,
     vocab_size: Optional[int] = None,
     ignore_index: int = -100,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Per-token loss (fp32, same shape as ``target``) of vocabulary-parallel ``logits``.
 
     ``vocab_size``: the true vocabulary; padded columns beyond it are excluded. Multiply by a loss
-    mask and reduce (e.g. mean over unmasked tokens) outside.
+    mask and reduce (e.g. mean over unmasked tokens) outside. ``inplace``: fp32 ``logits`` are
+    overwritten (the caller must not read them afterwards).
     """
-    return _VocabParallelCrossEntropy.apply(logits, target, tp_group, vocab_size, ignore_index)
+    return _VocabParallelCrossEntropy.apply(logits, target, tp_group, vocab_size, ignore_index, inplace)

@@ -121,6 +121,10 @@ class PipelineEngine:
             num_tokens += mb.loss_mask.sum(dtype=torch.float64)
         task_sums = torch.zeros(num_tasks, dtype=torch.float64, device=self.device) if num_tasks else None
         scale = loss_scale / denominator  # a float, or a 0-dim fp64 tensor
+        if not forward_only:  # MoE router losses: mean over micro-batches and DP ranks (model.moe.aux_loss)
+            for chunk in self.chunks:
+                if getattr(chunk, "moe_loss_tracker", None) is not None:
+                    chunk.moe_loss_tracker.backward_scale = loss_scale / (M * state.dp_size)
 
         for step in steps:
             ops = comm_ops(step)

@@ -53,6 +53,7 @@ from megafast.planner.memory import (
 )
 from megafast.planner.parameters import (
     ParamSpec,
+    active_parameter_count,
     layer_parameters,
     rank_parameter_count,
     rank_parameters,
@@ -124,5 +125,6 @@ __all__ = [
     "static_memory",
     "step_time",
     "total_parameter_count",
+    "active_parameter_count",
     "training_flops_per_token",
 ]

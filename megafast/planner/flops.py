@@ -8,6 +8,11 @@ FLOPs per token (2 per multiply-accumulate; s sequence length)::
                                          the masked blocks)
     training = 3 * forward              (backward = 2 * forward: input and weight gradients)
 
+An MoE layer's fc1 + fc2 are replaced by what a token multiplies through: the router (h E),
+its top-k experts (k (F_1 + F) h), the shared experts, and the weighted combine of the k expert
+outputs (k h multiply-adds: the permutation kernel's batched matmul); so MoE FLOPs count *active*
+parameters.
+
 The trainer's TFLOP/s and MFU use :func:`training_flops_per_token` (model FLOPs, as Megatron-LM
 reports them: recomputation is not counted, so MFU does not reward recomputing). The step-time
 model counts what the device really executes (``include_recompute=True``): full recompute adds
@@ -41,9 +46,21 @@ PEAK_BF16_TFLOPS = {
 }
 
 
-def matmul_params_per_layer(c: GPTConfig) -> int:
-    """Weights a token multiplies through in one layer: qkv + proj + fc1 + fc2 (unsharded)."""
+def matmul_params_per_layer(c: GPTConfig, layer: int = 0) -> int:
+    """Weights a token multiplies through in layer ``layer``: qkv + proj + fc1 + fc2 (unsharded);
+    an MoE layer: qkv + proj + router + top-k experts + shared experts."""
     fc1_rows = c.ffn_hidden_size * (2 if c.activation == "swiglu" else 1)
+    if c.is_moe_layer(layer):
+        glu = 2 if c.activation == "swiglu" else 1
+        h, shared = c.hidden_size, c.moe_shared_expert_intermediate_size or 0
+        return (
+            h * (c.qkv_size + c.num_attention_heads * c.head_dim)
+            + h * c.num_experts
+            + c.moe_router_topk * (glu + 1) * c.moe_ffn_hidden_size * h
+            + c.moe_router_topk * h  # combine: sum over the k choices of weight * expert output
+            + (glu + 1) * shared * h
+            + (h if c.moe_shared_expert_gate else 0)
+        )
     return (
         c.hidden_size * (c.qkv_size + c.num_attention_heads * c.head_dim + fc1_rows)
         + c.ffn_hidden_size * c.hidden_size
@@ -55,8 +72,15 @@ def attention_flops_per_token(c: GPTConfig, seq_length: int) -> float:
     return 2.0 * 2.0 * seq_length * c.num_attention_heads * c.head_dim / 2.0
 
 
-def layer_forward_flops_per_token(c: GPTConfig, seq_length: int) -> float:
-    return 2.0 * matmul_params_per_layer(c) + attention_flops_per_token(c, seq_length)
+def layer_forward_flops_per_token(c: GPTConfig, seq_length: int, layer: Optional[int] = None) -> float:
+    """One layer's forward FLOPs per token; ``layer`` None: the mean over the layers (MoE interleaving)."""
+    if layer is None:
+        if not c.is_moe:
+            layer = 0
+        else:
+            layers = range(c.num_layers)
+            return sum(layer_forward_flops_per_token(c, seq_length, i) for i in layers) / c.num_layers
+    return 2.0 * matmul_params_per_layer(c, layer) + attention_flops_per_token(c, seq_length)
 
 
 def output_forward_flops_per_token(c: GPTConfig, tp_size: int = 1) -> float:
@@ -65,6 +89,9 @@ def output_forward_flops_per_token(c: GPTConfig, tp_size: int = 1) -> float:
 
 
 def forward_flops_per_token(c: GPTConfig, seq_length: int, tp_size: int = 1) -> float:
+    if c.is_moe:
+        layers = sum(layer_forward_flops_per_token(c, seq_length, i) for i in range(c.num_layers))
+        return layers + output_forward_flops_per_token(c, tp_size)
     return c.num_layers * layer_forward_flops_per_token(c, seq_length) + output_forward_flops_per_token(
         c, tp_size
     )

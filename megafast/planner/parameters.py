@@ -9,6 +9,11 @@ a multiple of ``make_vocab_size_divisible_by * tp``), per transformer layer::
     linear_fc1  f_1 * h         [+ f_1],   f_1 = 2f for SwiGLU ([gate; up]) else f
     linear_fc2  h * f           [+ h]
 
+An MoE layer (E experts of FFN size F, shared-expert size S) has instead of linear_fc1/fc2 the
+router [E, h], the experts' stacked [E, F_1, h] and [E, h, F] (F_1 = 2F for SwiGLU) and the shared
+experts' [S_1, h], [h, S] (+ gate [1, h]), all replicated over TP (expert tensor parallelism 1).
+:func:`active_parameter_count` counts what one token uses: top-k experts of every MoE layer.
+
 plus ``V * h`` word embeddings (and ``max_position_embeddings * h`` learned positions) on the
 first stage, and the final norm and ``V * h`` output layer on the last. With tied embeddings the
 output layer reuses the word embeddings on a single stage; with pipelining the last stage keeps
@@ -20,6 +25,7 @@ occupies memory there.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from megafast.config import GPTConfig
@@ -58,10 +64,33 @@ def _norm(name: str, config: GPTConfig) -> list[ParamSpec]:
     return specs + ([ParamSpec(f"{name}.bias", (h,), False)] if config.normalization == "LayerNorm" else [])
 
 
+def moe_parameters(config: GPTConfig, layer: int) -> list[ParamSpec]:
+    """The MoE MLP of layer ``layer`` (replicated over TP), in ``named_parameters()`` order."""
+    c, h, p = config, config.hidden_size, f"decoder.layers.{layer}.mlp"
+    glu = 2 if c.activation == "swiglu" else 1
+    E, F = c.num_experts, c.moe_ffn_hidden_size
+    specs = [
+        ParamSpec(f"{p}.router.weight", (E, h), False),
+        ParamSpec(f"{p}.experts.linear_fc1.weight", (E, glu * F, h), False),
+        ParamSpec(f"{p}.experts.linear_fc2.weight", (E, h, F), False),
+    ]
+    S = c.moe_shared_expert_intermediate_size
+    if S:
+        if c.moe_shared_expert_gate:
+            specs.append(ParamSpec(f"{p}.shared_experts.gate_weight", (1, h), False))
+        specs += [ParamSpec(f"{p}.shared_experts.linear_fc1.weight", (glu * S, h), False),
+                  ParamSpec(f"{p}.shared_experts.linear_fc2.weight", (h, S), False)]
+    return specs
+
+
 def layer_parameters(config: GPTConfig, layer: int, tp: int = 1) -> list[ParamSpec]:
     """Transformer layer ``layer`` on one TP rank, in ``named_parameters()`` order."""
     c, h, p = config, config.hidden_size, f"decoder.layers.{layer}"
     fc1_rows = c.ffn_hidden_size * (2 if c.activation == "swiglu" else 1)
+    if c.is_moe_layer(layer):
+        dense = layer_parameters(dataclasses.replace(c, num_experts=None), layer, tp)
+        attention = dense[:-2]  # without the dense fc1, fc2 (MoE models have no linear biases)
+        return attention + moe_parameters(c, layer)
     return (
         _norm(f"{p}.input_layernorm", c)
         + _linear(f"{p}.self_attention.linear_qkv", c.qkv_size, h, c.qkv_bias, tp, column=True)
@@ -122,17 +151,34 @@ def total_parameter_count(
     """
     c = config
     vocab = c.padded_vocab_size(tp) if padded else c.vocab_size
-    layer = sum(p.numel for p in layer_parameters(c, 0))
+    if c.is_moe:
+        layers = sum(p.numel for i in range(c.num_layers) for p in layer_parameters(c, i))
+    else:
+        layers = c.num_layers * sum(p.numel for p in layer_parameters(c, 0))
     norm = c.hidden_size * (2 if c.normalization == "LayerNorm" else 1)
     positions = (
         c.max_position_embeddings * c.hidden_size if c.position_embedding_type == "learned_absolute" else 0
     )
     outputs = 1 if not c.tie_embeddings or include_tied_copy else 0
-    return c.num_layers * layer + (1 + outputs) * vocab * c.hidden_size + positions + norm
+    return layers + (1 + outputs) * vocab * c.hidden_size + positions + norm
+
+
+def active_parameter_count(config: GPTConfig, tp: int = 1, *, padded: bool = True) -> int:
+    """Parameters one token uses: :func:`total_parameter_count` less, in every MoE layer, the
+    experts it is not routed to (E - k of them); equal to the total for a dense model."""
+    total = total_parameter_count(config, tp, padded=padded)
+    if not config.is_moe:
+        return total
+    glu = 2 if config.activation == "swiglu" else 1
+    per_expert = (glu + 1) * config.moe_ffn_hidden_size * config.hidden_size
+    moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_layers))
+    return total - moe_layers * (config.num_experts - config.moe_router_topk) * per_expert
 
 
 __all__ = [
     "ParamSpec",
+    "active_parameter_count",
+    "moe_parameters",
     "layer_parameters",
     "rank_parameter_count",
     "rank_parameters",

@@ -34,12 +34,15 @@ class IterationStats:
     skipped_iterations: int
     nan_iterations: int
     task_losses: Optional[dict[str, float]] = None  # fine-tuning: mean loss of each task's answer tokens
+    moe_losses: Optional[dict[str, float]] = None  # MoE: load_balancing_loss / z_loss (megafast.training.moe_metrics)
+    epoch: Optional[float] = None  # --train-epochs: passes over the training data done (consumed / per epoch)
 
     def line(self) -> str:
         grad_norm = "n/a" if self.grad_norm is None else f"{self.grad_norm:.3f}"
         tasks = "".join(f" {name} loss: {loss:.6E} |" for name, loss in (self.task_losses or {}).items())
+        epoch = "" if self.epoch is None else f" epoch: {self.epoch:.3f} |"
         return (
-            f" iteration {self.iteration:8d}/{self.train_iters:8d} |"
+            f" iteration {self.iteration:8d}/{self.train_iters:8d} |" + epoch +
             f" consumed samples: {self.consumed_samples:12d} |"
             f" elapsed time per iteration (ms): {self.elapsed_ms:.1f} |"
             f" tokens per second: {self.tokens_per_sec:.1f} |"
@@ -53,6 +56,7 @@ class IterationStats:
             f" number of skipped iterations: {self.skipped_iterations:3d} |"
             f" number of nan iterations: {self.nan_iterations:3d} |"
             + tasks
+            + "".join(f" {name}: {value:.6E} |" for name, value in (self.moe_losses or {}).items())
         )
 
     def record(self) -> dict[str, Any]:
@@ -71,6 +75,8 @@ class IterationStats:
             "skipped_iterations": self.skipped_iterations,
             "nan_iterations": self.nan_iterations,
             **({"task_losses": self.task_losses} if self.task_losses is not None else {}),
+            **(self.moe_losses or {}),
+            **({"epoch": self.epoch} if self.epoch is not None else {}),
         }
 
 

@@ -35,6 +35,8 @@ from torch import nn
 
 from megafast.parallel.mappings import all_reduce, group_size
 from megafast.parallel.state import ParallelState
+from megafast.training import cpu_adamw
+from megafast.training.cpu_adamw import CpuAdamW
 from megafast.training.data_parallel import DataParallel
 
 STATE_FORMAT = "megafast.optimizer/1"
@@ -71,8 +73,10 @@ class OptimizerConfig:
     use_distributed_optimizer: bool = False
     max_skipped_steps: int = 10
     # The update itself: "cuda" = megafast._C's multi-tensor AdamW/Lion (clipping folded in, bf16/fp16
-    # model weights written in the same pass); "torch" = torch.optim; "auto" = cuda when built and on CUDA.
-    fused_optimizer: Literal["auto", "torch", "cuda"] = "auto"
+    # model weights written in the same pass); "cpu" = megafast._C's two-pass AdamW on CPU tensors
+    # (training/cpu_adamw.py, torch's bits); "torch" = torch.optim; "auto" = cuda on CUDA, cpu for
+    # AdamW on CPU, each when built.
+    fused_optimizer: Literal["auto", "torch", "cuda", "cpu"] = "auto"
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adam", "lion"):
@@ -83,7 +87,8 @@ class OptimizerConfig:
             raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         for name in ("adam_beta1", "adam_beta2", "lion_beta1", "lion_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+                flag = name.replace("lion_", "adam_").replace("_", "-")  # Lion's betas come from --adam-beta1/2
+                raise ValueError(f"--{flag} must be in [0, 1), got {getattr(self, name)}")
         if self.adam_eps <= 0:
             raise ValueError(f"--adam-eps must be > 0, got {self.adam_eps}")
         if self.clip_grad < 0:
@@ -103,8 +108,8 @@ class OptimizerConfig:
             )
         if self.max_skipped_steps < 0:
             raise ValueError(f"max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
-        if self.fused_optimizer not in ("auto", "torch", "cuda"):
-            raise ValueError(f"unknown --fused-optimizer {self.fused_optimizer!r}: use auto, torch or cuda")
+        if self.fused_optimizer not in ("auto", "torch", "cuda", "cpu"):
+            raise ValueError(f"unknown --fused-optimizer {self.fused_optimizer!r}: use auto, torch, cuda or cpu")
 
 
 class LossScaler:
@@ -287,6 +292,7 @@ class MixedPrecisionOptimizer:
         else:
             self.optimizer = Lion(groups, lr=config.lr, betas=(config.lion_beta1, config.lion_beta2))
         self.cuda_step = _cuda_step_enabled(config.fused_optimizer, self.shards)
+        self.cpu_step = _cpu_step(config, self.optimizer, self.shards) if not self.cuda_step else None
 
     def _build_shards(self) -> list[MasterShard]:
         names = _param_names(self.chunks)
@@ -371,10 +377,15 @@ class MixedPrecisionOptimizer:
         coef = 1.0
         if clip > 0:
             coef = min(1.0, clip / (grad_norm + 1e-6))
-            if coef < 1.0 and not self.cuda_step:
+            if coef < 1.0 and not self.cuda_step and self.cpu_step is None:
                 torch._foreach_mul_(grads, coef)
         if self.cuda_step:  # one multi-tensor kernel per group: clip, update, write the model weights
             self._cuda_step(coef)
+        elif self.cpu_step is not None:  # two fused passes, the clip factor folded into the first
+            self.cpu_step.step({id(s.master): s.grad for s in self.shards}, coef)
+            for s in self.shards:
+                if not s.alias:
+                    s.param_view().copy_(s.master)
         else:
             for s in self.shards:
                 s.master.grad = s.grad
@@ -526,6 +537,21 @@ def _cuda_step_enabled(choice: str, shards: Sequence[MasterShard]) -> bool:
             "with nvcc: pip install --no-build-isolation -e .): use --fused-optimizer auto or torch"
         )
     return usable
+
+
+def _cpu_step(config: OptimizerConfig, optimizer: torch.optim.Optimizer,
+              shards: Sequence[MasterShard]) -> Optional[CpuAdamW]:
+    """The fused CPU AdamW step (``--fused-optimizer`` auto/cpu), or None for torch's update."""
+    if config.fused_optimizer not in ("auto", "cpu"):
+        return None
+    if config.optimizer == "adam" and cpu_adamw.usable([s.master for s in shards], [s.grad for s in shards]):
+        return CpuAdamW(optimizer)
+    if config.fused_optimizer == "cpu":
+        raise ValueError(
+            "--fused-optimizer cpu needs --optimizer adam, fp32 CPU parameters, ATen's AVX2/AVX-512 kernels "
+            "and megafast._C built from this checkout (pip install -e .): use --fused-optimizer auto or torch"
+        )
+    return None
 
 
 def build_optimizer(

@@ -12,6 +12,7 @@ batch; gradients are summed over DP and the optimizer steps once.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import socket
@@ -28,7 +29,9 @@ from megafast.arguments import (
     model_vocab_size,
     parallel_config,
     parse_args,
+    pipeline_split,
     qlora_config,
+    split_data_paths,
     validate_args,
 )
 from megafast.config import GPTConfig
@@ -46,10 +49,18 @@ from megafast.pipeline.partition import build_model_chunks
 from megafast.planner.flops import device_peak_tflops, training_flops_per_token
 from megafast.training.checkpointing import Checkpointer, load_checkpoint
 from megafast.training.data_parallel import DataParallel
+from megafast.training.early_stopping import EarlyStopping
 from megafast.training.logging import IterationStats, Timer, TrainingLogger
+from megafast.training.moe_metrics import MoELossMeter
 from megafast.training.lr_schedule import LRScheduler, megatron_schedule_steps
 from megafast.training.optimizer import OptimizerConfig, build_optimizer
-from megafast.training.task_loss import TaskLossMeter, apply_equal_task_weighting, task_token_counts
+from megafast.training.task_loss import (
+    SelfPacedWeights,
+    TaskLossMeter,
+    apply_equal_task_weighting,
+    apply_task_weights,
+    task_token_counts,
+)
 
 
 @dataclass
@@ -73,6 +84,9 @@ class Run:
     iteration: int = 0
     consumed_samples: int = 0
     consumed_valid_samples: int = 0
+    test_ds: object = None  # --test-data-path: evaluated at the end of training
+    samples_per_epoch: Optional[int] = None  # --train-epochs: training samples in one pass over the data
+    early_stopping: Optional[EarlyStopping] = None
 
 
 def _ensure_distributed_env() -> None:
@@ -103,39 +117,76 @@ def _tokenizer_vocab(args: argparse.Namespace) -> tuple[Optional[int], Optional[
     return tok.vocab_size, tok.eod
 
 
+def _samples_per_epoch(args: argparse.Namespace, eod: Optional[int], group) -> int:
+    """``--train-epochs``: samples in one pass over the training data (every dataset of the blend)."""
+    from megafast.data.builder import build_gpt_datasets, build_gpt_split_datasets, samples_per_epoch
+
+    if args.mock_data:
+        raise SystemExit("error: --train-epochs needs real data (--mock-data has no epochs): give --train-iters")
+    paths = split_data_paths(args)
+    once = [None, 0, 0]
+    kw = dict(group=group)
+
+    def one(prefix: str):
+        if args.dataset_type == "sft":
+            split_paths = [[prefix], None, None] if paths is not None else None
+            return build_sft_datasets(None if paths is not None else [prefix], args.split, args.seq_length, once,
+                                      args.seed, args.data_cache_path, packing=args.packing,
+                                      split_paths=split_paths, **kw)[0][0]
+        if paths is not None:
+            return build_gpt_split_datasets([[prefix], None, None], args.seq_length, once, args.seed,
+                                            args.data_cache_path, eod_mask_loss=args.eod_mask_loss,
+                                            eod_token_id=eod, **kw)[0]
+        return build_gpt_datasets([prefix], args.split, args.seq_length, once, args.seed, args.data_cache_path,
+                                  eod_mask_loss=args.eod_mask_loss, eod_token_id=eod, **kw)[0]
+
+    try:
+        return samples_per_epoch(one, paths[0] if paths is not None else args.data_path)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def _build_datasets(args: argparse.Namespace, vocab_size: int, eod: Optional[int], state: ParallelState):
-    """(train, valid, task names): GPT/mock data (no tasks) or SFT data (``--dataset-type sft``)."""
+    """(train, valid, test, task names): GPT/mock data (no tasks) or SFT data (``--dataset-type sft``);
+    the test set only with ``--test-data-path`` (evaluated at the end)."""
     gbs = args.global_batch_size
     evals = (args.train_iters // args.eval_interval + 1) * args.eval_iters if args.eval_iters > 0 else 0
     num_samples = [args.train_iters * gbs, evals * gbs, args.eval_iters * gbs]
     if args.mock_data:
         return MockGPTDataset(num_samples[0], args.seq_length, vocab_size, args.seed), (
             MockGPTDataset(num_samples[1], args.seq_length, vocab_size, args.seed + 1) if num_samples[1] else None
-        ), []
+        ), None, []
+    paths = split_data_paths(args)
+    group = None if state.world_size == 1 else dist.group.WORLD
     if args.dataset_type == "sft":
         try:
-            (train, valid, _), tasks = build_sft_datasets(
-                args.data_path, args.split, args.seq_length, num_samples, args.seed, args.data_cache_path,
-                packing=args.packing, group=None if state.world_size == 1 else dist.group.WORLD,
+            (train, valid, test), tasks = build_sft_datasets(
+                None if paths is not None else args.data_path, args.split, args.seq_length, num_samples, args.seed,
+                args.data_cache_path, packing=args.packing, group=group, split_paths=paths,
             )
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
         if train is None:
             raise SystemExit("error: the training split is empty: give it a share in --split (e.g. 969,30,1)")
-        return train, valid, tasks
-    from megafast.data.builder import build_gpt_datasets
+        return train, valid, test if paths is not None else None, tasks
+    from megafast.data.builder import build_gpt_datasets, build_gpt_split_datasets
 
     try:
-        train, valid, _ = build_gpt_datasets(
-            args.data_path, args.split, args.seq_length, num_samples, args.seed, args.data_cache_path,
-            eod_mask_loss=args.eod_mask_loss, eod_token_id=eod,
-            group=None if state.world_size == 1 else dist.group.WORLD,
-        )
+        if paths is not None:
+            train, valid, test = build_gpt_split_datasets(
+                paths, args.seq_length, num_samples, args.seed, args.data_cache_path,
+                eod_mask_loss=args.eod_mask_loss, eod_token_id=eod, group=group)
+        else:
+            train, valid, test = build_gpt_datasets(
+                args.data_path, args.split, args.seq_length, num_samples, args.seed, args.data_cache_path,
+                eod_mask_loss=args.eod_mask_loss, eod_token_id=eod, group=group,
+            )
+            test = None
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if train is None:
         raise SystemExit("error: the training split is empty: give it a share in --split (e.g. 969,30,1)")
-    return train, valid, []
+    return train, valid, test, []
 
 
 def _optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
@@ -146,6 +197,8 @@ def _optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
         min_loss_scale=args.min_loss_scale, loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis,
         use_distributed_optimizer=args.use_distributed_optimizer, max_skipped_steps=args.max_skipped_steps,
         fused_optimizer=args.fused_optimizer,
+        # Lion's betas are --adam-beta1/2 (Megatron has no Lion flags; the defaults become 0.9/0.99)
+        **({"lion_beta1": args.adam_beta1, "lion_beta2": args.adam_beta2} if args.optimizer == "lion" else {}),
     )
 
 
@@ -164,8 +217,9 @@ def setup(argv: Optional[Sequence[str]] = None) -> Run:
     vocab_size = model_vocab_size(args, tok_vocab)
     config = model_config(args, vocab_size)
 
-    try:  # pure configuration: fail here, before any process group exists
-        opt_config, scheduler = _optimizer_config(args), _scheduler(args)
+    try:  # pure configuration: fail here, before any process group exists (--train-epochs: after the data)
+        opt_config = _optimizer_config(args)
+        scheduler = _scheduler(args) if args.train_iters is not None else None
         if args.tensorboard_dir:
             require("tensorboard", "tensorboard", "--tensorboard-dir")
     except ValueError as e:
@@ -180,7 +234,8 @@ def setup(argv: Optional[Sequence[str]] = None) -> Run:
     dtype = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else torch.float32)
 
     chunks = build_model_chunks(config, state, seed=args.seed, num_chunks=args.num_model_chunks,
-                                method=args.pipeline_partition, params_dtype=dtype, device=device)
+                                method=args.pipeline_partition, params_dtype=dtype, device=device,
+                                split=pipeline_split(args))
     lora = lora_config(args)
     if lora is not None:  # adapters on the TP layers, everything else frozen (before DP wraps them)
         for chunk in chunks:
@@ -194,8 +249,23 @@ def setup(argv: Optional[Sequence[str]] = None) -> Run:
     seq_local = args.seq_length // (state.tp_size if state.sequence_parallel else 1)
     engine = PipelineEngine(chunks, state, (seq_local, args.micro_batch_size, config.hidden_size), dtype, device,
                             args.pipeline_schedule)
+    samples_per_epoch = None
+    if args.train_epochs is not None:
+        samples_per_epoch = _samples_per_epoch(args, eod, None if state.world_size == 1 else dist.group.WORLD)
+        if args.train_iters is None:  # --train-iters / --train-samples take precedence
+            args.train_iters = max(1, math.ceil(args.train_epochs * samples_per_epoch / args.global_batch_size))
+            logger.info(f"> --train-epochs {args.train_epochs:g}: {samples_per_epoch} samples per epoch, global batch "
+                        f"{args.global_batch_size}: {args.train_iters} iterations")
+        if scheduler is None:
+            try:
+                scheduler = _scheduler(args)
+            except ValueError as e:
+                raise SystemExit(f"error: {e}") from None
+    train_ds, valid_ds, test_ds, tasks = _build_datasets(args, vocab_size, eod, state)
     run = Run(args, state, config, device, chunks, ddp, optimizer, scheduler, engine, logger, checkpointer,
-              *_build_datasets(args, vocab_size, eod, state))
+              train_ds, valid_ds, tasks, test_ds=test_ds, samples_per_epoch=samples_per_epoch)
+    if args.early_stopping_patience is not None:
+        run.early_stopping = EarlyStopping(args.early_stopping_patience, args.early_stopping_min_delta)
     if args.pretrained_checkpoint:
         _load_pretrained(run)
     if args.load:
@@ -216,6 +286,9 @@ def setup(argv: Optional[Sequence[str]] = None) -> Run:
                 optimizer.reload_model_params()
             run.iteration, run.consumed_samples = loaded.iteration, loaded.consumed_samples
             run.consumed_valid_samples = loaded.consumed_valid_samples
+            if run.early_stopping is not None:  # continue counting evaluations without improvement
+                run.early_stopping.load_state_dict(saved.get("early_stopping_state"))
+                args.early_stopping_state = run.early_stopping.state_dict()
             logger.info(f"loaded checkpoint {loaded.path} at iteration {loaded.iteration}")
     qlora = qlora_config(args)
     if qlora is not None:  # quantize on load: the base weights are final once the checkpoints are read
@@ -281,23 +354,70 @@ def _dp_sum_(t: torch.Tensor, run: Run) -> torch.Tensor:
 
 def evaluate(run: Run) -> Optional[float]:
     """Mean lm loss over ``--eval-iters`` global batches of the validation split (continuing)."""
-    args, state = run.args, run.state
+    args = run.args
     if run.valid_ds is None or args.eval_iters == 0:
         return None
+    loss = _evaluate_dataset(run, run.valid_ds, run.consumed_valid_samples)
+    run.consumed_valid_samples += args.eval_iters * args.global_batch_size
+    return loss
+
+
+def evaluate_test(run: Run) -> Optional[float]:
+    """Mean lm loss over ``--eval-iters`` global batches of the test set, from its first sample."""
+    if run.test_ds is None or run.args.eval_iters == 0:
+        return None
+    return _evaluate_dataset(run, run.test_ds, 0)
+
+
+def _evaluate_dataset(run: Run, dataset, first_sample: int) -> float:
+    """Token-mean lm loss of ``--eval-iters`` global batches of ``dataset`` from ``first_sample``."""
+    args, state = run.args, run.state
     for c in run.chunks:
         c.eval()
-    sampler = iter(MicroBatchSampler(len(run.valid_ds), run.consumed_valid_samples, args.micro_batch_size,
+    sampler = iter(MicroBatchSampler(len(dataset), first_sample, args.micro_batch_size,
                                      state.dp_rank, state.dp_size))
     totals = torch.zeros(2, dtype=torch.float64, device=run.device)  # (loss sum, tokens), read once at the end
     for _ in range(args.eval_iters):
-        mbs = _microbatches(run.valid_ds, sampler, args.num_microbatches, run.device)
+        mbs = _microbatches(dataset, sampler, args.num_microbatches, run.device)
         result = run.engine.run(mbs, 1.0, forward_only=True)
         totals += _dp_sum_(torch.stack([result.loss_sum, result.num_tokens]), run)
-        run.consumed_valid_samples += args.global_batch_size
     for c in run.chunks:
         c.train()
     loss_sum, tokens = totals.tolist()
     return loss_sum / max(tokens, 1.0)
+
+
+class _SelfPacedSampler:
+    """``--task-loss-weighting self-paced``: per-task mean losses of one validation global batch at a
+    time, cycling through the validation set from its first sample (apart from ``evaluate``'s)."""
+
+    def __init__(self, run: Run) -> None:
+        if run.valid_ds is None:
+            raise SystemExit("error: --task-loss-weighting self-paced needs a validation set: give the "
+                             "validation split a share in --split or --valid-data-path")
+        self.run, self.consumed = run, 0
+        self.weights = SelfPacedWeights(len(run.task_names), run.args.self_paced_history_length,
+                                        run.args.self_paced_scale_factor)
+
+    def sample(self) -> None:
+        run, args = self.run, self.run.args
+        per_epoch = len(run.valid_ds) - len(run.valid_ds) % args.global_batch_size
+        if per_epoch == 0:
+            raise SystemExit(f"error: the validation set has fewer than --global-batch-size "
+                             f"{args.global_batch_size} samples, which self-paced weighting needs")
+        start = self.consumed % per_epoch
+        sampler = iter(MicroBatchSampler(len(run.valid_ds), start, args.micro_batch_size,
+                                         run.state.dp_rank, run.state.dp_size))
+        for c in run.chunks:
+            c.eval()
+        mbs = _microbatches(run.valid_ds, sampler, args.num_microbatches, run.device)
+        counts = _dp_sum_(task_token_counts(mbs, len(run.task_names)).to(run.device), run)
+        result = run.engine.run(mbs, 1.0, forward_only=True, num_tasks=len(run.task_names))
+        for c in run.chunks:
+            c.train()
+        sums = _dp_sum_(result.task_loss_sums.clone(), run)
+        self.weights.add(torch.where(counts > 0, sums / counts.clamp_min(1.0), 0.0))
+        self.consumed += args.global_batch_size
 
 
 def _save(run: Run) -> None:
@@ -341,6 +461,10 @@ def _train_loop(run: Run, prefetcher: MicroBatchPrefetcher) -> None:
     nan_iterations = torch.zeros((), dtype=torch.int64, device=run.device)  # since the start of this run
     num_tasks = len(run.task_names)
     task_meter = TaskLossMeter(run.task_names)
+    moe_meter = MoELossMeter(run.chunks, run.config, state, run.device)  # router losses (MoE models)
+    self_paced = _SelfPacedSampler(run) if args.task_loss_weighting == "self-paced" else None
+    if self_paced is not None:
+        self_paced.sample()  # MFTCoder samples once before the first step
     for c in run.chunks:
         c.train()
     while run.iteration < args.train_iters and run.consumed_samples < total:
@@ -348,6 +472,12 @@ def _train_loop(run: Run, prefetcher: MicroBatchPrefetcher) -> None:
         task_counts = _dp_sum_(task_token_counts(mbs, num_tasks).to(run.device), run) if num_tasks else None
         if args.task_loss_weighting == "equal":  # the per-task weights make the loss mask sum to 1
             apply_equal_task_weighting(mbs, task_counts)
+            denominator = torch.ones((), dtype=torch.float64, device=run.device)
+        elif self_paced is not None:  # MFTCoder's self-paced task weights (megafast.training.task_loss)
+            interval = args.self_paced_interval
+            if run.iteration >= args.self_paced_history_length and run.iteration % interval == 0:
+                self_paced.weights.update()
+            apply_task_weights(mbs, task_counts.cpu(), self_paced.weights.weights)
             denominator = torch.ones((), dtype=torch.float64, device=run.device)
         else:  # unmasked tokens of the global batch, kept on the device
             local = sum(mb.loss_mask.sum() for mb in mbs).double().reshape(1)
@@ -357,6 +487,7 @@ def _train_loop(run: Run, prefetcher: MicroBatchPrefetcher) -> None:
         result = run.engine.run(mbs, denominator, loss_scale=run.optimizer.loss_scale,
                                 before_last_backward=lambda c: run.ddp.set_last_microbatch(True, chunk=c),
                                 num_tasks=num_tasks)
+        moe_meter.after_step()
         try:
             step = run.optimizer.step()
         except RuntimeError as e:  # too many non-finite steps in a row
@@ -373,6 +504,8 @@ def _train_loop(run: Run, prefetcher: MicroBatchPrefetcher) -> None:
         interval_iters += 1
         if run.checkpointer is not None:
             run.checkpointer.maybe_finalize()
+        if self_paced is not None and run.iteration % args.self_paced_interval == 0:
+            self_paced.sample()
 
         if run.iteration % args.log_interval == 0 or run.iteration == args.train_iters:
             lm_loss = interval_loss.item() / interval_iters  # the host reads (and waits) here only
@@ -386,20 +519,31 @@ def _train_loop(run: Run, prefetcher: MicroBatchPrefetcher) -> None:
                 loss_scale=step.loss_scale, grad_norm=step.grad_norm if step.success else None,
                 skipped_iterations=step.num_skipped, nan_iterations=int(nan_iterations.item()),
                 task_losses=task_meter.means() if num_tasks else None,
+                moe_losses=moe_meter.means() or None,
+                epoch=run.consumed_samples / run.samples_per_epoch if run.samples_per_epoch else None,
             ))
             interval_loss.zero_()
             interval_iters = 0
             task_meter.reset()
+        stop = False
         if args.eval_interval and run.iteration % args.eval_interval == 0:
             val = evaluate(run)
             if val is not None:
                 run.logger.log_validation(run.iteration, val)
+                if run.early_stopping is not None:
+                    stop = run.early_stopping.update(run.iteration, val)
+                    args.early_stopping_state = run.early_stopping.state_dict()  # saved with the arguments
+                    if stop:
+                        run.logger.info(run.early_stopping.reason(run.iteration))
         if args.save_interval and run.iteration % args.save_interval == 0:
             _save(run)
-        if args.exit_interval and run.iteration % args.exit_interval == 0:
+        if stop or (args.exit_interval and run.iteration % args.exit_interval == 0):
             break
     if args.save and (not args.save_interval or run.iteration % args.save_interval):
         _save(run)
+    test = evaluate_test(run)
+    if test is not None:
+        run.logger.log_validation(run.iteration, test, split="test")
 
 
 def pretrain(argv: Optional[Sequence[str]] = None) -> None:

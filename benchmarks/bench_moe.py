@@ -1,0 +1,243 @@
+"""MoE benchmark: the experts' grouped GEMM against a per-expert Python loop, forward + backward.
+
+    python benchmarks/bench_moe.py [--out DIR] [--only grouped_gemm] [--reps 7] [--write-doc FILE.md]
+    python benchmarks/bench_moe.py --smoke        # seconds: tiny shapes (a self-check of the script)
+
+Each part of the benchmark is one function in :data:`PARTS` that appends :class:`Row` s (one per
+implementation of one shape, all timed in the same run so the ratios compare like with like):
+
+- ``grouped_gemm``: y = x @ w[e] over the rows of each expert (x [T*k, H] sorted by expert, w
+  [E, H, F], tokens routed by top-k of random scores), forward + backward (dx, dw), for
+  ``loop`` (``torch.split`` + one autograd matmul per expert + ``torch.cat``: the per-expert Python
+  loop), ``torch`` (``grouped_gemm_torch``, megafast's CPU path) and, on a GPU, ``triton`` (the
+  grouped kernel: one launch for y, one for dx, one for dw). Tokens/s counts the T tokens before
+  top-k; the ratio is the loop's time over the implementation's.
+
+Later parts (another change) slot into :data:`PARTS` with the same :class:`Row` (``part`` names
+them; ``impl`` the variant, e.g. the MoE layer, or the all-to-all vs all-gather dispatchers at
+EP 2/4 with ``ranks`` set), and share the timing, the table and the docs section.
+
+CPU: fp32 at small shapes (about a minute). GPU: bf16 at Mixtral-like (hidden 4096, expert FFN
+14336, 8 experts, top-2, 16k tokens) and Qwen2-MoE-like (2048, 1408, 60 experts, top-4) shapes.
+Every implementation's output and gradients are checked against the loop's before timing (the
+script exits 1 on a mismatch). Results: ``bench_moe.json`` and ``bench_moe.md`` under ``--out``
+(default ``$OUT`` or benchmarks/results); ``--write-doc`` replaces the ``bench_moe`` section of that
+markdown file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import torch  # noqa: E402
+
+from doc_section import write_section  # noqa: E402
+from megafast.kernels.grouped_gemm_kernel import grouped_gemm, grouped_gemm_torch  # noqa: E402
+
+SECTION = "bench_moe"
+# (name, tokens T, hidden H, expert FFN F, experts E, top-k)
+CPU_SHAPES = (
+    ("mixtral-like/32", 2048, 256, 448, 8, 2),
+    ("qwen2-moe-like/16", 2048, 128, 88, 60, 4),
+)
+GPU_SHAPES = (
+    ("mixtral-like", 16384, 4096, 14336, 8, 2),
+    ("qwen2-moe-like", 16384, 2048, 1408, 60, 4),
+)
+SMOKE_SHAPES = (("smoke", 64, 32, 48, 4, 2),)
+
+
+@dataclass
+class Row:
+    """One implementation of one benchmarked shape."""
+
+    part: str  # grouped_gemm (later: moe_layer, dispatcher)
+    shape: str
+    impl: str
+    dtype: str
+    ms: float  # forward + backward, median
+    tokens_per_s: float
+    vs_baseline: Optional[float] = None  # baseline time / this time (>1: faster than the baseline)
+    baseline: str = ""
+    max_rel_err: Optional[float] = None
+    ranks: int = 1  # expert-parallel ranks (dispatcher comparisons)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fns: dict[str, Callable[[], object]], device: torch.device, reps: int, warmup: int = 2) -> dict:
+    """Median wall time (ms) of each of ``fns`` over ``reps`` calls after ``warmup``, synchronising a
+    GPU; the functions take turns within each repetition, so a change of machine load hits them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a64, b64 = a.detach().double(), b.detach().double()
+    den = b64.norm().item()
+    return (a64 - b64).norm().item() / den if den else (a64 - b64).norm().item()
+
+
+# ----------------------------------------------------------------------------------- grouped GEMM
+
+
+def routed_counts(tokens: int, experts: int, top_k: int, device: torch.device) -> torch.Tensor:
+    """tokens_per_expert of top-k routing on random scores (a realistic, uneven spread)."""
+    scores = torch.randn(tokens, experts, device=device)
+    idx = scores.topk(top_k, dim=-1).indices.reshape(-1)
+    return torch.bincount(idx, minlength=experts)
+
+
+def loop_grouped_gemm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """The per-expert Python loop: split the rows by expert, one matmul each, concatenate (the weights
+    unbound once, as separate per-expert parameters would be: ``w[e]`` would cost a full [E, H, F]
+    zero gradient per expert in backward)."""
+    parts = x.split(tokens_per_expert.tolist())
+    return torch.cat([p @ w_e for p, w_e in zip(parts, w.unbind(0))])
+
+
+def bench_grouped_gemm(rows: list[Row], shapes, dtype: torch.dtype, device: torch.device, reps: int) -> None:
+    impls = {"loop": loop_grouped_gemm, "torch": grouped_gemm_torch}
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        impls["triton"] = grouped_gemm
+    for name, tokens, hidden, ffn, experts, top_k in shapes:
+        counts = routed_counts(tokens, experts, top_k, device)
+        n = tokens * top_k
+        x = (torch.randn(n, hidden, device=device) / 2).to(dtype).requires_grad_()
+        w = (torch.randn(experts, hidden, ffn, device=device) / hidden**0.5).to(dtype).requires_grad_()
+        dy = torch.randn(n, ffn, device=device).to(dtype)
+        shape = f"{name}: T={tokens} k={top_k} E={experts} {n}x{hidden} @ [{experts}, {hidden}, {ffn}]"
+        results, steps = {}, {}
+        for impl, fn in impls.items():
+            y = fn(x, w, counts)
+            results[impl] = (y, *torch.autograd.grad(y, (x, w), dy))
+
+            def step(fn=fn):
+                y = fn(x, w, counts)
+                torch.autograd.grad(y, (x, w), dy)
+
+            steps[impl] = step
+        for impl, ms in time_ms(steps, device, reps).items():
+            err = None
+            if impl != "loop":
+                err = max(rel_err(a, b) for a, b in zip(results[impl], results["loop"]))
+            rows.append(Row("grouped_gemm", shape, impl, str(dtype).replace("torch.", ""), ms,
+                            tokens / (ms / 1e3), max_rel_err=err))
+            print(f"{shape} {impl}: {ms:.2f} ms fwd+bwd, {tokens / (ms / 1e3):,.0f} tokens/s"
+                  + (f", max rel err {err:.1e}" if err is not None else ""), flush=True)
+        base = next(r for r in rows if r.shape == shape and r.impl == "loop")
+        for r in rows:
+            if r.shape == shape:
+                r.baseline, r.vs_baseline = "loop", base.ms / r.ms
+
+
+PARTS = {"grouped_gemm": bench_grouped_gemm}
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def versions(device: torch.device) -> dict:
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    info["device"] = (torch.cuda.get_device_name() if device.type == "cuda"
+                      else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+    return info
+
+
+def render_markdown(info: dict, rows: list[Row], command: str, note: str = "") -> str:
+    lines = [f"## MoE kernels: grouped GEMM vs the per-expert loop ({info['date']}, {info['device']})", "",
+             f"- command: `{command}`",
+             f"- versions: torch {info['torch']}, triton {info['triton']}, Python {info['python']}, "
+             f"{info['threads']} torch threads",
+             "- forward + backward (y, dx, dw) of one grouped GEMM, median wall time; tokens/s counts the T "
+             "tokens before top-k; `x loop` = the loop's time / this time"]
+    if note:
+        lines.append(f"- {note}")
+    lines += ["", "| part | shape | impl | dtype | fwd+bwd ms | tokens/s | x loop | max rel err |",
+              "|---|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        err = "-" if r.max_rel_err is None else f"{r.max_rel_err:.1e}"
+        ratio = "-" if r.vs_baseline is None else f"{r.vs_baseline:.2f}"
+        lines.append(f"| {r.part} | {r.shape} | {r.impl} | {r.dtype} | {r.ms:.2f} | {r.tokens_per_s:,.0f} | "
+                     f"{ratio} | {err} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"))
+    p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default: 7 on CPU, 20 on GPU)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default: float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repetition (checks the script)")
+    p.add_argument("--write-doc", default=None, help="replace the bench_moe section of this markdown file")
+    p.add_argument("--note", default="", help="a line added to the report (e.g. the machine's load)")
+    args = p.parse_args(argv)
+    parts = [s for s in args.only.split(",") if s]
+    if unknown := set(parts) - set(PARTS):
+        raise SystemExit(f"unknown parts {sorted(unknown)}: choose from {', '.join(PARTS)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    shapes = SMOKE_SHAPES if args.smoke else GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
+    reps = 1 if args.smoke else args.reps or (20 if device.type == "cuda" else 7)
+    torch.manual_seed(0)
+    info = versions(device)
+    print(json.dumps(info), flush=True)
+    rows: list[Row] = []
+    for part in parts:
+        PARTS[part](rows, shapes, dtype, device, reps)
+    bad = [r for r in rows if r.max_rel_err is not None and not r.max_rel_err <= TOLERANCE[dtype]]
+    command = "python benchmarks/bench_moe.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    text = render_markdown(info, rows, command.strip(), args.note)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_moe.json"), "w") as f:
+        json.dump({"info": info, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    with open(os.path.join(args.out, "bench_moe.md"), "w") as f:
+        f.write(text)
+    print(text)
+    if args.write_doc and not bad:
+        write_section(args.write_doc, SECTION, text)
+    for r in bad:
+        print(f"FAIL {r.part} {r.shape} {r.impl}: max rel err {r.max_rel_err:.1e} > {TOLERANCE[dtype]:g}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
