@@ -50,8 +50,9 @@ VARIANTS = [("no_shard", 0.0), ("optim", 0.0), ("optim_grads", 0.0), ("optim_gra
             ("optim_grads_params", 1.0)]
 
 
-def model_config(seq: int) -> GPTConfig:
-    return GPTConfig(num_layers=12, hidden_size=768, num_attention_heads=12, ffn_hidden_size=2048, vocab_size=32000,
+def model_config(seq: int, layers: int = 12, hidden: int = 768) -> GPTConfig:
+    return GPTConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=12, ffn_hidden_size=hidden * 8 // 3,
+                     vocab_size=32000,
                      max_position_embeddings=seq, make_vocab_size_divisible_by=128, position_embedding_type="rope",
                      normalization="RMSNorm", activation="swiglu", add_bias_linear=False, tie_embeddings=True)
 
@@ -86,11 +87,12 @@ def state_bytes(chunks, ddp, opt) -> dict[str, int]:
 
 
 def _cpu_peak_delta(prof) -> int:
-    """The peak of the running sum of the CPU allocator's allocations and frees in the profile."""
-    events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
+    """The peak of the running balance of the CPU allocator over the profile: every event's own
+    allocations minus frees (``self_cpu_memory_usage``; frees outside any op are ``[memory]``
+    events), in start-time order."""
     now = peak = 0
-    for e in events:
-        now += e.cpu_memory_usage
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        now += e.self_cpu_memory_usage
         peak = max(peak, now)
     return peak
 
@@ -104,7 +106,7 @@ def _worker(rank: int, world: int, init: str, a: argparse.Namespace, queue) -> N
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if a.bf16 else torch.float32
     state = ParallelState.create(ParallelConfig(1, 1))
-    config = model_config(a.seq_length)
+    config = model_config(a.seq_length, a.num_layers, a.hidden_size)
     out = []
     for strategy, fraction in VARIANTS:
         chunks = build_model_chunks(config, state, seed=1234, params_dtype=dtype, device=device)
@@ -168,7 +170,7 @@ def run(a: argparse.Namespace) -> list[list[dict]]:
 
 
 def report(a: argparse.Namespace, results: list[list[dict]]) -> str:
-    config = model_config(a.seq_length)
+    config = model_config(a.seq_length, a.num_layers, a.hidden_size)
     n = total_parameter_count(config, padded=False)
     gb = 1e9
     rows = []
@@ -200,7 +202,8 @@ def report(a: argparse.Namespace, results: list[list[dict]]) -> str:
         + (" (the machine is shared with other jobs: step times are noisy, the byte counts are not)" if load > 1.5
            else ""),
         f"- versions: Python {platform.python_version()}, torch {torch.__version__}",
-        f"- model: {n / 1e6:.0f}M parameters (12 layers, hidden 768, SwiGLU 2048, vocabulary 32000, tied), "
+        f"- model: {n / 1e6:.0f}M parameters ({a.num_layers} layers, hidden {a.hidden_size}, SwiGLU "
+        f"{config.ffn_hidden_size}, vocabulary 32000, tied), "
         f"{'bf16' if a.bf16 else 'fp32'}, Adam; DP={a.dp}, {a.microbatches} micro-batch(es) of 1 x {a.seq_length} "
         f"tokens per rank, --ddp-bucket-size-mb {a.bucket_size_mb}",
         f"- command: `python benchmarks/bench_memory.py --dp {a.dp} --seq-length {a.seq_length} --microbatches "
@@ -227,6 +230,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--num-layers", type=int, default=12, help="smaller for a smoke run")
+    p.add_argument("--hidden-size", type=int, default=768, help="smaller for a smoke run")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--bucket-size-mb", type=float, default=25.0)
     p.add_argument("--timeout", type=float, default=3600)

@@ -25,7 +25,7 @@ elements, d = DP, e = model-dtype bytes; :func:`strategy_table` lists them side 
 
 ZeRO-3's buckets never span two sharding units (embedding, each layer, final norm, output head),
 as megafast.training.sharded_params builds them. Transient on top (in the activation working
-set): ZeRO-2/3 one full fp32 bucket of gradients before its reduce-scatter, ZeRO-3 the gathered
+set): ZeRO-2/3 three full fp32 gradient buckets (one filling, two reduce-scatters in flight), ZeRO-3 the gathered
 weights of two units (the one computing and the prefetched one). Optimizer CPU offload of a
 fraction f moves f of the fp32 masters and optimizer states (and a host copy of their gradients)
 to host memory: ``StaticMemory.host``, not counted against the GPU.
@@ -523,9 +523,9 @@ def activation_memory(
         loss = resolve_kernels(c, layout, device).loss
         transient = max(transient, _loss_transient_bytes(c, loss, tokens, e, t))
     n = rank_parameter_state(c, layout, pp_rank)
-    sharded = 0  # ZeRO-2/3: a full fp32 bucket before its reduce-scatter; ZeRO-3: two gathered units
+    sharded = 0  # ZeRO-2/3: full fp32 buckets being filled or reduce-scattered; ZeRO-3: two gathered units
     if layout.zero_stage >= 2:
-        sharded += GRAD_BYTES * n.largest_bucket
+        sharded += 3 * GRAD_BYTES * n.largest_bucket  # data_parallel.IN_FLIGHT + 1
     if layout.zero_stage == 3:
         sharded += 2 * e * n.largest_unit
     return ActivationMemory(tuple(per_chunk), count, stored, int(transient + e * n.largest + sharded))

@@ -67,6 +67,7 @@ from megafast.training.sharded_params import ParamGatherer, sharding_units
 
 BYTES_PER_GRAD_ELEMENT = 4  # fp32
 SHARDING_STRATEGIES = ("no_shard", "optim", "optim_grads", "optim_grads_params")
+IN_FLIGHT = 2  # gradients sharded: reduce-scatters (each holding a full-size fp32 bucket) running at once
 
 
 def resolve_sharding_strategy(strategy: Optional[str], use_distributed_optimizer: bool) -> str:
@@ -191,6 +192,7 @@ class DataParallel:
         )
         self._sync_on_backward = [True] * len(self.chunks)
         self._synced = False  # finish_grad_sync ran and no gradient arrived since
+        self._in_flight: list[GradBucket] = []  # gradients sharded: buckets whose reduce-scatter may be running
 
         seen: set[int] = set()
         self.buffers: list[GradBuffer] = []
@@ -363,6 +365,11 @@ class DataParallel:
         bucket.pending.append((work, full, out))
         if not self.overlap_grad_reduce:
             self._drain(bucket)
+            return
+        # bound the full-size temporaries alive at once: at most IN_FLIGHT buckets reducing
+        self._in_flight.append(bucket)
+        while len(self._in_flight) > IN_FLIGHT:
+            self._drain(self._in_flight.pop(0))
 
     @staticmethod
     def _drain(bucket: GradBucket) -> None:
@@ -402,6 +409,7 @@ class DataParallel:
             for bucket in self.buckets:
                 self._launch_sharded(bucket)  # buckets some of whose parameters got no gradient
                 self._drain(bucket)
+            self._in_flight.clear()
             if self.param_gatherer is not None:
                 self.param_gatherer.release_all()
         elif self.dp_size > 1:
@@ -428,6 +436,7 @@ class DataParallel:
                     work.wait()
             bucket.pending.clear()
             bucket.grad_full = None
+        self._in_flight.clear()
         for buf in self.buffers:
             buf.grad_data.zero_()
         for p in self.params:
