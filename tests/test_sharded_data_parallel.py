@@ -227,3 +227,25 @@ def test_tensor_bytes_match_the_planner(runs):
         total[strategy] = sum(four[0]["bytes"][strategy].values())
     assert total["optim_grads_params"] < 0.3 * total["no_shard"], total
     assert four[0]["gathered_after_step"] == 0
+
+
+def test_search_picks_zero3_when_nothing_else_fits_and_says_why():
+    """A GPU between ZeRO-3's and ZeRO-2's needs: the search chooses optim_grads_params, and the
+    explanation names the others as too big."""
+    from sharded_harness import SEQ, gpt_config
+    from megafast.planner.search import explain, search
+    from megafast.planner.throughput import Cluster, estimate
+
+    config = gpt_config()
+    need = {s: estimate(config, Layout(dp=4, num_microbatches=2, seq_length=SEQ, sharding_strategy=s),
+                        Cluster(4)).memory.total for s in ("no_shard", "optim", "optim_grads", "optim_grads_params")}
+    others = min(v for k, v in need.items() if k != "optim_grads_params")
+    assert need["optim_grads_params"] < others, need
+    gb = (need["optim_grads_params"] + others) / 2 / 1e9
+    plan = search(config, Cluster(4, gpu_memory_gb=gb, memory_headroom=0.0), SEQ, 8, tp=1, pp=1,
+                  micro_batch_sizes=(1,), recompute=(None,), offload=False)
+    assert [e.layout.sharding_strategy for e in plan.feasible] == ["optim_grads_params"]
+    lines = explain(plan, gb)
+    assert "optim_grads_params (ZeRO-3)" in lines[0]
+    for name in ("no_shard (DDP)", "optim (ZeRO-1)", "optim_grads (ZeRO-2)"):
+        assert any(line.strip().startswith(f"{name}: needs") for line in lines), (name, lines)
