@@ -183,7 +183,8 @@ class DataParallel:
         self.sharding_strategy = resolve_sharding_strategy(sharding_strategy, use_distributed_optimizer)
         self.use_distributed_optimizer = self.sharding_strategy != "no_shard"
         # with one DP rank there is nothing to shard: ZeRO-2/3 behave as ZeRO-1
-        self.shard_grads = self.sharding_strategy in ("optim_grads", "optim_grads_params") and self.dp_size > 1
+        sharded_grads = self.sharding_strategy in ("optim_grads", "optim_grads_params")
+        self.shard_grads = sharded_grads and self.dp_size > 1
         self.shard_params = self.sharding_strategy == "optim_grads_params" and self.dp_size > 1
         self.overlap_grad_reduce = overlap_grad_reduce
         self.average_in_collective = average_in_collective
@@ -192,7 +193,7 @@ class DataParallel:
         )
         self._sync_on_backward = [True] * len(self.chunks)
         self._synced = False  # finish_grad_sync ran and no gradient arrived since
-        self._in_flight: list[GradBucket] = []  # gradients sharded: buckets whose reduce-scatter may be running
+        self._in_flight: list[GradBucket] = []  # gradients sharded: buckets maybe still reduce-scattering
 
         seen: set[int] = set()
         self.buffers: list[GradBuffer] = []
@@ -266,7 +267,8 @@ class DataParallel:
 
         device = params[0].device
         grad_numel = offset // self.dp_size if self.shard_grads else offset
-        buf = GradBuffer(chunk, dtype, torch.zeros(grad_numel, dtype=torch.float32, device=device), ranges, params)
+        grad_data = torch.zeros(grad_numel, dtype=torch.float32, device=device)
+        buf = GradBuffer(chunk, dtype, grad_data, ranges, params)
         buf.buckets = [GradBucket(buf, s, e, m) for s, e, m in bucket_spans]
         if self.shard_params:  # each bucket: its own full storage (freed between uses) and this rank's shard
             buf.param_shards = torch.zeros(offset // self.dp_size, dtype=dtype, device=device)
@@ -277,7 +279,8 @@ class DataParallel:
                     full[s - bucket.start : e - bucket.start].copy_(p.data.view(-1))
                     p.data = full[s - bucket.start : e - bucket.start].view(p.shape)
                 lo, hi = bucket.shard_range(self.dp_rank, self.dp_size)
-                bucket.param_shard = buf.param_shards[bucket.start // self.dp_size : bucket.end // self.dp_size]
+                d = self.dp_size
+                bucket.param_shard = buf.param_shards[bucket.start // d : bucket.end // d]
                 bucket.param_shard.copy_(full[lo - bucket.start : hi - bucket.start])
                 bucket.param_full, bucket.gathered = full, True
         elif self.use_distributed_optimizer:

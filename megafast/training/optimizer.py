@@ -318,7 +318,8 @@ class MixedPrecisionOptimizer:
             )
         else:
             self.optimizer = Lion(groups, lr=config.lr, betas=(config.lion_beta1, config.lion_beta2))
-        self.cuda_step = not config.optimizer_cpu_offload and _cuda_step_enabled(config.fused_optimizer, self.shards)
+        self.cuda_step = not config.optimizer_cpu_offload and _cuda_step_enabled(
+            config.fused_optimizer, self.shards)
 
     def _build_shards(self) -> list[MasterShard]:
         names = _param_names(self.chunks)
@@ -590,7 +591,8 @@ class MixedPrecisionOptimizer:
         model first. See megafast.training.optimizer_reshard."""
         for sd in pieces:
             if sd.get("format") != STATE_FORMAT:
-                raise ValueError(f"not a megafast optimizer state (format {sd.get('format')!r}, want {STATE_FORMAT!r})")
+                raise ValueError(
+                    f"not a megafast optimizer state (format {sd.get('format')!r}, want {STATE_FORMAT!r})")
             if sd["optimizer"] != self.config.optimizer:
                 raise ValueError(
                     f"optimizer state was saved with --optimizer {sd['optimizer']} but this run uses "

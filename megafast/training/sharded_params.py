@@ -73,7 +73,9 @@ def sharding_units(chunk: nn.Module) -> list[Unit]:
 class ParamGatherer:
     """Gathers and frees the sharded parameters of each unit around its forward and backward."""
 
-    def __init__(self, ddp: "DataParallel", units: Sequence[Sequence[tuple[nn.Module, list["GradBucket"]]]]) -> None:
+    def __init__(
+        self, ddp: "DataParallel", units: Sequence[Sequence[tuple[nn.Module, list["GradBucket"]]]]
+    ) -> None:
         self.group = ddp.dp_group
         self.size = ddp.dp_size
         self.rank = ddp.dp_rank
