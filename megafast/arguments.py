@@ -27,6 +27,7 @@ from megafast.config import (
 )
 from megafast.data.chat_template import parse_role_markers
 from megafast.data.sft_format import sft_paths
+from megafast.training.data_parallel import SHARDING_STRATEGIES, resolve_sharding_strategy
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -417,7 +418,32 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_model, _add_parallel, _add_training, _add_optimizer, _add_data, _add_finetuning,
                 _add_checkpoint_and_logging, _add_moe, _add_workflow):
         add(p)
+    _add_sharding(p)
     return p
+
+
+def _add_sharding(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data-parallel sharding and optimizer offload")
+    g.add_argument("--data-parallel-sharding-strategy", choices=list(SHARDING_STRATEGIES), default=None,
+                   help="no_shard (plain DDP, the default), optim (ZeRO-1 = --use-distributed-optimizer), "
+                        "optim_grads (ZeRO-2: gradients reduce-scattered), optim_grads_params (ZeRO-3: "
+                        "parameters sharded too, gathered per layer)")
+    g.add_argument("--optimizer-cpu-offload", action="store_true",
+                   help="fp32 master weights and optimizer states in host memory, the step on the CPU")
+    g.add_argument("--optimizer-offload-fraction", type=float, default=1.0,
+                   help="the share of the optimizer state offloaded with --optimizer-cpu-offload (0..1)")
+
+
+def _validate_sharding(args: argparse.Namespace) -> None:
+    """--data-parallel-sharding-strategy and its alias --use-distributed-optimizer (= optim)."""
+    try:
+        args.data_parallel_sharding_strategy = resolve_sharding_strategy(
+            args.data_parallel_sharding_strategy, args.use_distributed_optimizer)
+    except ValueError as e:
+        _fail(str(e))
+    args.use_distributed_optimizer = args.data_parallel_sharding_strategy != "no_shard"
+    if not 0.0 <= args.optimizer_offload_fraction <= 1.0:
+        _fail(f"--optimizer-offload-fraction must be in [0, 1], got {args.optimizer_offload_fraction}")
 
 
 def model_config(args: argparse.Namespace, vocab_size: int) -> GPTConfig:
@@ -596,6 +622,7 @@ def validate_args(args: argparse.Namespace, world_size: int, vocab_size: Optiona
         _fail("--lr is required")
     if args.bf16 and args.fp16:
         _fail("--bf16 and --fp16 are exclusive: choose one")
+    _validate_sharding(args)
     if args.recompute_granularity != "full" and (args.recompute_method or args.recompute_num_layers):
         _fail("--recompute-method and --recompute-num-layers apply to full recomputation: "
               "add --recompute-granularity full or drop them")

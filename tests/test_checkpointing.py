@@ -428,8 +428,8 @@ def test_layout_mismatch_and_damaged_files(tmp_path):
     other = GPTModel(tiny_config(num_layers=3), single)
     with pytest.raises(ValueError, match=r"model does not match the model \(missing keys \['decoder.lay"):
         load_checkpoint(str(tmp_path), other, None, None, single)
-    with pytest.raises(ValueError, match="was saved without --use-distributed-optimizer"):
-        load_checkpoint(str(tmp_path), t.chunks, t.opt, t.sched, single, distributed_optimizer=True)
+    # a plain optimizer state loads into any sharding (megafast.training.optimizer_reshard)
+    assert load_checkpoint(str(tmp_path), t.chunks, t.opt, t.sched, single, distributed_optimizer=True).iteration == 3
     lion = setup(single, optimizer="lion")
     with pytest.raises(ValueError, match=r"cannot load the optimizer from .*the same --optimizer"):
         load_checkpoint(str(tmp_path), lion.chunks, lion.opt, lion.sched, single)

@@ -347,7 +347,7 @@ def test_single_process_state_bytes():
         layout = Layout(dtype=dtype)
         config = llama()
         got = measure_state_single(config, layout)
-        assert dataclasses.astuple(static_memory(config, layout, 0)) == got
+        assert dataclasses.astuple(static_memory(config, layout, 0))[:4] == got  # [4]: host (offload)
 
 
 def measure_state_single(config: GPTConfig, layout: Layout) -> tuple[int, int, int, int]:
@@ -485,7 +485,9 @@ def test_estimate_rejects_impossible_layouts_with_a_reason():
 
 @pytest.fixture(scope="module")
 def plan70b():
-    return search(llama70b(), Cluster(num_gpus=64, gpu_memory_gb=80), seq_length=4096, global_batch_size=1024)
+    # without ZeRO-2/3 and offload (test_sharded_data_parallel checks the search with them)
+    return search(llama70b(), Cluster(num_gpus=64, gpu_memory_gb=80), seq_length=4096, global_batch_size=1024,
+                  sharding_strategies=("no_shard", "optim"), offload=False)
 
 
 def test_70b_on_64_gpus_lists_only_layouts_that_fit(plan70b):

@@ -51,6 +51,9 @@ from megafast.planner import (  # noqa: E402
     total_parameter_count,
     training_flops_per_token,
 )
+from megafast.planner.layout import SHARDING_STRATEGIES  # noqa: E402
+from megafast.planner.memory import strategy_table  # noqa: E402
+from megafast.planner.search import STRATEGY_NAMES, explain  # noqa: E402
 
 SUFFIXES = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 
@@ -147,6 +150,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="fix ZeRO-1 sharding on (default: try with and without)",
     )
     g.add_argument("--no-distributed-optimizer", dest="use_distributed_optimizer", action="store_false")
+    g.add_argument("--data-parallel-sharding-strategy", choices=list(SHARDING_STRATEGIES), default=None,
+                   help="fix the DP sharding (default: try all; the model report shows them side by side)")
+    g.add_argument("--no-optimizer-cpu-offload", dest="optimizer_cpu_offload", action="store_false",
+                   help="do not retry layouts that do not fit with the optimizer offloaded to the CPU")
+    g.add_argument("--data-parallel-size", type=int, default=8,
+                   help="DP size of the model report's per-strategy table (without --num-gpus)")
     g.add_argument(
         "--sequence-parallel", action="store_true", default=None, help="default: on whenever TP > 1"
     )
@@ -328,6 +337,9 @@ def make_plan(args: argparse.Namespace, config: GPTConfig, seq_length: int, clus
         distributed_optimizer=(False, True)
         if args.use_distributed_optimizer is None
         else [args.use_distributed_optimizer],
+        sharding_strategies=None if args.data_parallel_sharding_strategy is None
+        else [args.data_parallel_sharding_strategy],
+        offload=args.optimizer_cpu_offload,
         sequence_parallel=args.sequence_parallel,
         layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage,
         recompute_method=args.recompute_method,
@@ -349,6 +361,23 @@ def estimate_dict(est: Estimate, tokens: Optional[float]) -> dict:
     if tokens is not None and est.time is not None:
         out["days"] = est.days(tokens)
     return out
+
+
+def _zero(layout: Layout) -> str:
+    """ZeRO stage (0: no_shard ... 3: optim_grads_params), "+off" with optimizer CPU offload."""
+    return f"{layout.zero_stage}" + ("+off" if layout.optimizer_offload_fraction else "")
+
+
+def sharding_rows(args: argparse.Namespace, config: GPTConfig, seq_length: int) -> tuple[Layout, dict]:
+    """Model state per GPU under each DP sharding strategy (and ZeRO-3 with the optimizer offloaded)
+    at TP/PP from the flags (default 1) and DP --data-parallel-size."""
+    layout = Layout(tp=args.tensor_model_parallel_size or 1, pp=args.pipeline_model_parallel_size or 1,
+                    dp=args.data_parallel_size, seq_length=seq_length, dtype=args.dtype, optimizer=args.optimizer)
+    layout.check(config)
+    table = strategy_table(config, layout)
+    return layout, {k: {"weights": m.weights / GB, "gradients": m.gradients / GB, "master_weights":
+                        m.master_weights / GB, "optimizer_states": m.optimizer_states / GB, "host": m.host / GB,
+                        "total": m.total / GB} for k, m in table.items()}
 
 
 def _recompute(layout: Layout) -> str:
@@ -395,6 +424,7 @@ def print_tables(
         "SP",
         "recompute",
         "dist-opt",
+        "ZeRO",
         "GB/GPU",
         "tokens/s",
         "TFLOP/s",
@@ -418,6 +448,7 @@ def print_tables(
             "y" if lay.sequence_parallel else "-",
             _recompute(lay),
             "y" if lay.distributed_optimizer else "-",
+            _zero(lay),
             f"{est.memory.total / GB:.1f}",
             f"{est.tokens_per_s:,.0f}",
             f"{est.tflops_per_gpu:.0f}",
@@ -429,6 +460,8 @@ def print_tables(
             row.append(f"{est.days(args.tokens):.1f}")
         table.add_row(*row)
     console.print(table)
+    for line in explain(plan, cluster.usable_memory_bytes / GB):
+        console.print(line)
     if not plan.feasible:
         console.print("[bold red]no layout fits[/bold red]: the closest ones are listed below")
     if args.show_rejected or not plan.feasible:
@@ -570,6 +603,16 @@ def print_model_tables(
             "y" if b["total"] <= usable_gb else "-",
         )
     console.print(table)
+    layout, rows = sharding_rows(args, config, seq_length)
+    table = Table(title=f"model state per GPU by DP sharding strategy, TP {layout.tp} x PP {layout.pp} x "
+                        f"DP {layout.dp} (--data-parallel-size; GB, without activations; host = CPU memory)")
+    for col in ("strategy", "weights", "gradients", "master", "optimizer", "host", "GPU total GB"):
+        table.add_column(col, justify="left" if col == "strategy" else "right")
+    for name, r in rows.items():
+        label = STRATEGY_NAMES.get(name, name.replace("optim_grads_params+offload", "ZeRO-3 + CPU offload"))
+        table.add_row(label, *(f"{r[k]:.2f}" for k in ("weights", "gradients", "master_weights",
+                                                       "optimizer_states", "host", "total")))
+    console.print(table)
     console.print("--num-gpus N adds the layout search (throughput, MFU; days with --tokens)")
 
 
@@ -597,6 +640,7 @@ def model_report(args: argparse.Namespace, config: GPTConfig, seq_length: int) -
             "usable_memory_gb": usable_gb,
             "modules": [module_dict(m) for m in modules],
             "strategies": [strategy_dict(s, usable_gb) for s in found],
+            "sharding": sharding_rows(args, config, seq_length)[1],
         }
         json.dump(out, sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -643,6 +687,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "tokens": args.tokens,
             "feasible": [estimate_dict(e, args.tokens) for e in plan.feasible],
             "rejected": [estimate_dict(e, args.tokens) for e in plan.rejected],
+            "explanation": explain(plan, cluster.usable_memory_bytes / GB),
         }
         json.dump(out, sys.stdout, indent=1)
         sys.stdout.write("\n")

@@ -12,6 +12,8 @@ from megafast.pipeline.partition import partition_layers
 
 DType = Literal["bf16", "fp16", "fp32"]
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+# megafast.training.data_parallel.SHARDING_STRATEGIES (ZeRO stage = index; test_sharded_data_parallel checks they agree)
+SHARDING_STRATEGIES = ("no_shard", "optim", "optim_grads", "optim_grads_params")
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,10 @@ class Layout:
     partition: Union[str, tuple[int, ...]] = "uniform"
     pipeline_schedule: Literal["1f1b", "gpipe"] = "1f1b"
     bucket_size_mb: Optional[float] = 25.0
+    # --data-parallel-sharding-strategy (None: "optim" with distributed_optimizer, else "no_shard"; any
+    # sharded strategy implies distributed_optimizer) and --optimizer-offload-fraction (0: no offload)
+    sharding_strategy: Optional[str] = None
+    optimizer_offload_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         positive = ("tp", "pp", "dp", "micro_batch_size", "num_microbatches", "seq_length", "num_model_chunks")
@@ -62,6 +68,20 @@ class Layout:
             raise ValueError("interleaved pipelining (num_model_chunks > 1) needs pp > 1")
         if self.sequence_parallel and self.tp == 1:
             object.__setattr__(self, "sequence_parallel", False)  # as ParallelConfig: nothing to shard
+        strategy = self.sharding_strategy or ("optim" if self.distributed_optimizer else "no_shard")
+        if strategy not in SHARDING_STRATEGIES:
+            raise ValueError(f"unknown sharding strategy {strategy!r}: use one of {', '.join(SHARDING_STRATEGIES)}")
+        if self.sharding_strategy == "no_shard" and self.distributed_optimizer:
+            raise ValueError("distributed_optimizer contradicts sharding_strategy no_shard: drop one")
+        object.__setattr__(self, "sharding_strategy", strategy)
+        object.__setattr__(self, "distributed_optimizer", strategy != "no_shard")
+        if not 0.0 <= self.optimizer_offload_fraction <= 1.0:
+            raise ValueError(f"optimizer offload fraction must be in [0, 1], got {self.optimizer_offload_fraction}")
+
+    @property
+    def zero_stage(self) -> int:
+        """0 (no_shard), 1 (optim), 2 (optim_grads) or 3 (optim_grads_params); 0-1 only shard with dp > 1."""
+        return SHARDING_STRATEGIES.index(self.sharding_strategy) if self.dp > 1 else 0
 
     @property
     def world_size(self) -> int:

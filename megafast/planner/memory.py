@@ -15,6 +15,21 @@ Model state of pipeline rank r, DP rank j (any TP rank), from the same layout ru
 - optimizer states, per master element: Adam ``exp_avg`` + ``exp_avg_sq`` (2 x 4 bytes) plus a
   4-byte ``step`` tensor per master tensor; Lion ``exp_avg`` (4 bytes).
 
+Per sharding strategy (``Layout.sharding_strategy``, Fast-LLM's ZeRO table; B = padded buffer
+elements, d = DP, e = model-dtype bytes; :func:`strategy_table` lists them side by side):
+
+    no_shard (DDP)          weights e P     grads 4 B       masters + states of every element
+    optim (ZeRO-1)          weights e B     grads 4 B       masters + states of ~1/d of them
+    optim_grads (ZeRO-2)    weights e B     grads 4 B / d   masters + states of ~1/d
+    optim_grads_params (3)  weights e B / d grads 4 B / d   masters + states of ~1/d
+
+ZeRO-3's buckets never span two sharding units (embedding, each layer, final norm, output head),
+as megafast.training.sharded_params builds them. Transient on top (in the activation working
+set): ZeRO-2/3 three full fp32 gradient buckets (one filling, two reduce-scatters in flight), ZeRO-3 the gathered
+weights of two units (the one computing and the prefetched one). Optimizer CPU offload of a
+fraction f moves f of the fp32 masters and optimizer states (and a host copy of their gradients)
+to host memory: ``StaticMemory.host``, not counted against the GPU.
+
 Activations of one microbatch in one chunk (T = s * b tokens, e bytes per activation element,
 t the TP size, u = t with sequence parallelism else 1, H/G/d heads/groups/head dim, f FFN size,
 V the padded vocabulary), counting each storage autograd keeps once, as the model code creates
@@ -56,6 +71,7 @@ it is added into ``main_grad``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 from dataclasses import dataclass
@@ -64,7 +80,15 @@ from typing import Literal, Optional
 from megafast.config import GPTConfig
 from megafast.model.recompute import recompute_plan
 from megafast.pipeline.schedules import FORWARD, Action, build_schedule, schedule_name
-from megafast.planner.layout import DTYPE_BYTES, DType, Layout, Stage, layout_config, rank_stages
+from megafast.planner.layout import (
+    DTYPE_BYTES,
+    SHARDING_STRATEGIES,
+    DType,
+    Layout,
+    Stage,
+    layout_config,
+    rank_stages,
+)
 from megafast.planner.parameters import ParamSpec, rank_parameters
 
 Device = Literal["cuda", "cpu"]
@@ -85,14 +109,22 @@ class Bucket:
     members: tuple[tuple[int, int], ...]
 
 
+def sharding_unit(name: str) -> str:
+    """The ZeRO-3 sharding unit of a parameter name (megafast.training.sharded_params.sharding_units)."""
+    if name.startswith("decoder.layers."):
+        return ".".join(name.split(".")[:3])
+    return name.split(".")[0] if not name.startswith("decoder.") else ".".join(name.split(".")[:2])
+
+
 def gradient_buffer(
-    params: list[ParamSpec], dp: int, distributed: bool, bucket_size_mb: Optional[float]
+    params: list[ParamSpec], dp: int, distributed: bool, bucket_size_mb: Optional[float], split_units: bool = False
 ) -> tuple[int, list[Bucket]]:
     """(elements, buckets) of one chunk's gradient buffer, as ``DataParallel._build_buffer`` lays it out.
 
     Parameters go in reverse order; a bucket closes once it holds ``bucket_size_mb`` MiB of fp32
     gradients, and a tied embedding sits alone in its bucket. Each bucket ends padded to a
-    multiple of ``dp`` when the optimizer is distributed.
+    multiple of ``dp`` when the optimizer is distributed; ``split_units`` (ZeRO-3) also closes a
+    bucket where the sharding unit changes.
     """
     pad_to = dp if distributed else 1
     bucket_numel = None if bucket_size_mb is None else max(1, int(bucket_size_mb * 2**20 / GRAD_BYTES))
@@ -107,9 +139,12 @@ def gradient_buffer(
             buckets.append(Bucket(bucket_start, offset, tuple(members)))
         bucket_start, members = offset, []
 
+    previous = None
     for p in reversed(params):
-        if p.shared_embedding:
+        unit = sharding_unit(p.name) if split_units else None
+        if p.shared_embedding or (members and unit != previous):
             close()
+        previous = unit
         members.append((offset, offset + p.numel))
         offset += p.numel
         if p.shared_embedding or (bucket_numel is not None and offset - bucket_start >= bucket_numel):
@@ -126,6 +161,7 @@ class StaticMemory:
     gradients: int
     master_weights: int
     optimizer_states: int
+    host: int = 0  # offloaded masters, optimizer states and host gradient copies (host memory, not the GPU)
 
     @property
     def total(self) -> int:
@@ -141,6 +177,8 @@ class RankParameters:
     masters: int  # master elements this rank updates
     num_masters: int  # master tensors (the optimizer keeps a ``step`` per tensor)
     largest: int  # elements of the largest parameter
+    largest_bucket: int = 0  # elements of the largest gradient bucket (padding included)
+    largest_unit: int = 0  # elements of the largest sharding unit (ZeRO-3 gathers a unit at a time)
 
 
 def rank_parameter_state(config: GPTConfig, layout: Layout, pp_rank: int, dp_rank: int = 0) -> RankParameters:
@@ -161,6 +199,7 @@ def rank_parameter_state(config: GPTConfig, layout: Layout, pp_rank: int, dp_ran
         distributed_optimizer=distributed,
         partition=layout.partition,
         bucket_size_mb=layout.bucket_size_mb,
+        sharding_strategy="optim_grads_params" if layout.zero_stage == 3 else None,
     )
     return _count_rank_parameter_state(config, key, pp_rank, dp_rank)
 
@@ -169,14 +208,19 @@ def rank_parameter_state(config: GPTConfig, layout: Layout, pp_rank: int, dp_ran
 def _count_rank_parameter_state(
     config: GPTConfig, layout: Layout, pp_rank: int, dp_rank: int
 ) -> RankParameters:
-    param_numel = buffer_numel = master_numel = num_masters = largest = 0
+    param_numel = buffer_numel = master_numel = num_masters = largest = largest_bucket = largest_unit = 0
     for params in rank_parameters(config, layout, pp_rank):
         numel, buckets = gradient_buffer(
-            params, layout.dp, layout.distributed_optimizer, layout.bucket_size_mb
+            params, layout.dp, layout.distributed_optimizer, layout.bucket_size_mb, layout.zero_stage == 3
         )
         buffer_numel += numel
         param_numel += sum(p.numel for p in params)
         largest = max([largest] + [p.numel for p in params])
+        largest_bucket = max([largest_bucket] + [b.end - b.start for b in buckets])
+        units: dict[str, int] = {}
+        for p in params:
+            units[sharding_unit(p.name)] = units.get(sharding_unit(p.name), 0) + p.numel
+        largest_unit = max([largest_unit, *units.values()])
         if not layout.distributed_optimizer:
             master_numel, num_masters = master_numel + sum(p.numel for p in params), num_masters + len(params)
             continue
@@ -187,22 +231,46 @@ def _count_rank_parameter_state(
                 owned = min(hi, end) - max(lo, start)
                 if owned > 0:
                     master_numel, num_masters = master_numel + owned, num_masters + 1
-    return RankParameters(param_numel, buffer_numel, master_numel, num_masters, largest)
+    return RankParameters(param_numel, buffer_numel, master_numel, num_masters, largest, largest_bucket, largest_unit)
 
 
 def static_memory(config: GPTConfig, layout: Layout, pp_rank: int, dp_rank: int = 0) -> StaticMemory:
     """Weights, fp32 gradient buffers, fp32 masters and optimizer states of one GPU, in bytes."""
     n = rank_parameter_state(config, layout, pp_rank, dp_rank)
     distributed = layout.distributed_optimizer and layout.dp > 1
-    states = n.masters * MASTER_BYTES * (2 if layout.optimizer == "adam" else 1)
+    stage = layout.zero_stage
+    per_element = MASTER_BYTES * (2 if layout.optimizer == "adam" else 1)
+    states = n.masters * per_element
     if layout.optimizer == "adam":
         states += 4 * n.num_masters  # the fp32 scalar ``step`` of every master tensor
+    masters = 0 if layout.dtype == "fp32" else n.masters * MASTER_BYTES
+    weights = (n.buffer if distributed else n.params) * DTYPE_BYTES[layout.dtype]
+    host = 0
+    f = layout.optimizer_offload_fraction
+    if f > 0:  # offloaded masters are always fp32 host copies, with a host copy of their gradients
+        moved = int(f * n.masters)
+        host = moved * (MASTER_BYTES + per_element + GRAD_BYTES)
+        masters = 0 if layout.dtype == "fp32" else (n.masters - moved) * MASTER_BYTES
+        states = int(states * (1 - f))
     return StaticMemory(
-        weights=(n.buffer if distributed else n.params) * DTYPE_BYTES[layout.dtype],
-        gradients=n.buffer * GRAD_BYTES,
-        master_weights=0 if layout.dtype == "fp32" else n.masters * MASTER_BYTES,
+        weights=weights // layout.dp if stage == 3 else weights,
+        gradients=n.buffer * GRAD_BYTES // (layout.dp if stage >= 2 else 1),
+        master_weights=masters,
         optimizer_states=states,
+        host=host,
     )
+
+
+def strategy_table(config: GPTConfig, layout: Layout, pp_rank: int = 0) -> dict[str, StaticMemory]:
+    """Model state of one GPU under each sharding strategy (no offload, and ZeRO-3 with full
+    optimizer offload), side by side: {"no_shard": ..., ..., "optim_grads_params+offload": ...}."""
+    out = {s: static_memory(config, dataclasses.replace(layout, sharding_strategy=s, distributed_optimizer=False,
+                                                        optimizer_offload_fraction=0.0), pp_rank)
+           for s in SHARDING_STRATEGIES}
+    out["optim_grads_params+offload"] = static_memory(
+        config, dataclasses.replace(layout, sharding_strategy="optim_grads_params", distributed_optimizer=False,
+                                    optimizer_offload_fraction=1.0), pp_rank)
+    return out
 
 
 @dataclass(frozen=True)
@@ -454,8 +522,13 @@ def activation_memory(
     if any(st.post_process for st in stages):
         loss = resolve_kernels(c, layout, device).loss
         transient = max(transient, _loss_transient_bytes(c, loss, tokens, e, t))
-    largest = rank_parameter_state(c, layout, pp_rank).largest
-    return ActivationMemory(tuple(per_chunk), count, stored, int(transient + e * largest))
+    n = rank_parameter_state(c, layout, pp_rank)
+    sharded = 0  # ZeRO-2/3: full fp32 buckets being filled or reduce-scattered; ZeRO-3: two gathered units
+    if layout.zero_stage >= 2:
+        sharded += 3 * GRAD_BYTES * n.largest_bucket  # data_parallel.IN_FLIGHT + 1
+    if layout.zero_stage == 3:
+        sharded += 2 * e * n.largest_unit
+    return ActivationMemory(tuple(per_chunk), count, stored, int(transient + e * n.largest + sharded))
 
 
 # ---------------------------------------------------------------------------------------- total
@@ -518,5 +591,7 @@ __all__ = [
     "rank_memory",
     "rank_parameter_state",
     "resolve_kernels",
+    "sharding_unit",
     "static_memory",
+    "strategy_table",
 ]

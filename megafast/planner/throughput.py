@@ -101,6 +101,11 @@ class Cluster:
         return gbps * 1e9 * self.comm_efficiency
 
 
+# Optimizer CPU offload: device<->host copies over PCIe gen4 x16 and the host update's memory traffic
+HOST_LINK_GBPS = 25.0
+HOST_MEMORY_GBPS = 50.0
+
+
 def all_reduce_seconds(nbytes: float, n: int, bandwidth: float) -> float:
     """Ring all-reduce: 2 (n - 1) / n * N / bandwidth."""
     return 0.0 if n == 1 else 2 * (n - 1) / n * nbytes / bandwidth
@@ -167,6 +172,7 @@ def step_time(config: GPTConfig, layout: Layout, cluster: Cluster) -> StepTime:
     bubble_s = busy * bubble / (1 - bubble)
 
     distributed = layout.distributed_optimizer and d > 1
+    stage = layout.zero_stage
     worst_dp, worst_opt = 0.0, 0.0
     for r in range(p):
         state = rank_parameter_state(cfg, layout, r)
@@ -176,11 +182,20 @@ def step_time(config: GPTConfig, layout: Layout, cluster: Cluster) -> StepTime:
             gather = all_gather_seconds(e * numel, d, dp_bw)
         else:
             reduce, gather = all_reduce_seconds(4 * numel, d, dp_bw), 0.0
-        exposed = max(0.0, reduce - backward) + gather
+        if stage == 3:  # per microbatch: gather for forward and for backward, reduce-scatter in backward
+            exposed = m * (max(0.0, gather - backward / 2) + max(0.0, gather + reduce - backward))
+        elif stage == 2:  # a reduce-scatter after every microbatch's backward, the gather after the step
+            exposed = m * max(0.0, reduce - backward) + gather
+        else:
+            exposed = max(0.0, reduce - backward) + gather
         if c.tie_embeddings and p > 1 and r in (0, p - 1):
             exposed += all_reduce_seconds(4 * c.padded_vocab_size(t) // t * c.hidden_size, 2, pp_bw)
         touched = (4 + 8 + (16 if layout.optimizer == "adam" else 8) + e) * owned
-        worst_dp, worst_opt = max(worst_dp, exposed), max(worst_opt, touched / (cluster.hbm_gbps * 1e9))
+        f = layout.optimizer_offload_fraction
+        opt = (1 - f) * touched / (cluster.hbm_gbps * 1e9)
+        if f > 0:  # gradients down and weights up over PCIe, the update in host memory
+            opt += f * owned * ((4 + e) / (HOST_LINK_GBPS * 1e9) + touched / owned / (HOST_MEMORY_GBPS * 1e9))
+        worst_dp, worst_opt = max(worst_dp, exposed), max(worst_opt, opt)
     compute, tp, pp = (m * x for x in slowest)
     return StepTime(compute, tp, pp, bubble_s, worst_dp, worst_opt)
 

@@ -15,7 +15,12 @@ RNG states differ on every rank, so ``rng_state`` is Megatron's list with one en
 holds ``random_rng_state``, ``np_rng_state``, ``torch_rng_state``, ``cuda_rng_state`` (None
 without CUDA) and ``rng_tracker_states`` (a list: one ``tracker.get_states()`` per model chunk).
 With a DP-sharded optimizer every DP rank writes its own ``optimizer.state_dict()`` (its shard)
-to ``distrib_optim_dp{dp:03d}.pt`` and reads the same file back, so resuming needs the same layout.
+to ``distrib_optim_dp{dp:03d}.pt`` and reads the same file back. A run with another DP size or
+sharding strategy (``parallel_layout`` records both) reads every DP rank's piece (or the plain
+``optimizer``) and re-cuts it for its own layout (megafast.training.optimizer_reshard), so the
+optimizer state survives a change of DP size; the RNG states, one per DP rank, do not
+(``--no-load-rng``). With ZeRO-3 (``optim_grads_params``, pass ``ddp``) the model's parameters are
+all-gathered while its state dict is taken or loaded, so the files hold whole weights as usual.
 
 Commit protocol: every file is written atomically; all ranks then agree (a small all-reduce over
 a dedicated gloo group held by :class:`Checkpointer`) that their writes succeeded, and only then
@@ -26,6 +31,7 @@ iteration again first removes it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import random
@@ -61,8 +67,10 @@ from megafast.checkpoint.state_dict import (
     load_model_chunks,
     model_state_dicts,
     parallel_layout,
+    reason,
 )
 from megafast.parallel.state import ParallelState
+from megafast.training.data_parallel import DataParallel
 
 
 class Stateful(Protocol):
@@ -244,8 +252,11 @@ class Checkpointer:
         consumed_valid_samples: int = 0,
         distributed_optimizer: bool = False,
         lora: Optional[dict[str, Any]] = None,
+        ddp: Optional[DataParallel] = None,
     ) -> None:
         """Write iteration ``iteration`` (then commit it, unless ``async_save`` defers that).
+
+        ``ddp``: the run's DataParallel (needed with ZeRO-3, whose parameters are gathered to be saved).
 
         ``lora`` (the LoRA settings, with ``rank`` and ``alpha``): the model entries hold only the
         adapter weights (the frozen base is not repeated in every checkpoint) and ``ckpt["lora"]``
@@ -269,9 +280,15 @@ class Checkpointer:
         clone = self.async_save
         directory = mp_rank_dir(self.save_dir, iteration, st.tp_rank, st.pp_rank, st.pp_size)
         layout = parallel_layout(st.tp_size, st.pp_size, st.dp_size, distributed_optimizer)
+        if ddp is not None:
+            layout["data_parallel_sharding_strategy"] = ddp.sharding_strategy
         files: list[tuple[Any, str]] = []
+        gathered = ddp is not None and ddp.shard_params  # whole weights exist only inside the context
+        with ddp.unsharded_params() if ddp is not None else contextlib.nullcontext():
+            model = model_state_dicts(chunks, adapters_only=lora is not None) if st.dp_rank == 0 else {}
+            model = _snapshot(model, clone or gathered)
         if st.dp_rank == 0:
-            ckpt: dict[str, Any] = _snapshot(model_state_dicts(chunks, adapters_only=lora is not None), clone)
+            ckpt: dict[str, Any] = model
             if lora is not None:
                 ckpt["lora"] = dict(lora)
             if optimizer is not None and not distributed_optimizer:
@@ -391,6 +408,7 @@ def save_checkpoint(
     max_checkpoints: Optional[int] = None,
     checkpointer: Optional[Checkpointer] = None,
     lora: Optional[dict[str, Any]] = None,
+    ddp: Optional[DataParallel] = None,
 ) -> None:
     """Save one checkpoint (collective) with ``checkpointer``, whose settings must match the arguments;
     without one, a one-off Checkpointer commits before returning (so ``async_save`` needs one)."""
@@ -406,7 +424,7 @@ def save_checkpoint(
         checkpointer.save(
             iteration, chunks, optimizer, scheduler, consumed_samples=consumed_samples, args=args,
             consumed_valid_samples=consumed_valid_samples, distributed_optimizer=distributed_optimizer,
-            lora=lora,
+            lora=lora, ddp=ddp,
         )
     finally:
         if own:
@@ -429,6 +447,7 @@ def load_checkpoint(
     strict: bool = True,
     distributed_optimizer: bool = False,
     missing_ok: bool = False,
+    ddp: Optional[DataParallel] = None,
 ) -> Optional[LoadResult]:
     """Load the committed checkpoint of ``load_dir`` into this rank's chunks, optimizer and scheduler.
 
@@ -436,7 +455,8 @@ def load_checkpoint(
     does not exist and ``missing_ok`` (for ``--load`` equal to ``--save`` on a first run).
     ``finetune`` or a ``release`` commit loads the model only and starts at iteration 0 with no
     consumed samples. The tensor/pipeline layout must equal the saved one, and the data-parallel
-    size too when a DP-sharded optimizer or the RNG states are loaded. Errors are ValueError.
+    size too when the RNG states are loaded (the optimizer state is re-cut for another DP size or
+    sharding strategy). ``ddp``: the run's DataParallel (needed with ZeRO-3). Errors are ValueError.
     """
     if not os.path.isdir(load_dir):
         if missing_ok:
@@ -462,30 +482,19 @@ def load_checkpoint(
     ckpt = load_file(path)
     layout = ckpt.get("parallel_layout", {})
     saved_dp = layout.get("data_parallel_size", state.dp_size)
-    if saved_dp != state.dp_size and (load_rng or (load_optim and distributed_optimizer)):
+    if saved_dp != state.dp_size and load_rng:
         raise ValueError(
             f"checkpoint {directory} was saved with tp={saved_tp}, pp={saved_pp}, dp={saved_dp} but this run "
-            f"uses {here}: resume with as many ranks, or pass --no-load-rng (and --no-load-optim with "
-            "--use-distributed-optimizer) or --finetune"
+            f"uses {here}: resume with as many ranks, or pass --no-load-rng (its RNG states are per DP rank; "
+            "the optimizer state is resharded) or --finetune"
         )
 
-    load_model_chunks(ckpt, chunks, path, strict)
+    with ddp.unsharded_params(write_back=True) if ddp is not None else contextlib.nullcontext():
+        load_model_chunks(ckpt, chunks, path, strict)
 
     # Megatron loads the optimizer and the LR scheduler together unless --finetune/--no-load-optim.
     if load_optim and optimizer is not None:
-        if distributed_optimizer:
-            if not layout.get("distributed_optimizer", False):
-                raise ValueError(
-                    f"{directory} was saved without --use-distributed-optimizer: "
-                    "resume without it or pass --no-load-optim"
-                )
-            shard_path = os.path.join(mp_dir, distrib_optim_name(state.dp_rank))
-            load_into(optimizer, load_file(shard_path)["optimizer"], "optimizer shard", shard_path)
-        elif "optimizer" not in ckpt:
-            why = "--use-distributed-optimizer" if layout.get("distributed_optimizer") else "no optimizer"
-            raise ValueError(f"{path} holds no 'optimizer' (saved with {why}): pass --no-load-optim")
-        else:
-            load_into(optimizer, ckpt["optimizer"], "optimizer", path)
+        _load_optimizer(optimizer, ckpt, layout, mp_dir, path, saved_dp, state.dp_rank, distributed_optimizer)
     if load_optim and scheduler is not None:
         if "opt_param_scheduler" not in ckpt:
             raise ValueError(f"{path} holds no 'opt_param_scheduler': pass --no-load-optim")
@@ -504,3 +513,42 @@ def load_checkpoint(
     consumed = ckpt["consumed_samples"]
     args = ckpt.get("args", {})
     return LoadResult(ckpt["iteration"], consumed["train"], consumed["valid"], args, directory)
+
+
+def _load_optimizer(
+    optimizer: Stateful,
+    ckpt: dict[str, Any],
+    layout: dict[str, Any],
+    mp_dir: str,
+    path: str,
+    saved_dp: int,
+    dp_rank: int,
+    distributed_optimizer: bool,
+) -> None:
+    """This rank's optimizer state: its own saved piece when the layout is unchanged, else every DP
+    rank's pieces re-cut for this optimizer (``load_resharded``)."""
+    sharded = layout.get("distributed_optimizer", False)
+    if sharded:
+        names = [os.path.join(mp_dir, distrib_optim_name(d)) for d in range(saved_dp)]
+        mine = names[dp_rank] if dp_rank < saved_dp else None
+    elif "optimizer" not in ckpt:
+        raise ValueError(f"{path} holds no 'optimizer' (saved with no optimizer): pass --no-load-optim")
+    else:
+        names, mine = [path], path
+    first = (load_file(mine)["optimizer"] if sharded else ckpt["optimizer"]) if mine is not None else None
+    reshardable = hasattr(optimizer, "load_resharded")
+    if first is not None and (not reshardable or optimizer.matches(first)):
+        if sharded != distributed_optimizer and not reshardable:
+            raise ValueError(f"{path} was saved {'with' if sharded else 'without'} --use-distributed-optimizer: "
+                             "resume the same way or pass --no-load-optim")
+        load_into(optimizer, first, "optimizer shard" if sharded else "optimizer", mine)
+        return
+    if not reshardable:
+        raise ValueError(f"{path}: the optimizer state was saved with dp={saved_dp}: resume with as many ranks "
+                         "or pass --no-load-optim")
+    pieces = [load_file(n)["optimizer"] for n in names] if sharded else [ckpt["optimizer"]]
+    try:
+        optimizer.load_resharded(pieces)
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"cannot load the optimizer from {mp_dir} (resharding from dp={saved_dp}): "
+                         f"{reason(exc)}") from exc

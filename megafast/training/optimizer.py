@@ -22,6 +22,19 @@ tensors derived from the :class:`~megafast.training.data_parallel.DataParallel` 
    and zero the gradient buffers.
 
 Weight decay follows Megatron: none for biases and 1-D parameters (norm weights).
+
+The same holds for every data-parallel sharding strategy (megafast.training.data_parallel): with
+``optim_grads``/``optim_grads_params`` a master's gradient is its piece of the rank's gradient
+shard, and with ``optim_grads_params`` an fp32 master is (a view of) the rank's persistent
+parameter shard, which the next forward all-gathers.
+
+CPU offload (``optimizer_cpu_offload``, Megatron's ``--optimizer-cpu-offload``): the first
+``optimizer_offload_fraction`` of the master elements (whole masters, in layout order) keep their
+fp32 master and optimizer states in host memory (pinned with CUDA). The step then: clips the
+device gradients, starts their device-to-host copies, updates the device masters (their kernels
+overlap the copies), waits for the copies and updates the host masters on the CPU, then copies
+the new weights back. The update is element-wise, so the result is the same as without offload
+(bit for bit on CPU), and the state dict has the same format either way.
 """
 
 from __future__ import annotations
@@ -38,6 +51,7 @@ from megafast.parallel.state import ParallelState
 from megafast.training import cpu_adamw
 from megafast.training.cpu_adamw import CpuAdamW
 from megafast.training.data_parallel import DataParallel
+from megafast.training.optimizer_reshard import assemble, reshard
 
 STATE_FORMAT = "megafast.optimizer/1"
 
@@ -77,6 +91,9 @@ class OptimizerConfig:
     # (training/cpu_adamw.py, torch's bits); "torch" = torch.optim; "auto" = cuda on CUDA, cpu for
     # AdamW on CPU, each when built.
     fused_optimizer: Literal["auto", "torch", "cuda", "cpu"] = "auto"
+    # masters + optimizer states of this fraction of the elements in host memory, stepped on the CPU
+    optimizer_cpu_offload: bool = False
+    optimizer_offload_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adam", "lion"):
@@ -108,6 +125,10 @@ class OptimizerConfig:
             )
         if self.max_skipped_steps < 0:
             raise ValueError(f"max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
+        if not 0.0 <= self.optimizer_offload_fraction <= 1.0:
+            raise ValueError(
+                f"--optimizer-offload-fraction must be in [0, 1], got {self.optimizer_offload_fraction}"
+            )
         if self.fused_optimizer not in ("auto", "torch", "cuda", "cpu"):
             raise ValueError(f"unknown --fused-optimizer {self.fused_optimizer!r}: use auto, torch, cuda or cpu")
 
@@ -222,9 +243,17 @@ class MasterShard:
     alias: bool
     decay: bool  # weight decay applies (not a bias or 1-D parameter)
     in_norm: bool  # counted in the global grad norm on this rank
+    local: Optional[torch.Tensor] = None  # ZeRO-3: the persistent parameter shard piece (else None)
+    host_grad: Optional[torch.Tensor] = None  # CPU offload: the host copy of ``grad`` the host step reads
+
+    @property
+    def offloaded(self) -> bool:
+        return self.host_grad is not None
 
     def param_view(self) -> torch.Tensor:
         """The model-parameter elements this master is copied into."""
+        if self.local is not None:
+            return self.local
         return self.param.detach() if self.whole else self.param.detach().view(-1)[self.lo : self.hi]
 
 
@@ -268,6 +297,8 @@ class MixedPrecisionOptimizer:
         self.skipped_in_a_row = 0
         self.num_skipped = 0
         self.shards = self._build_shards()
+        if config.optimizer_cpu_offload:
+            self._offload(config.optimizer_offload_fraction)
         self.shared_params = [  # frozen ones (LoRA) have no gradient to sum
             p for c in self.chunks for p in getattr(c, "shared_embedding_parameters", lambda: [])() if p.requires_grad
         ]
@@ -277,7 +308,8 @@ class MixedPrecisionOptimizer:
             {"params": [s.master for s in self.shards if not s.decay], "weight_decay": 0.0},
         ]
         if config.optimizer == "adam":
-            on_cuda = any(s.master.is_cuda for s in self.shards)
+            # CPU offload: masters on two devices in one optimizer; foreach groups them by device
+            on_cuda = any(s.master.is_cuda for s in self.shards) and not config.optimizer_cpu_offload
             self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(
                 groups,
                 lr=config.lr,
@@ -291,23 +323,26 @@ class MixedPrecisionOptimizer:
             )
         else:
             self.optimizer = Lion(groups, lr=config.lr, betas=(config.lion_beta1, config.lion_beta2))
-        self.cuda_step = _cuda_step_enabled(config.fused_optimizer, self.shards)
-        self.cpu_step = _cpu_step(config, self.optimizer, self.shards) if not self.cuda_step else None
+        self.cuda_step = not config.optimizer_cpu_offload and _cuda_step_enabled(
+            config.fused_optimizer, self.shards)
+        self.cpu_step = (_cpu_step(config, self.optimizer, self.shards)
+                         if not self.cuda_step and not config.optimizer_cpu_offload else None)
 
     def _build_shards(self) -> list[MasterShard]:
         names = _param_names(self.chunks)
         tp_rank = self.state.tp_rank if self.state.tp_size > 1 else 0
 
-        def make(p: nn.Parameter, lo: int, hi: int, whole: bool) -> MasterShard:
+        def make(p: nn.Parameter, lo: int, hi: int, whole: bool, grad=None, local=None) -> MasterShard:
             name = names[id(p)]
-            view = p.detach() if whole else p.detach().view(-1)[lo:hi]
+            view = local if local is not None else p.detach() if whole else p.detach().view(-1)[lo:hi]
             alias = p.dtype == torch.float32
             master = view if alias else view.to(torch.float32, copy=True)
-            grad = p.main_grad if whole else p.main_grad.view(-1)[lo:hi]
+            if grad is None:
+                grad = p.main_grad if whole else p.main_grad.view(-1)[lo:hi]
             counted = (getattr(p, "tensor_model_parallel", False) or tp_rank == 0) and not getattr(
                 p, "shared_embedding", False
             )
-            return MasterShard(name, p, lo, hi, whole, master, grad, alias, decays(name, p), counted)
+            return MasterShard(name, p, lo, hi, whole, master, grad, alias, decays(name, p), counted, local)
 
         shards = []
         if not self.ddp.use_distributed_optimizer:
@@ -318,8 +353,23 @@ class MixedPrecisionOptimizer:
                 start, end = bucket.buffer.ranges[id(p)]
                 a, b = max(lo, start), min(hi, end)
                 if a < b:
-                    shards.append(make(p, a - start, b - start, False))
+                    shards.append(make(p, a - start, b - start, False, self.ddp.local_grad(bucket, a, b),
+                                       self.ddp.local_param(bucket, a, b)))
         return shards
+
+    def _offload(self, fraction: float) -> None:
+        """Move the masters of the first ``fraction`` of the elements (whole masters) to host memory."""
+        total = sum(s.master.numel() for s in self.shards)
+        pin = torch.cuda.is_available() and any(s.master.is_cuda for s in self.shards)
+        done = 0
+        for s in self.shards:
+            if done >= fraction * total or fraction == 0.0:
+                break
+            done += s.master.numel()
+            master = torch.empty(s.master.shape, dtype=torch.float32, device="cpu", pin_memory=pin)
+            master.copy_(s.master)
+            s.master, s.alias = master, False
+            s.host_grad = torch.empty(s.grad.shape, dtype=torch.float32, device="cpu", pin_memory=pin)
 
     # ---------------------------------------------------------------------------- public API
 
@@ -386,6 +436,8 @@ class MixedPrecisionOptimizer:
             for s in self.shards:
                 if not s.alias:
                     s.param_view().copy_(s.master)
+        elif self.config.optimizer_cpu_offload:
+            self._offloaded_step()
         else:
             for s in self.shards:
                 s.master.grad = s.grad
@@ -399,6 +451,38 @@ class MixedPrecisionOptimizer:
         self.skipped_in_a_row = 0
         self.ddp.zero_grad()
         return StepResult(True, grad_norm, scale, 0, self.num_skipped)
+
+    def _offloaded_step(self) -> None:
+        """CPU offload: device-to-host gradient copies overlapped with the device masters' update,
+        then the host masters' update on the CPU (optimizers skip masters whose grad is None)."""
+        host = [s for s in self.shards if s.offloaded]
+        device = [s for s in self.shards if not s.offloaded]
+        copied = None
+        if host and torch.cuda.is_available() and host[0].grad.is_cuda:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for s in host:
+                    s.host_grad.copy_(s.grad, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record(stream)
+        else:
+            for s in host:
+                s.host_grad.copy_(s.grad)
+        for shards, grad_of in ((device, lambda s: s.grad), (host, lambda s: s.host_grad)):
+            if not shards:
+                continue
+            if shards is host and copied is not None:
+                copied.synchronize()
+            for s in shards:
+                s.master.grad = grad_of(s)
+            self.optimizer.step()
+            for s in shards:
+                s.master.grad = None
+                if not s.alias:
+                    s.param_view().copy_(s.master, non_blocking=s.offloaded)
+        if copied is not None:
+            torch.cuda.current_stream().synchronize()  # host buffers are reused by the next step
 
     def _cuda_step(self, grad_scale: float) -> None:
         """The update by megafast._C's multi-tensor kernels, on the torch optimizer's own state (the same
@@ -438,6 +522,16 @@ class MixedPrecisionOptimizer:
     def _sync_model_parallel_grads(self) -> None:
         """Tied embeddings: sum over first+last stage. Sequence-parallel params: sum over TP."""
         pairs = ((self.shared_params, self.state.embedding_group), (self.sp_params, self.state.tp_group))
+        if self.ddp.shard_grads:  # only the grad shards exist; the peers' shards cover the same elements
+            for params, group in pairs:
+                ids = {id(p) for p in params}
+                grads = [s.grad for s in self.shards if id(s.param) in ids]
+                if not grads or group_size(group) == 1:
+                    continue
+                summed = all_reduce(torch.cat([g.view(-1) for g in grads]), group)
+                for g, s in zip(grads, summed.split([g.numel() for g in grads])):
+                    g.copy_(s.view_as(g))
+            return
         for params, group in pairs:
             if not params or group_size(group) == 1:
                 continue
@@ -496,6 +590,36 @@ class MixedPrecisionOptimizer:
     def _layout(self) -> list[tuple[str, tuple[int, ...], int, int]]:
         return [(s.name, tuple(s.param.shape), s.lo, s.hi) for s in self.shards]
 
+    def matches(self, sd: dict) -> bool:
+        """Whether ``sd`` was saved by an optimizer with this one's layout (loadable directly)."""
+        mine = (self.config.optimizer, self.ddp.use_distributed_optimizer, self.ddp.dp_rank, self.ddp.dp_size)
+        return (sd.get("optimizer"), sd.get("distributed"), sd.get("dp_rank"), sd.get("dp_size")) == mine and [
+            tuple(x) for x in sd.get("layout", [])] == [(n, tuple(s), lo, hi) for n, s, lo, hi in self._layout()]
+
+    @torch.no_grad()
+    def load_resharded(self, pieces: Sequence[dict]) -> None:
+        """Restore the state saved by optimizers of any DP size and sharding strategy: ``pieces`` are
+        the ``state_dict()`` s of every DP rank (one dict for a non-sharded optimizer). Load the
+        model first. See megafast.training.optimizer_reshard."""
+        for sd in pieces:
+            if sd.get("format") != STATE_FORMAT:
+                raise ValueError(
+                    f"not a megafast optimizer state (format {sd.get('format')!r}, want {STATE_FORMAT!r})")
+            if sd["optimizer"] != self.config.optimizer:
+                raise ValueError(
+                    f"optimizer state was saved with --optimizer {sd['optimizer']} but this run uses "
+                    f"{self.config.optimizer}: resume with the same --optimizer or pass --no-load-optim"
+                )
+        full = assemble(pieces)
+        torch_sd, masters = reshard(full, self._layout(), [s.whole for s in self.shards],
+                                    [s.decay for s in self.shards], self.optimizer.state_dict()["param_groups"])
+        self.load_state_dict({
+            "format": STATE_FORMAT, "optimizer": self.config.optimizer,
+            "distributed": self.ddp.use_distributed_optimizer, "dp_rank": self.ddp.dp_rank,
+            "dp_size": self.ddp.dp_size, "layout": self._layout(), "torch_optimizer": torch_sd,
+            "master_params": masters, **full.extra,
+        })
+
     @torch.no_grad()
     def load_state_dict(self, sd: dict) -> None:
         """Restore :meth:`state_dict` of an optimizer built the same way (load the model first)."""
@@ -517,8 +641,8 @@ class MixedPrecisionOptimizer:
             )
         self.optimizer.load_state_dict(sd["torch_optimizer"])
         for s, m in zip(self.shards, sd["master_params"]):
-            if not s.alias:
-                s.master.copy_(m)
+            if not s.alias:  # saved aliased (an fp32 model parameter): the loaded model holds it
+                s.master.copy_(s.param_view().view_as(s.master) if m is None else m)
         self.scaler.load_state_dict(sd["loss_scaler"])
         self.skipped_in_a_row = int(sd["skipped_in_a_row"])
         self.num_skipped = int(sd["num_skipped"])

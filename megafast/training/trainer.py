@@ -199,6 +199,7 @@ def _optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
         fused_optimizer=args.fused_optimizer,
         # Lion's betas are --adam-beta1/2 (Megatron has no Lion flags; the defaults become 0.9/0.99)
         **({"lion_beta1": args.adam_beta1, "lion_beta2": args.adam_beta2} if args.optimizer == "lion" else {}),
+        optimizer_cpu_offload=args.optimizer_cpu_offload, optimizer_offload_fraction=args.optimizer_offload_fraction,
     )
 
 
@@ -241,7 +242,7 @@ def setup(argv: Optional[Sequence[str]] = None) -> Run:
         for chunk in chunks:
             apply_lora(chunk, lora, args.seed)
     ddp = DataParallel(chunks, state, args.ddp_bucket_size_mb, args.use_distributed_optimizer,
-                       args.overlap_grad_reduce)
+                       args.overlap_grad_reduce, sharding_strategy=args.data_parallel_sharding_strategy)
     optimizer = build_optimizer(chunks, ddp, state, opt_config)
     logger = TrainingLogger(state.rank == state.world_size - 1, args.tensorboard_dir, args.log_jsonl)
     checkpointer = (Checkpointer(args.save, state, async_save=args.async_save, max_checkpoints=args.max_checkpoints)
@@ -272,7 +273,7 @@ def setup(argv: Optional[Sequence[str]] = None) -> Run:
         loaded = load_checkpoint(args.load, chunks, optimizer, scheduler, state, no_load_optim=args.no_load_optim,
                                  no_load_rng=args.no_load_rng, finetune=args.finetune,
                                  distributed_optimizer=args.use_distributed_optimizer,
-                                 missing_ok=args.load == args.save)
+                                 missing_ok=args.load == args.save, ddp=ddp)
         if loaded is None:
             logger.info(f"no committed checkpoint in {args.load}: starting from scratch")
         else:
@@ -310,7 +311,7 @@ def _load_pretrained(run: Run) -> None:
     """``--pretrained-checkpoint``: model weights only (the frozen base of a LoRA run, or a start point)."""
     path = run.args.pretrained_checkpoint
     try:
-        loaded = load_checkpoint(path, run.chunks, None, None, run.state, finetune=True)
+        loaded = load_checkpoint(path, run.chunks, None, None, run.state, finetune=True, ddp=run.ddp)
     except ValueError as e:
         raise SystemExit(f"error: --pretrained-checkpoint: {e}") from None
     if loaded is None:
@@ -428,7 +429,7 @@ def _save(run: Run) -> None:
                           consumed_samples=run.consumed_samples, args=vars(run.args),
                           consumed_valid_samples=run.consumed_valid_samples,
                           distributed_optimizer=run.args.use_distributed_optimizer,
-                          lora=lora.to_dict() if lora is not None else None)
+                          lora=lora.to_dict() if lora is not None else None, ddp=run.ddp)
     run.logger.info(f"saved checkpoint at iteration {run.iteration} to {run.args.save}")
 
 
