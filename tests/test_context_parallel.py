@@ -16,7 +16,7 @@ from sft_data import random_records, write_sft_dataset
 
 VOCAB = 128
 TASKS = ["code", "chat"]
-TRAIN = ["--seq-length", "256", "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "1e-3",
+TRAIN = ["--seq-length", "256", "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3",
          "--min-lr", "1e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "2", "--log-interval", "1",
          "--eval-interval", "1000", "--eval-iters", "0", "--seed", "4321", "--device", "cpu",
          "--attention-dropout", "0"]
