@@ -219,7 +219,8 @@ class RingAttentionFunction(torch.autograd.Function):
             if nxt is not None:
                 kv, works = nxt
                 _wait(works)
-        out = out.to(q.dtype)
+        # laid out as [2c, b, H, d] in memory, so that the caller's [s, b, H * d] view is free
+        out = torch.empty(s_local, b, heads, d, dtype=q.dtype, device=q.device).permute(1, 2, 0, 3).copy_(out)
         ctx.save_for_backward(q, k, v, out, lse, segments)
         ctx.spec, ctx.scale = spec, scale
         return out
