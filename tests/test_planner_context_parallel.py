@@ -117,3 +117,35 @@ def test_layout_check_rejects_impossible_context_parallel(kw, message):
         message = "splits the 6 attention heads"
     with pytest.raises(ValueError, match=message):
         Layout(**kw).check(c)
+
+
+def test_plan_tool_finds_the_longest_sequence(capsys):
+    import importlib.util
+    import json
+    import os
+
+    from megafast.config import GPTConfig
+
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "plan.py")
+    spec = importlib.util.spec_from_file_location("plan_tool_cp", tool)
+    plan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan)
+    model = ("--num-layers 4 --hidden-size 256 --num-attention-heads 8 --group-query-attention --num-query-groups 4 "
+             "--ffn-hidden-size 512 --swiglu --normalization RMSNorm --position-embedding-type rope "
+             "--disable-bias-linear --untie-embeddings-and-output-weights --vocab-size 32000 --hidden-dropout 0 "
+             "--max-seq-length-search --json --gpu-memory-gb 8 --memory-headroom 0").split()
+    answers = {}
+    for cp in (1, 4):
+        assert plan.main(model + ["--context-parallel-size", str(cp), "--num-gpus", str(cp)]) == 0
+        answers[cp] = json.loads(capsys.readouterr().out)
+    config = GPTConfig(num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=512,
+                       activation="swiglu", normalization="RMSNorm", position_embedding_type="rope",
+                       add_bias_linear=False, tie_embeddings=False, vocab_size=32000, hidden_dropout=0.0,
+                       max_position_embeddings=1 << 24)
+    for cp, out in answers.items():
+        n = out["max_seq_length"]
+        assert peak_memory(config, Layout(cp=cp, seq_length=n)).total <= 8e9
+        assert peak_memory(config, Layout(cp=cp, seq_length=n + 2 * cp if cp > 1 else n + 1)).total > 8e9
+    assert answers[4]["max_seq_length"] > 3 * answers[1]["max_seq_length"]
+    with pytest.raises(SystemExit, match="--num-gpus 6 is not a multiple of TP x PP x CP = 4"):
+        plan.main(model + ["--context-parallel-size", "4", "--num-gpus", "6"])
