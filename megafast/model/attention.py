@@ -3,6 +3,10 @@
 Fused QKV layout (DESIGN.md): for each of the G query groups, its H/G query heads, then its k
 head, then its v head, each ``d`` rows. TP splits the rows contiguously, so each rank holds whole
 groups: G/p groups, H/p query heads.
+
+With context parallelism (``state.cp_size`` C > 1) a rank holds s/C tokens of each sequence
+(megafast.parallel.context_parallel) and the core attention spans the CP group: ring attention
+(megafast.parallel.ring_attention) or all-to-all over heads (megafast.parallel.ulysses).
 """
 
 from __future__ import annotations

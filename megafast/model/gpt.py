@@ -224,6 +224,8 @@ class GPTModel(nn.Module):
             raise ValueError(
                 "incremental decoding needs position_ids on every stage and no sequence parallelism"
             )
+        if inference_params is not None and self.state.cp_size > 1:
+            raise ValueError("incremental decoding runs without context parallelism: use context parallel size 1")
         if position_ids is None and self.state.cp_size > 1:  # this CP rank's chunks of 0..s-1
             b, s_local = input_ids.shape if input_ids is not None else (
                 hidden_states.shape[1], hidden_states.shape[0] * (self.state.tp_size if self.state.sequence_parallel else 1))

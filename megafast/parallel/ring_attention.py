@@ -66,6 +66,37 @@ def _grouped(q: torch.Tensor, groups: int) -> torch.Tensor:
     return q.reshape(b, groups, h // groups, s, d)
 
 
+TILE_ELEMENTS = 1 << 24  # score elements per query tile of a torch block (64 MiB in fp32)
+
+
+@dataclass(frozen=True)
+class BlockMask:
+    """Which keys each query of a block may see: ``causal`` (same local positions: key <= query)
+    and/or ``q_seg`` [b, sq] == ``k_seg`` [b, sk] (packed samples); built per query tile, so that
+    no [sq, sk] mask is ever materialised whole."""
+
+    causal: bool = False
+    q_seg: Optional[torch.Tensor] = None
+    k_seg: Optional[torch.Tensor] = None
+
+    def tile(self, rows: slice, sk: int, device) -> Optional[torch.Tensor]:
+        """[rows, sk] or [b, rows, sk] bool (True = may attend), or None (everything)."""
+        m = None
+        if self.causal:
+            m = torch.arange(sk, device=device)[None, :] <= torch.arange(rows.start, rows.stop, device=device)[:, None]
+        if self.q_seg is not None:
+            same = self.q_seg[:, rows, None] == self.k_seg[:, None, :]
+            m = same if m is None else same & m
+        return m
+
+
+def _tiles(q: torch.Tensor, sk: int) -> list[slice]:
+    """Query-row tiles of q [b, H, sq, d] with at most TILE_ELEMENTS scores each."""
+    b, heads, sq, _ = q.shape
+    rows = max(1, TILE_ELEMENTS // max(1, b * heads * sk))
+    return [slice(i, min(i + rows, sq)) for i in range(0, sq, rows)]
+
+
 def _scores(q, k, scale, mask):
     """fp32 scores [b, G, r, sq, sk], -inf where ``mask`` ([sq, sk] or [b, sq, sk], True = keep) is False."""
     s = torch.matmul(_grouped(q, k.shape[1]).float(), k.float()[:, :, None].transpose(-1, -2)) * scale
@@ -75,31 +106,41 @@ def _scores(q, k, scale, mask):
     return s
 
 
-def _torch_block_forward(q, k, v, scale, mask):
+def _torch_block_forward(q, k, v, scale, mask: BlockMask):
     """q [b, H, sq, d], k/v [b, G, sk, d] -> out [b, H, sq, d] fp32, lse [b, H, sq] fp32 (-inf: no key)."""
-    s = _scores(q, k, scale, mask)  # [b, G, r, sq, sk]
-    lse = torch.logsumexp(s, dim=-1)  # [b, G, r, sq]
-    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
-    out = torch.matmul(p, v.float()[:, :, None])  # [b, G, r, sq, d]
     b, h, sq, d = q.shape
-    return out.reshape(b, h, sq, d), lse.reshape(b, h, sq)
+    out = torch.empty(b, h, sq, d, dtype=torch.float32, device=q.device)
+    lse_all = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
+    for rows in _tiles(q, k.shape[2]):
+        s = _scores(q[:, :, rows], k, scale, mask.tile(rows, k.shape[2], q.device))  # [b, G, r, n, sk]
+        lse = torch.logsumexp(s, dim=-1)  # [b, G, r, n]
+        p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+        n = rows.stop - rows.start
+        out[:, :, rows] = torch.matmul(p, v.float()[:, :, None]).reshape(b, h, n, d)
+        lse_all[:, :, rows] = lse.reshape(b, h, n)
+    return out, lse_all
 
 
-def _torch_block_backward(do, q, k, v, o, lse, scale, mask):
+def _torch_block_backward(do, q, k, v, o, lse, scale, mask: BlockMask):
     """Gradients of one block given the final out ``o`` and ``lse`` of its queries: fp32 dq [b, H, sq, d],
     dk, dv [b, G, sk, d]."""
     groups = k.shape[1]
-    s = _scores(q, k, scale, mask)
-    lg = _grouped(lse[..., None], groups)  # [b, G, r, sq, 1]
-    p = torch.exp(s - torch.where(torch.isinf(lg), 0.0, lg))  # [b, G, r, sq, sk]
-    dog, og = _grouped(do, groups).float(), _grouped(o, groups).float()
-    delta = (dog * og).sum(-1, keepdim=True)  # [b, G, r, sq, 1]
-    dp = torch.matmul(dog, v.float()[:, :, None].transpose(-1, -2))
-    ds = p * (dp - delta)
-    dq = torch.matmul(ds, k.float()[:, :, None]) * scale  # [b, G, r, sq, d]
-    dk = (torch.matmul(ds.transpose(-1, -2), _grouped(q, groups).float()) * scale).sum(2)  # [b, G, sk, d]
-    dv = torch.matmul(p.transpose(-1, -2), dog).sum(2)
-    return dq.reshape(q.shape), dk, dv
+    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    kf, vf = k.float()[:, :, None], v.float()[:, :, None]  # [b, G, 1, sk, d]
+    for rows in _tiles(q, k.shape[2]):
+        qt = q[:, :, rows]
+        s = _scores(qt, k, scale, mask.tile(rows, k.shape[2], q.device))
+        lg = _grouped(lse[:, :, rows, None], groups)  # [b, G, r, n, 1]
+        p = torch.exp(s - torch.where(torch.isinf(lg), 0.0, lg))  # [b, G, r, n, sk]
+        dog, og = _grouped(do[:, :, rows], groups).float(), _grouped(o[:, :, rows], groups).float()
+        delta = (dog * og).sum(-1, keepdim=True)  # [b, G, r, n, 1]
+        ds = p * (torch.matmul(dog, vf.transpose(-1, -2)) - delta)
+        dq[:, :, rows] = (torch.matmul(ds, kf) * scale).reshape(qt.shape)
+        dk += (torch.matmul(ds.transpose(-1, -2), _grouped(qt, groups).float()) * scale).sum(2)  # [b, G, sk, d]
+        dv += torch.matmul(p.transpose(-1, -2), dog).sum(2)
+    return dq, dk, dv
 
 
 def _triton_equal_forward(q, k, v, scale, causal):
@@ -132,23 +173,17 @@ class _Block:
         self.diagonal = src == me
         self.q_rows = slice(0, 2 * c) if src <= me else slice(c, 2 * c)  # queries that see anything
         self.kv_cols = slice(0, 2 * c) if src == me or src > me else slice(0, c)  # keys seen
-        self.mask = None
+        self.mask = BlockMask(causal=self.diagonal)
         if segments is not None:  # packed: same segment (and causal on the diagonal)
             sq = segments.index_select(1, local_token_index(segments.shape[1], spec.size, me, segments.device))
             sk = segments.index_select(1, local_token_index(segments.shape[1], spec.size, src, segments.device))
-            m = sq[:, self.q_rows, None] == sk[:, None, self.kv_cols]  # [b, sq, sk]
-            if self.diagonal:
-                m = m & torch.ones(2 * c, 2 * c, dtype=torch.bool, device=m.device).tril()
-            self.mask = m
-        elif self.diagonal:
-            self.mask = torch.ones(2 * c, 2 * c, dtype=torch.bool, device=torch.device("cpu")).tril()
+            self.mask = BlockMask(self.diagonal, sq[:, self.q_rows], sk[:, self.kv_cols])
         self.use_triton = spec.backend == "triton" and segments is None
 
     def forward(self, q, k, v, scale):
         q, k, v = q[:, :, self.q_rows], k[:, :, self.kv_cols], v[:, :, self.kv_cols]
         if not self.use_triton:
-            mask = None if self.mask is None else self.mask.to(q.device)
-            return _torch_block_forward(q, k, v, scale, mask)
+            return _torch_block_forward(q, k, v, scale, self.mask)
         sq, sk = q.shape[2], k.shape[2]
         if sq == sk:
             return _triton_equal_forward(q, k, v, scale, self.diagonal)
@@ -166,8 +201,7 @@ class _Block:
         do, q, o, lse = do[:, :, r], q[:, :, r], o[:, :, r], lse[:, :, r]
         k, v = k[:, :, cols], v[:, :, cols]
         if not self.use_triton:
-            mask = None if self.mask is None else self.mask.to(q.device)
-            return _torch_block_backward(do, q, k, v, o, lse, scale, mask)
+            return _torch_block_backward(do, q, k, v, o, lse, scale, self.mask)
         sq, sk = q.shape[2], k.shape[2]
         if sq == sk:
             return _triton_equal_backward(do, q, k, v, o, lse, scale, self.diagonal)
