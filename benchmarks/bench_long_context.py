@@ -9,8 +9,9 @@ CP fresh processes (gloo, one torch thread each) build megafast's GPTModel under
 all-to-all), feed each rank its load-balanced chunks (megafast.parallel.context_parallel), and run
 forward + backward + the gradient all-reduce over the CP group + an SGD step. Reported per
 configuration: the step time (slowest rank, median of ``--timed-steps`` after ``--warmup-steps``),
-the peak memory per rank (the largest rise of the process's peak RSS over its RSS after the warm-up
-steps, over the ranks; the warm-up's own peak is the same step, so it does not hide the rise) and the planner's activation bytes for that rank (megafast.planner).
+the peak memory per rank (the largest rise of the process's peak RSS over its RSS before the timed
+steps (after the warm-up, if any), over the ranks; glibc is told to return freed memory at once so
+that RSS follows the live tensors) and the planner's activation bytes for that rank (megafast.planner).
 
 CP ranks share the machine's cores, so on a 2-core CPU CP=4 runs 4 processes on 2 cores: the step
 time shows the attention work per rank only where cores are free (a GPU per rank is the real
@@ -75,7 +76,7 @@ def _worker(rank: int, world: int, init: str, seq: int, comm: str, warmup: int, 
     times = []
     base = _rss_bytes()
     for step in range(warmup + timed):
-        if step == warmup:  # after the warm-up: lazy imports and one-off buffers are not counted
+        if step == warmup and warmup:  # after a warm-up: lazy imports and one-off buffers are not counted
             base = _rss_bytes()
         dist.barrier()
         start = time.perf_counter()
@@ -97,6 +98,8 @@ def _worker(rank: int, world: int, init: str, seq: int, comm: str, warmup: int, 
 
 
 def run(seq: int, cp: int, comm: str, warmup: int, timed: int) -> dict:
+    # glibc returns freed blocks to the OS at once, so that a rank's RSS follows its live tensors
+    os.environ.update(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="bench-cp-") as tmp:
@@ -127,7 +130,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         "RoPE, fp32; one sequence per step; forward + backward + CP gradient all-reduce + SGD",
         f"- CP exchange: {args.comm} ({'ring attention, torch blocks' if args.comm == 'p2p' else 'all-to-all'}); "
         f"step time: slowest rank, median of {args.timed_steps} steps after {args.warmup_steps} warm-up",
-        "- memory: the largest rise of a rank's peak RSS over its RSS after the warm-up; planner: "
+        "- memory: the largest rise of a rank's peak RSS over its RSS before the timed steps; planner: "
         "the activation bytes megafast.planner predicts for one rank",
         f"- command: `python benchmarks/bench_long_context.py --seqs {' '.join(map(str, args.seqs))} --cps "
         f"{' '.join(map(str, args.cps))} --write-doc docs/benchmarks.md`",
@@ -153,8 +156,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--out", default="bench_results")
     p.add_argument("--write-doc", default=None, help="docs/benchmarks.md: replace this benchmark's section")
     args = p.parse_args(argv)
-    if args.warmup_steps < 1:
-        raise SystemExit("error: --warmup-steps must be >= 1 (memory is measured from the RSS after it)")
     rows = []
     os.makedirs(args.out, exist_ok=True)
     for seq in args.seqs:

@@ -48,9 +48,10 @@ def make_inputs(seed: int, seq: int, dtype: torch.dtype):
     return [t.to(dtype) for t in (q, k, v, dout)], segments
 
 
-CASES = [  # (comm, packed, block backend, dtype)
+CASES = [  # (comm, packed, block backend, dtype); "torch-tiled": torch blocks in many query tiles
     ("p2p", False, "torch", torch.float32),
     ("p2p", True, "torch", torch.float32),
+    ("p2p", True, "torch-tiled", torch.float32),
     ("a2a", False, "torch", torch.float32),
     ("a2a", True, "torch", torch.float32),
     ("p2p", False, "triton", torch.float32),
@@ -60,6 +61,7 @@ CASES = [  # (comm, packed, block backend, dtype)
 
 def _worker(rank, world, seed, seq, cases):
     from megafast.config import ParallelConfig
+    from megafast.parallel import ring_attention as ring
     from megafast.parallel.ring_attention import RingSpec, ring_attention
     from megafast.parallel.state import ParallelState
     from megafast.parallel.ulysses import gather_sequence, ulysses_attention
@@ -72,8 +74,10 @@ def _worker(rank, world, seed, seq, cases):
         (q, k, v, dout), segments = make_inputs(seed, seq, dtype)
         ql, kl, vl = (t.index_select(2, held).clone().requires_grad_(True) for t in (q, k, v))
         seg = segments if packed else None
+        ring.TILE_ELEMENTS = 3 * B * H * seq if backend == "torch-tiled" else 1 << 22  # ~3 query rows per tile
         if comm == "p2p":
-            out = ring_attention(ql, kl, vl, RingSpec(state.cp_group, tuple(state.cp_ranks), rank, backend), seg)
+            spec = RingSpec(state.cp_group, tuple(state.cp_ranks), rank, backend.replace("-tiled", ""))
+            out = ring_attention(ql, kl, vl, spec, seg)
         else:
             full = gather_sequence(segments.index_select(1, held), state.cp_group, world) if packed else None
 
@@ -115,7 +119,7 @@ def test_context_parallel_attention_cp2():
 
 
 def test_context_parallel_attention_cp4():
-    _check(4, 64, [c for c in CASES if c[2] == "torch"])
+    _check(4, 64, [c for c in CASES if c[2].startswith("torch")])
 
 
 def test_ring_attention_rejects_odd_local_length():

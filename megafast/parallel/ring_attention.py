@@ -66,7 +66,7 @@ def _grouped(q: torch.Tensor, groups: int) -> torch.Tensor:
     return q.reshape(b, groups, h // groups, s, d)
 
 
-TILE_ELEMENTS = 1 << 24  # score elements per query tile of a torch block (64 MiB in fp32)
+TILE_ELEMENTS = 1 << 22  # score elements per query tile of a torch block (16 MiB in fp32)
 
 
 @dataclass(frozen=True)
