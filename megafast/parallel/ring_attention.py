@@ -24,7 +24,9 @@ arrive home one hop after the last step). Per block, with P = exp(S - L), D = ro
 
 Packed samples (segment ids) add "same segment" to every block's mask; every query still sees
 itself at t = 0, so merged rows stay finite. Blocks are computed in plain torch (any device and
-dtype; fp32 accumulation) or by the Triton flash-attention kernels (their forward returns the
+dtype; fp32 accumulation, in query tiles; on CPU without packing, torch's CPU flash-attention
+kernel, which returns the LSE and takes the final O and LSE in backward) or by the Triton
+flash-attention kernels (their forward returns the
 base-2 LSE, their backward takes the final O and LSE), which need no mask: packed blocks use torch.
 """
 
@@ -143,6 +145,25 @@ def _torch_block_backward(do, q, k, v, o, lse, scale, mask: BlockMask):
     return dq, dk, dv
 
 
+def _cpu_flash_forward(q, k, v, scale, causal):
+    """torch's CPU flash-attention kernel (O(tile) memory, returns the natural-log LSE); GQA k/v
+    repeated to every query head."""
+    r = q.shape[1] // k.shape[1]
+    k, v = (t.repeat_interleave(r, dim=1) if r > 1 else t for t in (k, v))
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    return o.float(), lse.float()
+
+
+def _cpu_flash_backward(do, q, k, v, o, lse, scale, causal):
+    groups, r = k.shape[1], q.shape[1] // k.shape[1]
+    ke, ve = (t.repeat_interleave(r, dim=1) if r > 1 else t for t in (k, v))
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        do.contiguous(), q.contiguous(), ke.contiguous(), ve.contiguous(), o.to(q.dtype).contiguous(),
+        lse.contiguous(), 0.0, causal, scale=scale)
+    b, _, sk, d = k.shape
+    return dq.float(), dk.float().view(b, groups, r, sk, d).sum(2), dv.float().view(b, groups, r, sk, d).sum(2)
+
+
 def _triton_equal_forward(q, k, v, scale, causal):
     from megafast.kernels.flash_attention_kernel import flash_attention_forward
 
@@ -180,8 +201,15 @@ class _Block:
             self.mask = BlockMask(self.diagonal, sq[:, self.q_rows], sk[:, self.kv_cols])
         self.use_triton = spec.backend == "triton" and segments is None
 
+    def cpu_flash(self, q: torch.Tensor) -> bool:
+        """torch backend, CPU, no packed mask: torch's CPU flash-attention kernel (causal or none)."""
+        return q.device.type == "cpu" and self.mask.q_seg is None and hasattr(
+            torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
     def forward(self, q, k, v, scale):
         q, k, v = q[:, :, self.q_rows], k[:, :, self.kv_cols], v[:, :, self.kv_cols]
+        if not self.use_triton and self.cpu_flash(q):
+            return _cpu_flash_forward(q, k, v, scale, self.diagonal)
         if not self.use_triton:
             return _torch_block_forward(q, k, v, scale, self.mask)
         sq, sk = q.shape[2], k.shape[2]
@@ -200,6 +228,8 @@ class _Block:
         r, cols = self.q_rows, self.kv_cols
         do, q, o, lse = do[:, :, r], q[:, :, r], o[:, :, r], lse[:, :, r]
         k, v = k[:, :, cols], v[:, :, cols]
+        if not self.use_triton and self.cpu_flash(q):
+            return _cpu_flash_backward(do, q, k, v, o, lse, scale, self.diagonal)
         if not self.use_triton:
             return _torch_block_backward(do, q, k, v, o, lse, scale, self.mask)
         sq, sk = q.shape[2], k.shape[2]
