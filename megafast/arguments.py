@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 from megafast.config import (
     ATTENTION_BACKENDS,
+    CP_COMM_TYPES,
     KERNEL_BACKENDS,
     LORA_TARGET_MODULES,
     ROPE_BACKENDS,
@@ -23,6 +24,7 @@ from megafast.config import (
     ParallelConfig,
     PipelineSplit,
     QLoRAConfig,
+    validate_context_parallel,
     validate_layout,
 )
 from megafast.data.chat_template import parse_role_markers
@@ -139,6 +141,11 @@ def _add_parallel(p: argparse.ArgumentParser) -> None:
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
                    help="default: nccl with CUDA, gloo otherwise")
     g.add_argument("--distributed-timeout-minutes", type=float, default=10.0)
+    g.add_argument("--context-parallel-size", type=int, default=1,
+                   help="split every sequence over this many ranks (long context); rank i holds chunks i "
+                        "and 2C-1-i of 2C")
+    g.add_argument("--cp-comm-type", choices=list(CP_COMM_TYPES), default="p2p",
+                   help="p2p: ring attention (K/V around the CP ring); a2a: all-to-all over heads (Ulysses)")
 
 
 def _add_training(p: argparse.ArgumentParser) -> None:
@@ -506,6 +513,8 @@ def parallel_config(args: argparse.Namespace) -> ParallelConfig:
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         sequence_parallel=args.sequence_parallel,
+        context_parallel_size=args.context_parallel_size,
+        cp_comm_type=args.cp_comm_type,
     )
 
 
@@ -676,6 +685,7 @@ def validate_args(args: argparse.Namespace, world_size: int, vocab_size: Optiona
     try:
         config = model_config(args, model_vocab_size(args, vocab_size))
         validate_layout(config, pconf, world_size)
+        validate_context_parallel(config, pconf, args.seq_length)
     except ValueError as e:
         _fail(str(e))
 

@@ -245,13 +245,21 @@ class GPTConfig:
         return int(math.ceil(self.vocab_size / multiple) * multiple)
 
 
+CP_COMM_TYPES = ("p2p", "a2a")
+
+
 @dataclass
 class ParallelConfig:
-    """Tensor/pipeline/data-parallel layout; data-parallel size is derived from the world size."""
+    """Tensor/pipeline/context/data-parallel layout; data-parallel size is derived from the world size.
+
+    ``context_parallel_size`` C splits every sequence over C ranks (``cp_comm_type`` 'p2p': ring
+    attention, 'a2a': all-to-all over heads; megafast.parallel.ring_attention / ulysses)."""
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
+    context_parallel_size: int = 1
+    cp_comm_type: str = "p2p"
 
     def __post_init__(self) -> None:
         if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
@@ -261,16 +269,22 @@ class ParallelConfig:
             )
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             self.sequence_parallel = False  # as Megatron: nothing to shard over
+        if self.context_parallel_size < 1:
+            raise ValueError(f"--context-parallel-size must be >= 1, got {self.context_parallel_size}")
+        if self.cp_comm_type not in CP_COMM_TYPES:
+            raise ValueError(f"--cp-comm-type {self.cp_comm_type}: choose one of {', '.join(CP_COMM_TYPES)}")
 
     def data_parallel_size(self, world_size: int) -> int:
         model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
-        if world_size % model_parallel:
+        cp = self.context_parallel_size
+        if world_size % (model_parallel * cp):
             raise ValueError(
                 f"world size {world_size} is not a multiple of tensor x pipeline parallel size "
-                f"{self.tensor_model_parallel_size} x {self.pipeline_model_parallel_size} = {model_parallel}: "
-                "change --nproc-per-node or the parallel sizes"
+                f"{self.tensor_model_parallel_size} x {self.pipeline_model_parallel_size} = {model_parallel}"
+                + (f" x context parallel size {cp}" if cp > 1 else "")
+                + ": change --nproc-per-node or the parallel sizes"
             )
-        return world_size // model_parallel
+        return world_size // (model_parallel * cp)
 
 
 def validate_layout(model: GPTConfig, parallel: ParallelConfig, world_size: Optional[int] = None) -> None:
@@ -297,6 +311,35 @@ def validate_layout(model: GPTConfig, parallel: ParallelConfig, world_size: Opti
         raise ValueError(
             f"pipeline parallel size {pp} exceeds the {model.num_layers} layers: "
             "use at most one stage per layer (--pipeline-model-parallel-size <= --num-layers)"
+        )
+    validate_context_parallel(model, parallel)
+
+
+def validate_context_parallel(model: GPTConfig, parallel: ParallelConfig, seq_length: Optional[int] = None) -> None:
+    """Context-parallel constraints (one line each): the sequence splits into 2C equal chunks (and
+    a rank's share into TP shards with sequence parallelism); all-to-all splits this TP rank's heads
+    over C; attention dropout is not supported across CP ranks."""
+    cp, tp = parallel.context_parallel_size, parallel.tensor_model_parallel_size
+    if cp == 1:
+        return
+    if seq_length is not None:
+        multiple = 2 * cp * (tp if parallel.sequence_parallel else 1)
+        if seq_length % multiple:
+            raise ValueError(
+                f"--seq-length {seq_length} is not divisible by 2 x context parallel size {cp}"
+                + (f" x tensor parallel size {tp} (sequence parallelism)" if parallel.sequence_parallel else "")
+                + f" = {multiple}: choose a multiple of {multiple}"
+            )
+    if parallel.cp_comm_type == "a2a" and (model.num_attention_heads // tp) % cp:
+        raise ValueError(
+            f"--cp-comm-type a2a splits the {model.num_attention_heads // tp} attention heads per tensor-parallel "
+            f"rank over context parallel size {cp}, which does not divide them: use --cp-comm-type p2p or "
+            "another --context-parallel-size"
+        )
+    if model.attention_dropout > 0:
+        raise ValueError(
+            f"--attention-dropout {model.attention_dropout} is not supported with --context-parallel-size {cp}: "
+            "pass --attention-dropout 0"
         )
 
 

@@ -45,6 +45,8 @@ from megafast.planner import (  # noqa: E402
     ModuleMemory,
     Plan,
     RankMemory,
+    context_parallel_cost,
+    longest_sequence,
     module_memory,
     peak_memory,
     search,
@@ -161,6 +163,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     g.add_argument("--no-sequence-parallel", dest="sequence_parallel", action="store_false")
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    g.add_argument("--context-parallel-size", type=int, default=1,
+                   help="with --max-seq-length-search: ranks each sequence is split over")
+    g.add_argument("--cp-comm-type", choices=["p2p", "a2a"], default="p2p")
+    g.add_argument("--max-seq-length-search", action="store_true",
+                   help="print the longest --seq-length that fits --gpu-memory-gb on every GPU under the "
+                        "given layout (TP, PP, CP, micro-batch, recompute, distributed optimizer; unset "
+                        "ones: 1, 1, 1, 1, none, off; DP from --num-gpus) and exit")
 
     g = p.add_argument_group("cluster")
     g.add_argument("--num-gpus", type=int, default=None,
@@ -648,8 +657,52 @@ def model_report(args: argparse.Namespace, config: GPTConfig, seq_length: int) -
         print_model_tables(args, config, seq_length, modules, found, usable_gb)
 
 
+def longest_sequence_report(args: argparse.Namespace) -> int:
+    """``--max-seq-length-search``: the longest sequence that fits one GPU under the given layout."""
+    try:
+        config, _ = model_from_args(argparse.Namespace(**{**vars(args), "seq_length": args.seq_length or 1}))
+        tp, pp = args.tensor_model_parallel_size or 1, args.pipeline_model_parallel_size or 1
+        cp = args.context_parallel_size
+        dp = (args.num_gpus or tp * pp * cp) // (tp * pp * cp)
+        if dp < 1 or (args.num_gpus or tp * pp * cp) % (tp * pp * cp):
+            raise ValueError(f"--num-gpus {args.num_gpus} is not a multiple of TP x PP x CP = {tp * pp * cp}")
+        rc = None if args.recompute_granularity in (None, "none") else args.recompute_granularity
+        layout = Layout(tp=tp, pp=pp, dp=dp, cp=cp, cp_comm_type=args.cp_comm_type,
+                        micro_batch_size=args.micro_batch_size or 1, recompute=rc,
+                        recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers,
+                        distributed_optimizer=bool(args.use_distributed_optimizer),
+                        sequence_parallel=tp > 1 if args.sequence_parallel is None else args.sequence_parallel,
+                        dtype=args.dtype, optimizer=args.optimizer)
+        if args.position_embedding_type != "learned_absolute" or args.hf_config:
+            config = dataclasses.replace(config, max_position_embeddings=1 << 24)
+        budget = args.gpu_memory_gb * (1 - args.memory_headroom) * GB
+        layout.check(config)
+        longest = longest_sequence(config, layout, budget)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if longest is None:
+        raise SystemExit(f"error: not even the shortest sequence fits {budget / GB:.1f} GB under this layout: "
+                         "raise TP/PP/CP, recompute, or the GPU memory")
+    memory = peak_memory(config, dataclasses.replace(layout, seq_length=longest))
+    cost = context_parallel_cost(config, dataclasses.replace(layout, seq_length=longest))
+    out = {"max_seq_length": longest, "peak_memory_gb": memory.total / GB, "usable_memory_gb": budget / GB,
+           "layout": dataclasses.asdict(layout) | {"seq_length": longest},
+           "cp_bytes_per_layer": {"forward": cost.forward_bytes, "backward": cost.backward_bytes}}
+    if args.json:
+        json.dump(out, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(f"longest sequence: {longest:,} tokens (TP={tp}, PP={pp}, CP={cp} {args.cp_comm_type}, DP={dp}, "
+              f"micro-batch {layout.micro_batch_size}, recompute {rc or 'none'}): {memory.total / GB:.1f} GB of "
+              f"{budget / GB:.1f} GB usable per GPU; CP traffic per layer and micro-batch "
+              f"{cost.forward_bytes / GB:.3f} GB forward, {cost.backward_bytes / GB:.3f} GB backward")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if args.max_seq_length_search:
+        return longest_sequence_report(args)
     if args.num_gpus is None:
         config, seq_length = model_from_args(args)
         try:

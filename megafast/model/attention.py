@@ -3,6 +3,10 @@
 Fused QKV layout (DESIGN.md): for each of the G query groups, its H/G query heads, then its k
 head, then its v head, each ``d`` rows. TP splits the rows contiguously, so each rank holds whole
 groups: G/p groups, H/p query heads.
+
+With context parallelism (``state.cp_size`` C > 1) a rank holds s/C tokens of each sequence
+(megafast.parallel.context_parallel) and the core attention spans the CP group: ring attention
+(megafast.parallel.ring_attention) or all-to-all over heads (megafast.parallel.ulysses).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from megafast.model.packing import PackedSeqParams
 from megafast.model.rotary import apply_rotary
 from megafast.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megafast.parallel.random import RNGStatesTracker, checkpointed
+from megafast.parallel.ring_attention import RingSpec, ring_attention
 from megafast.parallel.state import ParallelState
+from megafast.parallel.ulysses import gather_sequence, ulysses_attention
 
 try:  # flash-attn's variable-length form, for packed samples (the dense form: megafast.kernels)
     from flash_attn import flash_attn_varlen_func
@@ -47,6 +53,7 @@ class SelfAttention(nn.Module):
         self.groups = config.num_query_groups // tp  # query groups on this rank
         self.head_dim = config.head_dim
         self.layer_number = layer_number  # keys this layer's KV cache in InferenceParams
+        self.state = state  # context parallelism: this rank's CP group, ring and communication type
         prefix = f"decoder.layers.{layer_number}.self_attention"
         self.linear_qkv = ColumnParallelLinear(
             config.hidden_size,
@@ -74,7 +81,10 @@ class SelfAttention(nn.Module):
         v: torch.Tensor,
         packed_seq_params: Optional[PackedSeqParams] = None,
     ) -> torch.Tensor:
-        """q [b, H/p, s, d], k/v [b, G/p, s, d] -> [b, H/p, s, d], causal (within each packed sample)."""
+        """q [b, H/p, s, d], k/v [b, G/p, s, d] -> [b, H/p, s, d], causal (within each packed sample).
+        With context parallelism s is this rank's share of the sequence (s_total / C)."""
+        if self.state.cp_size > 1:
+            return self.context_parallel_attention(q, k, v, packed_seq_params)
         if packed_seq_params is not None:
             return self.packed_attention(q, k, v, packed_seq_params)
         dropout = self.config.attention_dropout if self.training else 0.0
@@ -82,6 +92,29 @@ class SelfAttention(nn.Module):
         with self.tracker.fork():  # flash-attn / SDPA / Triton flash attention (--attention-backend)
             backend = self.config.attention_backend
             return kernels.attention(q, k, v, causal=True, dropout_p=dropout, backend=backend)
+
+    def context_parallel_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: Optional[PackedSeqParams]
+    ) -> torch.Tensor:
+        """Causal attention of this CP rank's tokens over the whole sequence: q [b, H/p, s/C, d],
+        k/v [b, G/p, s/C, d] -> [b, H/p, s/C, d]. 'p2p': ring attention (per-block kernel: the
+        Triton flash attention where --attention-backend resolves to triton or flash, else torch);
+        'a2a': all-to-all over heads around the ordinary attention of the whole sequence."""
+        st = self.state
+        segments = gather_sequence(packed.segment_ids, st.cp_group, st.cp_size) if packed is not None else None
+        if st.cp_comm_type == "a2a":
+            full = PackedSeqParams(segments) if segments is not None else None
+            return ulysses_attention(q, k, v, st.cp_group, st.cp_size,
+                                     lambda q_, k_, v_: self._attend(q_, k_, v_, full))
+        chosen = kernels.resolve_attention(self.config.attention_backend, q)
+        spec = RingSpec(st.cp_group, tuple(st.cp_ranks), st.cp_rank, "triton" if chosen in ("triton", "flash") else "torch")
+        return ring_attention(q, k, v, spec, segments)
+
+    def _attend(self, q, k, v, packed: Optional[PackedSeqParams]) -> torch.Tensor:
+        """Causal attention of whole sequences (the a2a path's inner attention)."""
+        if packed is not None:
+            return self.packed_attention(q, k, v, packed)
+        return kernels.attention(q, k, v, causal=True, dropout_p=0.0, backend=self.config.attention_backend)
 
     def packed_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedSeqParams
@@ -96,10 +129,11 @@ class SelfAttention(nn.Module):
                 cu, longest = packed.cu_seqlens, packed.max_seqlen
                 q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (q, k, v))  # [b*s, heads, d]
                 out = flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, dropout_p=dropout, causal=True)
-                return out.view(b, s, self.heads, d).transpose(1, 2)  # [b, H/p, s, d]
-            if self.groups != self.heads:
-                k = k.repeat_interleave(self.heads // self.groups, dim=1)
-                v = v.repeat_interleave(self.heads // self.groups, dim=1)
+                return out.view(b, s, q.shape[1], d).transpose(1, 2)  # [b, H/p, s, d]
+            heads, groups = q.shape[1], k.shape[1]  # (H/C, G/C under all-to-all context parallelism)
+            if groups != heads:
+                k = k.repeat_interleave(heads // groups, dim=1)
+                v = v.repeat_interleave(heads // groups, dim=1)
             mask = packed.attention_mask()  # [b, 1, s, s]
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 

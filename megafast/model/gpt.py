@@ -30,6 +30,7 @@ from megafast.model.packing import PackedSeqParams
 from megafast.model.rotary import RotaryEmbedding
 from megafast.model.recompute import recompute_plan
 from megafast.model.transformer import TransformerLayer
+from megafast.parallel.context_parallel import local_token_index
 from megafast.parallel.layers import VocabParallelEmbedding
 from megafast.parallel.mappings import scatter_to_sequence_parallel_region
 from megafast.parallel.random import (
@@ -162,7 +163,7 @@ class GPTModel(nn.Module):
         state = state or ParallelState.single()
         validate_layout(
             config,
-            ParallelConfig(state.tp_size, state.pp_size, state.sequence_parallel),
+            ParallelConfig(state.tp_size, state.pp_size, state.sequence_parallel, state.cp_size, state.cp_comm_type),
         )
         self.config = config
         self.state = state
@@ -230,6 +231,14 @@ class GPTModel(nn.Module):
             raise ValueError(
                 "incremental decoding needs position_ids on every stage and no sequence parallelism"
             )
+        if inference_params is not None and self.state.cp_size > 1:
+            raise ValueError("incremental decoding runs without context parallelism: use context parallel size 1")
+        if position_ids is None and self.state.cp_size > 1:  # this CP rank's chunks of 0..s-1
+            b, s_local = input_ids.shape if input_ids is not None else (
+                hidden_states.shape[1], hidden_states.shape[0] * (self.state.tp_size if self.state.sequence_parallel else 1))
+            device = (input_ids if input_ids is not None else hidden_states).device
+            held = local_token_index(s_local * self.state.cp_size, self.state.cp_size, self.state.cp_rank, device)
+            position_ids = held.expand(b, s_local)
         if self.pre_process:
             if input_ids is None:
                 raise ValueError("the first pipeline stage needs input_ids")
@@ -256,6 +265,7 @@ class GPTModel(nn.Module):
         if self.rotary is None:
             return None
         seq_len = x.shape[0] * (self.state.tp_size if self.state.sequence_parallel else 1)
+        seq_len *= self.state.cp_size  # context parallelism: positions of the whole sequence
         if position_ids is not None:
             offset = inference_params.sequence_len_offset if inference_params is not None else 0
             return self.rotary.for_positions(position_ids, seq_len + offset)

@@ -1,8 +1,13 @@
-"""ParallelState: the tensor/pipeline/data-parallel process groups of one rank, passed explicitly.
+"""ParallelState: the tensor/context/data/pipeline-parallel process groups of one rank, passed explicitly.
 
-Rank order is Megatron's: tensor-parallel fastest, then data-parallel, then pipeline::
+Rank order is Megatron's: tensor-parallel fastest, then context-parallel, then data-parallel, then
+pipeline::
 
-    rank = pp_rank * dp * tp + dp_rank * tp + tp_rank
+    rank = ((pp_rank * dp + dp_rank) * cp + cp_rank) * tp + tp_rank
+
+Context-parallel ranks hold different parts of the same sequences with the same weights, so dense
+gradients are summed (and the distributed optimizer sharded) over the DP x CP group
+(``dp_cp_group``; :meth:`with_context_in_data` folds CP into DP for the data-parallel machinery).
 
 A group attribute is ``None`` only when that dimension has size 1 (every collective on it is then
 the identity); no code here or elsewhere treats ``None`` as "the global group".
@@ -11,7 +16,7 @@ the identity); no code here or elsewhere treats ``None`` as "the global group".
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Optional
 
@@ -41,6 +46,12 @@ class ParallelState:
     tp_group: Group = None
     pp_group: Group = None
     dp_group: Group = None
+    cp_size: int = 1
+    cp_rank: int = 0
+    cp_comm_type: str = "p2p"  # 'p2p' ring attention or 'a2a' all-to-all over heads
+    cp_group: Group = None
+    cp_ranks: list[int] = field(default_factory=lambda: [0])  # global ranks of this CP group, by cp rank
+    dp_cp_group: Group = None  # DP x CP: dense gradient reduction (dp_group when cp == 1)
     # Ranks sharing a tied embedding/output weight: first and last pipeline stage (pp > 1 only).
     embedding_group: Group = None
     # Every rank holding a different part of one model replica (tp x pp): for global grad norms.
@@ -49,11 +60,28 @@ class ParallelState:
 
     @property
     def world_size(self) -> int:
-        return self.tp_size * self.pp_size * self.dp_size
+        return self.tp_size * self.pp_size * self.dp_size * self.cp_size
 
     @property
     def rank(self) -> int:
-        return self.pp_rank * self.dp_size * self.tp_size + self.dp_rank * self.tp_size + self.tp_rank
+        return ((self.pp_rank * self.dp_size + self.dp_rank) * self.cp_size + self.cp_rank) * self.tp_size + self.tp_rank
+
+    @property
+    def dp_cp_size(self) -> int:
+        return self.dp_size * self.cp_size
+
+    @property
+    def dp_cp_rank(self) -> int:
+        return self.dp_rank * self.cp_size + self.cp_rank
+
+    def with_context_in_data(self) -> "ParallelState":
+        """This state with CP folded into DP (dp' = dp x cp, dp_rank' = dp_rank x cp + cp_rank,
+        dp_group' = the DP x CP group): the view of gradient reduction, the distributed optimizer and
+        checkpoint shards, for which CP ranks are replicas. ``rank`` and ``world_size`` are unchanged."""
+        if self.cp_size == 1:
+            return self
+        return replace(self, dp_size=self.dp_cp_size, dp_rank=self.dp_cp_rank, dp_group=self.dp_cp_group,
+                       cp_size=1, cp_rank=0, cp_group=None, cp_ranks=[self.rank], cp_comm_type="p2p")
 
     @property
     def is_first_stage(self) -> bool:
@@ -76,13 +104,14 @@ class ParallelState:
         """
         world, rank = dist.get_world_size(), dist.get_rank()
         tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
+        cp = config.context_parallel_size
         dp = config.data_parallel_size(world)
 
-        def coord(r: int) -> tuple[int, int, int]:  # (pp_rank, dp_rank, tp_rank)
-            return r // (dp * tp), (r // tp) % dp, r % tp
+        def coord(r: int) -> tuple[int, int, int, int]:  # (pp_rank, dp_rank, cp_rank, tp_rank)
+            return r // (dp * cp * tp), (r // (cp * tp)) % dp, (r // tp) % cp, r % tp
 
-        def rank_of(p: int, d: int, t: int) -> int:
-            return p * dp * tp + d * tp + t
+        def rank_of(p: int, d: int, t: int, c: int = 0) -> int:
+            return ((p * dp + d) * cp + c) * tp + t
 
         def own_group(groups: list[list[int]]) -> Group:
             """Create every group (collective, same order on all ranks); return the one holding us."""
@@ -93,13 +122,21 @@ class ParallelState:
                     mine = g
             return mine
 
-        tp_groups = [[rank_of(p, d, t) for t in range(tp)] for p in range(pp) for d in range(dp)]
-        dp_groups = [[rank_of(p, d, t) for d in range(dp)] for p in range(pp) for t in range(tp)]
-        pp_groups = [[rank_of(p, d, t) for p in range(pp)] for d in range(dp) for t in range(tp)]
-        mp_groups = [[rank_of(p, d, t) for p in range(pp) for t in range(tp)] for d in range(dp)]
+        cs = range(cp)
+        tp_groups = [[rank_of(p, d, t, c) for t in range(tp)] for p in range(pp) for d in range(dp) for c in cs]
+        dp_groups = [[rank_of(p, d, t, c) for d in range(dp)] for p in range(pp) for c in cs for t in range(tp)]
+        pp_groups = [[rank_of(p, d, t, c) for p in range(pp)] for d in range(dp) for c in cs for t in range(tp)]
+        mp_groups = [[rank_of(p, d, t, c) for p in range(pp) for t in range(tp)] for d in range(dp) for c in cs]
         emb_groups = [[g[0], g[-1]] for g in pp_groups] if pp > 1 else [[r] for r in range(world)]
-
-        pp_rank, dp_rank, tp_rank = coord(rank)
+        pp_rank, dp_rank, cp_rank, tp_rank = coord(rank)
+        dp_group = own_group(dp_groups)
+        cp_group = dp_cp_group = None
+        cp_ranks = [rank]
+        if cp > 1:  # created only with CP, so that cp == 1 makes exactly the groups it made before
+            cp_groups = [[rank_of(p, d, t, c) for c in cs] for p in range(pp) for d in range(dp) for t in range(tp)]
+            dp_cp_groups = [[rank_of(p, d, t, c) for d in range(dp) for c in cs] for p in range(pp) for t in range(tp)]
+            cp_group, dp_cp_group = own_group(cp_groups), own_group(dp_cp_groups)
+            cp_ranks = next(g for g in cp_groups if rank in g)
         return cls(
             tp_size=tp,
             pp_size=pp,
@@ -109,11 +146,17 @@ class ParallelState:
             dp_rank=dp_rank,
             sequence_parallel=config.sequence_parallel,
             tp_group=own_group(tp_groups),
-            dp_group=own_group(dp_groups),
+            dp_group=dp_group,
             pp_group=own_group(pp_groups),
             model_parallel_group=own_group(mp_groups),
             embedding_group=own_group(emb_groups),
             pp_ranks=next(g for g in pp_groups if rank in g),
+            cp_size=cp,
+            cp_rank=cp_rank,
+            cp_comm_type=config.cp_comm_type,
+            cp_group=cp_group,
+            cp_ranks=cp_ranks,
+            dp_cp_group=dp_cp_group if cp > 1 else dp_group,
         )
 
     @classmethod

@@ -11,12 +11,20 @@ concept per module:
 - :mod:`~megafast.planner.flops`: FLOPs per token and the device peak that MFU divides by;
 - :mod:`~megafast.planner.memory`: bytes per GPU, model state (exact) and activations;
 - :mod:`~megafast.planner.throughput`: step time, tokens/s and MFU on a ``Cluster``;
-- :mod:`~megafast.planner.search`: every layout of a cluster estimated and ranked.
+- :mod:`~megafast.planner.search`: every layout of a cluster estimated and ranked;
+- :mod:`~megafast.planner.context`: context parallelism's attention work and ring / all-to-all
+  traffic per rank, and the longest sequence that fits a GPU.
 
 The planner is pure arithmetic over configs: it reads the pipeline schedules (pure action lists)
 but never the runtime engine, and builds no model.
 """
 
+from megafast.planner.context import (
+    ContextParallelCost,
+    context_parallel_cost,
+    longest_sequence,
+    sequence_multiple,
+)
 from megafast.planner.flops import (
     PEAK_BF16_TFLOPS,
     attention_flops_per_token,
@@ -73,6 +81,10 @@ from megafast.planner.throughput import (
 )
 
 __all__ = [
+    "ContextParallelCost",
+    "context_parallel_cost",
+    "longest_sequence",
+    "sequence_multiple",
     "DTYPE_BYTES",
     "GB",
     "PEAK_BF16_TFLOPS",

@@ -7,7 +7,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
-from megafast.config import GPTConfig, ParallelConfig, Recompute, RecomputeMethod, validate_layout
+from megafast.config import (
+    GPTConfig,
+    ParallelConfig,
+    Recompute,
+    RecomputeMethod,
+    validate_context_parallel,
+    validate_layout,
+)
 from megafast.pipeline.partition import partition_layers
 
 DType = Literal["bf16", "fp16", "fp32"]
@@ -24,6 +31,8 @@ class Layout:
     ``micro_batch_size * num_microbatches * dp`` sequences of ``seq_length`` tokens.
     ``num_model_chunks`` > 1 is interleaved pipelining (virtual stages); ``partition`` is
     ``--pipeline-partition``; ``bucket_size_mb`` is ``--ddp-bucket-size-mb`` (None: one bucket).
+    ``cp`` is ``--context-parallel-size`` (each rank holds ``seq_length / cp`` tokens of every
+    sequence; ``cp_comm_type`` 'p2p' ring attention or 'a2a' all-to-all).
     """
 
     tp: int = 1
@@ -47,9 +56,11 @@ class Layout:
     # sharded strategy implies distributed_optimizer) and --optimizer-offload-fraction (0: no offload)
     sharding_strategy: Optional[str] = None
     optimizer_offload_fraction: float = 0.0
+    cp: int = 1
+    cp_comm_type: Literal["p2p", "a2a"] = "p2p"
 
     def __post_init__(self) -> None:
-        positive = ("tp", "pp", "dp", "micro_batch_size", "num_microbatches", "seq_length", "num_model_chunks")
+        positive = ("tp", "pp", "dp", "micro_batch_size", "num_microbatches", "seq_length", "num_model_chunks", "cp")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"layout {name} must be >= 1, got {getattr(self, name)}")
@@ -85,7 +96,12 @@ class Layout:
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.dp * self.cp
+
+    @property
+    def local_seq_length(self) -> int:
+        """Tokens of each sequence on one rank (context parallelism splits the sequence)."""
+        return self.seq_length // self.cp
 
     @property
     def global_batch_size(self) -> int:
@@ -97,7 +113,9 @@ class Layout:
 
     def check(self, config: GPTConfig) -> None:
         """Raise ValueError (one line) when ``config`` cannot be laid out this way."""
-        validate_layout(config, ParallelConfig(self.tp, self.pp, self.sequence_parallel))
+        parallel = ParallelConfig(self.tp, self.pp, self.sequence_parallel, self.cp, self.cp_comm_type)
+        validate_layout(config, parallel)
+        validate_context_parallel(config, parallel, self.seq_length)
         if self.sequence_parallel and self.seq_length % self.tp:
             raise ValueError(
                 f"sequence length {self.seq_length} is not divisible by TP {self.tp} (sequence parallel)"

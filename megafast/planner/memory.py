@@ -188,13 +188,14 @@ def rank_parameter_state(config: GPTConfig, layout: Layout, pp_rank: int, dp_ran
     DP rank's shard of each bucket. Memoised on the (frozen) config and the layout fields that
     matter: a search asks for the same ranks under many micro-batch and recompute choices.
     """
-    if not 0 <= dp_rank < layout.dp:
-        raise ValueError(f"data-parallel rank {dp_rank} is outside 0..{layout.dp - 1}")
-    distributed = layout.distributed_optimizer and layout.dp > 1
+    shards = layout.dp * layout.cp  # context-parallel ranks are optimizer-shard replicas too (DP x CP)
+    if not 0 <= dp_rank < shards:
+        raise ValueError(f"data-parallel rank {dp_rank} is outside 0..{shards - 1}")
+    distributed = layout.distributed_optimizer and shards > 1
     key = Layout(
         tp=layout.tp,
         pp=layout.pp,
-        dp=layout.dp,
+        dp=shards,
         num_model_chunks=layout.num_model_chunks,
         distributed_optimizer=distributed,
         partition=layout.partition,
@@ -237,7 +238,7 @@ def _count_rank_parameter_state(
 def static_memory(config: GPTConfig, layout: Layout, pp_rank: int, dp_rank: int = 0) -> StaticMemory:
     """Weights, fp32 gradient buffers, fp32 masters and optimizer states of one GPU, in bytes."""
     n = rank_parameter_state(config, layout, pp_rank, dp_rank)
-    distributed = layout.distributed_optimizer and layout.dp > 1
+    distributed = layout.distributed_optimizer and layout.dp * layout.cp > 1
     stage = layout.zero_stage
     per_element = MASTER_BYTES * (2 if layout.optimizer == "adam" else 1)
     states = n.masters * per_element
@@ -253,8 +254,8 @@ def static_memory(config: GPTConfig, layout: Layout, pp_rank: int, dp_rank: int 
         masters = 0 if layout.dtype == "fp32" else (n.masters - moved) * MASTER_BYTES
         states = int(states * (1 - f))
     return StaticMemory(
-        weights=weights // layout.dp if stage == 3 else weights,
-        gradients=n.buffer * GRAD_BYTES // (layout.dp if stage >= 2 else 1),
+        weights=weights // (layout.dp * layout.cp) if stage == 3 else weights,
+        gradients=n.buffer * GRAD_BYTES // (layout.dp * layout.cp if stage >= 2 else 1),
         master_weights=masters,
         optimizer_states=states,
         host=host,
@@ -374,12 +375,22 @@ def _norm_bytes(config: GPTConfig, tokens: float, e: int, ops: str) -> float:
 
 
 def attention_bytes(config: GPTConfig, layout: Layout, tokens: int, attention: str = "sdpa") -> int:
-    """Storages the attention block keeps for backward (see the module docstring), one TP rank."""
+    """Storages the attention block keeps for backward (see the module docstring), one TP rank.
+
+    Context parallelism: ``tokens`` are this rank's. Ring attention (p2p) keeps what a flash kernel
+    keeps (q, k, v unexpanded, its output and the fp32 log-sum-exp). All-to-all (a2a) keeps the
+    re-laid-out q [H], k and v [G, or H when the groups do not split over C] (GQA-expanded to H for
+    SDPA), the inner attention's output and the output laid back (two H storages) and the lse."""
     c, t, e = config, layout.tp, DTYPE_BYTES[layout.dtype]
     heads, groups, d = c.num_attention_heads // t, c.num_query_groups // t, c.head_dim
     rope = c.position_embedding_type == "rope"
     selective = layout.recompute == "selective"
-    expand = heads != groups and not selective and attention == "sdpa"  # GQA k/v repeated for SDPA
+    if layout.cp > 1 and layout.cp_comm_type == "a2a" and not selective:
+        kv = groups if groups % layout.cp == 0 else heads
+        kv = heads if attention == "sdpa" else kv  # SDPA keeps k/v repeated to every query head
+        return e * tokens * d * (heads + 2 * kv + 2 * heads) + 4 * tokens * heads
+    ring = layout.cp > 1  # p2p blocks take k/v unexpanded
+    expand = heads != groups and not selective and attention == "sdpa" and not ring  # GQA k/v repeated for SDPA
     sizes = {}  # storage name -> heads it spans
     sizes["q_rot" if rope else ("qkv" if heads == groups else "q_copy")] = heads
     sizes["k_rep" if expand else ("k_rot" if rope else "qkv")] = heads if expand else groups
@@ -395,12 +406,13 @@ def layer_activation_bytes(config: GPTConfig, layout: Layout, device: Device = "
     """One transformer layer, one microbatch, one GPU, without full recompute."""
     c, t, e = config, layout.tp, DTYPE_BYTES[layout.dtype]
     k = resolve_kernels(c, layout, device)
-    s, tokens = layout.seq_length, layout.seq_length * layout.micro_batch_size
+    s, tokens = layout.local_seq_length, layout.local_seq_length * layout.micro_batch_size
     u = t if layout.sequence_parallel else 1
     h = c.hidden_size
     widths = 2 if c.activation != "swiglu" else (3 if k.ops == "triton" else 4)  # in units of f
+    rows = _rope_rows(layout)
     rope = (
-        4 * s * c.head_dim * e if c.position_embedding_type == "rope" and k.rope == "torch" and e != 4 else 0
+        4 * rows * c.head_dim * e if c.position_embedding_type == "rope" and k.rope == "torch" and e != 4 else 0
     )
     return int(
         2 * _norm_bytes(c, tokens / u, e, k.ops)
@@ -412,11 +424,17 @@ def layer_activation_bytes(config: GPTConfig, layout: Layout, device: Device = "
     )
 
 
+def _rope_rows(layout: Layout) -> int:
+    """Rows of the RoPE cos/sin tables: one per position (s), or one per token with context
+    parallelism, whose micro-batches carry explicit [b, s/C] position ids."""
+    return layout.local_seq_length * (layout.micro_batch_size if layout.cp > 1 else 1)
+
+
 def chunk_activation_bytes(config: GPTConfig, layout: Layout, stage: Stage, device: Device = "cuda") -> int:
     """Activations one microbatch keeps alive in one model chunk until its backward."""
     c, t, e = config, layout.tp, DTYPE_BYTES[layout.dtype]
     k = resolve_kernels(c, layout, device)
-    s, tokens = layout.seq_length, layout.seq_length * layout.micro_batch_size
+    s, tokens = layout.local_seq_length, layout.local_seq_length * layout.micro_batch_size
     u = t if layout.sequence_parallel else 1
     h, hidden = c.hidden_size, e * tokens * c.hidden_size / u  # one [s/u, b, h] tensor
     plan = recompute_plan(layout_config(c, layout), stage.num_layers)
@@ -425,10 +443,10 @@ def chunk_activation_bytes(config: GPTConfig, layout: Layout, stage: Stage, devi
     total = sum(hidden if ckpt else (end - start) * layer for start, end, ckpt in plan)
     plain = not all(ckpt for _, _, ckpt in plan)
     if c.position_embedding_type == "rope" and plain and (k.rope != "torch" or e == 4):
-        total += 2 * 4 * s * c.head_dim  # the fp32 cos/sin tables, shared by the layers
+        total += 2 * 4 * _rope_rows(layout) * c.head_dim  # the fp32 cos/sin tables, shared by the layers
     if stage.pre_process:
         total += 8 * tokens + (tokens if t > 1 else 0)  # (local) token ids, out-of-shard mask
-        total += 8 * s if c.position_embedding_type == "learned_absolute" else 0
+        total += 8 * (tokens if layout.cp > 1 else s) if c.position_embedding_type == "learned_absolute" else 0
         total += _mask_bytes(c, e, device) * tokens * h / u
     elif k.ops == "torch" and e != 4 and not plan[0][2]:
         total += hidden  # the received input, kept besides the fp32 copy its norm saved
@@ -504,7 +522,7 @@ def activation_memory(
 ) -> ActivationMemory:
     """Peak activation bytes of pipeline rank ``pp_rank`` during one training step."""
     c, t, e = config, layout.tp, DTYPE_BYTES[layout.dtype]
-    tokens = layout.seq_length * layout.micro_batch_size
+    tokens = layout.local_seq_length * layout.micro_batch_size
     stages = rank_stages(c, layout, pp_rank)
     per_chunk = [chunk_activation_bytes(c, layout, st, device) for st in stages]
     count, stored = _in_flight(layout, pp_rank, per_chunk)

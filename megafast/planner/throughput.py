@@ -137,7 +137,7 @@ def step_time(config: GPTConfig, layout: Layout, cluster: Cluster) -> StepTime:
     c, t, p, d = config, layout.tp, layout.pp, layout.dp
     e, v, m = DTYPE_BYTES[layout.dtype], layout.num_model_chunks, layout.num_microbatches
     cfg = layout_config(c, layout)
-    tokens = layout.seq_length * layout.micro_batch_size
+    tokens = layout.local_seq_length * layout.micro_batch_size  # this rank's (seq / CP per sequence)
     rate = cluster.gpu_tflops * 1e12 * cluster.compute_efficiency
     layer_forward = layer_forward_flops_per_token(cfg, layout.seq_length)
     layer_flops = 3 * layer_forward

@@ -629,6 +629,8 @@ class MixedPrecisionOptimizer:
             )
         mine = (self.config.optimizer, self.ddp.use_distributed_optimizer, self.ddp.dp_rank, self.ddp.dp_size)
         theirs = (sd["optimizer"], sd["distributed"], sd["dp_rank"], sd["dp_size"])
+        if not self.ddp.use_distributed_optimizer:  # plain state is the same on every DP rank (rank 0 saves it)
+            mine, theirs = mine[:2] + mine[3:], theirs[:2] + theirs[3:]
         if mine != theirs:
             raise ValueError(
                 f"optimizer state was saved as (optimizer, distributed, dp_rank, dp_size)={theirs} but this "

@@ -43,6 +43,7 @@ from megafast.data.tokenizer import build_tokenizer
 from megafast.extras import require
 from megafast.model.lora import apply_lora
 from megafast.model.qlora import quantize_base_, quantized_bytes
+from megafast.parallel.context_parallel import slice_microbatch
 from megafast.parallel.state import ParallelState
 from megafast.pipeline.engine import Microbatch, PipelineEngine
 from megafast.pipeline.partition import build_model_chunks
@@ -241,13 +242,15 @@ def setup(argv: Optional[Sequence[str]] = None) -> Run:
     if lora is not None:  # adapters on the TP layers, everything else frozen (before DP wraps them)
         for chunk in chunks:
             apply_lora(chunk, lora, args.seed)
-    ddp = DataParallel(chunks, state, args.ddp_bucket_size_mb, args.use_distributed_optimizer,
+    # context-parallel ranks are replicas for gradients, optimizer shards and checkpoints: DP x CP
+    replicas = state.with_context_in_data()
+    ddp = DataParallel(chunks, replicas, args.ddp_bucket_size_mb, args.use_distributed_optimizer,
                        args.overlap_grad_reduce, sharding_strategy=args.data_parallel_sharding_strategy)
-    optimizer = build_optimizer(chunks, ddp, state, opt_config)
+    optimizer = build_optimizer(chunks, ddp, replicas, opt_config)
     logger = TrainingLogger(state.rank == state.world_size - 1, args.tensorboard_dir, args.log_jsonl)
-    checkpointer = (Checkpointer(args.save, state, async_save=args.async_save, max_checkpoints=args.max_checkpoints)
+    checkpointer = (Checkpointer(args.save, replicas, async_save=args.async_save, max_checkpoints=args.max_checkpoints)
                     if args.save else None)
-    seq_local = args.seq_length // (state.tp_size if state.sequence_parallel else 1)
+    seq_local = args.seq_length // state.cp_size // (state.tp_size if state.sequence_parallel else 1)
     engine = PipelineEngine(chunks, state, (seq_local, args.micro_batch_size, config.hidden_size), dtype, device,
                             args.pipeline_schedule)
     samples_per_epoch = None
@@ -270,7 +273,7 @@ def setup(argv: Optional[Sequence[str]] = None) -> Run:
     if args.pretrained_checkpoint:
         _load_pretrained(run)
     if args.load:
-        loaded = load_checkpoint(args.load, chunks, optimizer, scheduler, state, no_load_optim=args.no_load_optim,
+        loaded = load_checkpoint(args.load, chunks, optimizer, scheduler, replicas, no_load_optim=args.no_load_optim,
                                  no_load_rng=args.no_load_rng, finetune=args.finetune,
                                  distributed_optimizer=args.use_distributed_optimizer,
                                  missing_ok=args.load == args.save, ddp=ddp)
@@ -302,7 +305,8 @@ def setup(argv: Optional[Sequence[str]] = None) -> Run:
         trainable = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
         logger.info(f"> LoRA rank {lora.rank} on {', '.join(lora.target_modules)}: {trainable:,} trainable "
                     f"parameters on the last rank, the other {n_params - trainable:,} frozen")
-    logger.info(f"> {state.world_size} ranks (TP={state.tp_size}, PP={state.pp_size}, DP={state.dp_size}); "
+    cp_info = f", CP={state.cp_size} {state.cp_comm_type}" if state.cp_size > 1 else ""
+    logger.info(f"> {state.world_size} ranks (TP={state.tp_size}, PP={state.pp_size}, DP={state.dp_size}{cp_info}); "
                 f"parameters on the last rank: {n_params:,}; {args.num_microbatches} micro-batches per step")
     return run
 
@@ -311,7 +315,8 @@ def _load_pretrained(run: Run) -> None:
     """``--pretrained-checkpoint``: model weights only (the frozen base of a LoRA run, or a start point)."""
     path = run.args.pretrained_checkpoint
     try:
-        loaded = load_checkpoint(path, run.chunks, None, None, run.state, finetune=True, ddp=run.ddp)
+        loaded = load_checkpoint(path, run.chunks, None, None, run.state.with_context_in_data(), finetune=True,
+                                 ddp=run.ddp)
     except ValueError as e:
         raise SystemExit(f"error: --pretrained-checkpoint: {e}") from None
     if loaded is None:
@@ -332,24 +337,29 @@ def _collate(items: list[dict[str, torch.Tensor]]) -> dict[str, Optional[torch.T
     return batch
 
 
-def _as_microbatch(batch: dict[str, Optional[torch.Tensor]]) -> Microbatch:
-    return Microbatch(batch["tokens"], batch["labels"], batch["loss_mask"], batch.get("position_ids"),
-                      batch.get("segment_ids"), batch.get("task_ids"))
+def _as_microbatch(batch: dict[str, Optional[torch.Tensor]], state: ParallelState) -> Microbatch:
+    """One micro-batch; with context parallelism, this CP rank's tokens of it (and their positions)."""
+    mb = Microbatch(batch["tokens"], batch["labels"], batch["loss_mask"], batch.get("position_ids"),
+                    batch.get("segment_ids"), batch.get("task_ids"))
+    return slice_microbatch(mb, state.cp_size, state.cp_rank)
 
 
-def _microbatches(dataset, sampler: Iterator[list[int]], count: int, device: torch.device) -> list[Microbatch]:
+def _microbatches(dataset, sampler: Iterator[list[int]], count: int, device: torch.device,
+                  state: ParallelState) -> list[Microbatch]:
     """``count`` micro-batches read inline (evaluation; training reads through the prefetcher)."""
     out = []
     for _ in range(count):
         batch = _collate([dataset[i] for i in next(sampler)])
-        out.append(_as_microbatch({k: None if t is None else t.to(device) for k, t in batch.items()}))
+        out.append(_as_microbatch({k: None if t is None else t.to(device) for k, t in batch.items()}, state))
     return out
 
 
 def _dp_sum_(t: torch.Tensor, run: Run) -> torch.Tensor:
-    """``t`` summed over DP in place, on the device (no host synchronisation)."""
-    if run.state.dp_group is not None:
-        dist.all_reduce(t, group=run.state.dp_group)
+    """``t`` summed over DP (x CP: every rank's share of the sequences) in place, on the device (no
+    host synchronisation)."""
+    group = run.state.with_context_in_data().dp_group
+    if group is not None:
+        dist.all_reduce(t, group=group)
     return t
 
 
@@ -379,7 +389,7 @@ def _evaluate_dataset(run: Run, dataset, first_sample: int) -> float:
                                      state.dp_rank, state.dp_size))
     totals = torch.zeros(2, dtype=torch.float64, device=run.device)  # (loss sum, tokens), read once at the end
     for _ in range(args.eval_iters):
-        mbs = _microbatches(dataset, sampler, args.num_microbatches, run.device)
+        mbs = _microbatches(dataset, sampler, args.num_microbatches, run.device, state)
         result = run.engine.run(mbs, 1.0, forward_only=True)
         totals += _dp_sum_(torch.stack([result.loss_sum, result.num_tokens]), run)
     for c in run.chunks:
@@ -469,7 +479,7 @@ def _train_loop(run: Run, prefetcher: MicroBatchPrefetcher) -> None:
     for c in run.chunks:
         c.train()
     while run.iteration < args.train_iters and run.consumed_samples < total:
-        mbs = [_as_microbatch(prefetcher.next()) for _ in range(args.num_microbatches)]
+        mbs = [_as_microbatch(prefetcher.next(), state) for _ in range(args.num_microbatches)]
         task_counts = _dp_sum_(task_token_counts(mbs, num_tasks).to(run.device), run) if num_tasks else None
         if args.task_loss_weighting == "equal":  # the per-task weights make the loss mask sum to 1
             apply_equal_task_weighting(mbs, task_counts)

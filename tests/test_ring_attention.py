@@ -1,0 +1,130 @@
+"""Context-parallel attention (ring p2p and all-to-all) against plain attention of the whole
+sequence written here: forward outputs and q/k/v gradients, causal and packed, GQA, on gloo.
+
+One process launch per world size runs every case (launches dominate the cost on CPU)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dist import run_distributed
+from seeding import draw_seed
+
+B, H, G, D = 2, 4, 2, 8
+
+
+def reference_attention(q, k, v, segments=None):
+    """softmax(q k^T / sqrt(d) + causal (and same-segment) mask) v on the whole sequence, fp64."""
+    q, k, v = q.double(), k.double(), v.double()
+    r = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)
+    s = q.shape[2]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [b, H, s, s]
+    allowed = torch.ones(s, s, dtype=torch.bool).tril()[None]
+    if segments is not None:
+        allowed = allowed & (segments[:, :, None] == segments[:, None, :])
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def held_positions(seq: int, cp: int, rank: int) -> torch.Tensor:
+    """Chunks rank and 2cp-1-rank of the sequence cut in 2cp (written out, not megafast's helper)."""
+    c = seq // (2 * cp)
+    return torch.tensor(list(range(rank * c, rank * c + c)) + list(range((2 * cp - 1 - rank) * c, (2 * cp - rank) * c)))
+
+
+def make_inputs(seed: int, seq: int, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, seq, D, generator=g)
+    k = torch.randn(B, G, seq, D, generator=g)
+    v = torch.randn(B, G, seq, D, generator=g)
+    dout = torch.randn(B, H, seq, D, generator=g)
+    # packed rows: row 0 four samples (one starting inside a chunk), row 1 two samples
+    lengths = [[5, 11, seq - 26, 10], [seq // 2 + 3, seq // 2 - 3]]
+    segments = torch.cat([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r))[None] for r in lengths])
+    return [t.to(dtype) for t in (q, k, v, dout)], segments
+
+
+CASES = [  # (comm, packed, block backend, dtype); "torch-tiled": torch blocks in many query tiles
+    ("p2p", False, "torch", torch.float32),
+    ("p2p", True, "torch", torch.float32),
+    ("p2p", True, "torch-tiled", torch.float32),
+    ("a2a", False, "torch", torch.float32),
+    ("a2a", True, "torch", torch.float32),
+    ("p2p", False, "triton", torch.float32),
+    ("p2p", False, "triton", torch.float16),
+]
+
+
+def _worker(rank, world, seed, seq, cases):
+    from megafast.config import ParallelConfig
+    from megafast.parallel import ring_attention as ring
+    from megafast.parallel.ring_attention import RingSpec, ring_attention
+    from megafast.parallel.state import ParallelState
+    from megafast.parallel.ulysses import gather_sequence, ulysses_attention
+
+    state = ParallelState.create(ParallelConfig(context_parallel_size=world))
+    assert state.cp_rank == rank and state.cp_size == world
+    held = held_positions(seq, world, rank)
+    results = []
+    for comm, packed, backend, dtype in cases:
+        (q, k, v, dout), segments = make_inputs(seed, seq, dtype)
+        ql, kl, vl = (t.index_select(2, held).clone().requires_grad_(True) for t in (q, k, v))
+        seg = segments if packed else None
+        ring.TILE_ELEMENTS = 3 * B * H * seq if backend == "torch-tiled" else 1 << 22  # ~3 query rows per tile
+        if comm == "p2p":
+            spec = RingSpec(state.cp_group, tuple(state.cp_ranks), rank, backend.replace("-tiled", ""))
+            out = ring_attention(ql, kl, vl, spec, seg)
+        else:
+            full = gather_sequence(segments.index_select(1, held), state.cp_group, world) if packed else None
+
+            def attend(q_, k_, v_):  # plain SDPA on [b, H/C, s, d] with the whole-sequence mask
+                r = q_.shape[1] // k_.shape[1]
+                k_, v_ = k_.repeat_interleave(r, 1), v_.repeat_interleave(r, 1)
+                mask = torch.ones(seq, seq, dtype=torch.bool).tril()[None, None]
+                if full is not None:
+                    mask = mask & (full[:, None, :, None] == full[:, None, None, :])
+                return torch.nn.functional.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask)
+
+            out = ulysses_attention(ql, kl, vl, state.cp_group, world, attend)
+        out.backward(dout.index_select(2, held))
+        results.append((out.detach(), ql.grad, kl.grad, vl.grad))
+    return results
+
+
+def _check(world: int, seq: int, cases) -> None:
+    seed = draw_seed("seed")
+    per_rank = run_distributed(_worker, world, seed, seq, cases)
+    for i, (comm, packed, backend, dtype) in enumerate(cases):
+        (q, k, v, dout), segments = make_inputs(seed, seq, dtype)
+        q, k, v = (t.double().requires_grad_(True) for t in (q, k, v))
+        ref = reference_attention(q, k, v, segments if packed else None)
+        ref.backward(dout.double())
+        want = (ref.detach(), q.grad, k.grad, v.grad)
+        tol = 1e-5 if dtype == torch.float32 else 2e-3
+        for rank in range(world):
+            held = held_positions(seq, world, rank)
+            for name, got, full in zip(("out", "dq", "dk", "dv"), per_rank[rank][i], want):
+                expect = full.index_select(2, held)
+                err = (got.double() - expect).abs().max().item() / max(expect.abs().max().item(), 1.0)
+                assert err <= tol, (f"{comm} packed={packed} {backend} {dtype} CP={world} rank {rank} {name}: "
+                                    f"error {err:.2e} > {tol:.0e} (seed {seed})")
+
+
+def test_context_parallel_attention_cp2():
+    _check(2, 64, CASES)
+
+
+def test_context_parallel_attention_cp4():
+    _check(4, 64, [c for c in CASES if c[2].startswith("torch")])
+
+
+def test_ring_attention_rejects_odd_local_length():
+    from megafast.parallel.ring_attention import RingSpec, ring_attention
+
+    x = torch.zeros(1, 1, 3, 4)
+    with pytest.raises(ValueError, match="two equal chunks"):
+        ring_attention(x, x, x, RingSpec(None, (0, 1), 0))
