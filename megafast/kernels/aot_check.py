@@ -201,15 +201,20 @@ def check_all(capabilities=(90, 80), jobs: Optional[int] = None) -> list[Result]
             first.setdefault(key, (cc, i))
             launches.append((cc, i, key))
     items = list(first.values())
-    jobs = min(jobs or os.cpu_count() or 1, len(items))
-    if jobs <= 1:
-        compiled = [_run_one(it) for it in items]
-    else:
-        import multiprocessing
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(items)))
+    # Fresh worker processes without TRITON_INTERPRET: under the interpreter (the CPU kernel tests set
+    # it before importing Triton) some kernels do not compile, e.g. tl.static_range bodies that index
+    # pointers (their constants are not wrapped as the compiler expects).
+    import multiprocessing
 
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
             compiled = list(pool.map(_run_one, items))
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
     by_key = dict(zip(first, compiled))
     results = []
     for cc, i, key in launches:
