@@ -21,7 +21,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from megafast.config import GPTConfig
+from megafast.config import LONG_CONTEXT_FIELDS, GPTConfig
 
 TOKENIZER_DIR = "tokenizer"  # converted checkpoints' copy of the tokenizer files, next to the iterations
 HF_METADATA = "hf_metadata"  # HF config fields megafast does not model (token ids, architecture name)
@@ -75,6 +75,7 @@ def model_args(config: GPTConfig, tp: int, pp: int) -> dict[str, Any]:
         pipeline_model_parallel_size=pp,
         num_layers_per_virtual_pipeline_stage=None,
         pipeline_partition="uniform",
+        **{name: getattr(config, name) for name in LONG_CONTEXT_FIELDS},
     )
 
 
@@ -192,6 +193,7 @@ def model_config(args: Mapping[str, Any], vocab_size: int, where: str = "checkpo
             init_method_std=args["init_method_std"],
             make_vocab_size_divisible_by=args["make_vocab_size_divisible_by"],
             **{name: args[name] for name in RUNTIME_ARGS if name in args},
+            **{name: args[name] for name in LONG_CONTEXT_FIELDS if name in args},  # older: defaults
         )
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where}: its args describe no valid model: {' '.join(str(exc).split())}") from None

@@ -178,7 +178,7 @@ class GPTModel(nn.Module):
 
         self.embedding = Embedding(config, state, seed, self.tracker, **factory) if self.pre_process else None
         self.rotary = (
-            RotaryEmbedding(config.head_dim, config.rotary_base) if config.position_embedding_type == "rope" else None
+            RotaryEmbedding.from_config(config) if config.position_embedding_type == "rope" else None
         )
         layers = {str(i): TransformerLayer(config, state, i, self.tracker, seed, **factory) for i in range(start, end)}
         final_norm = build_norm(config, state.sequence_parallel, **factory) if self.post_process else None
