@@ -102,19 +102,24 @@ def test_kv_cache_decoding_with_a_window_equals_the_full_forward():
 
 
 def test_pretrain_gpt_window_size_is_layout_invariant(tmp_path):
-    mock = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "127", "--train-iters", "5",
+    mock = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "127",
             "--attention-dropout", "0", "--hidden-dropout", "0"]
     runs = {
-        "tp1": (1, ["--window-size", "3,0"]),
+        "tp1": (1, ["--window-size", "3,0", "--save", str(tmp_path / "ckpt"), "--save-interval", "5"]),
         "tp2_sp": (2, ["--window-size", "3,0", "--tensor-model-parallel-size", "2", "--sequence-parallel"]),
         "no_window": (1, []),
     }
     losses = {}
     for name, (nproc, extra) in runs.items():
         log = tmp_path / f"{name}.jsonl"
-        torchrun(nproc, MODEL + TRAIN + mock + extra + ["--log-jsonl", str(log)])
+        torchrun(nproc, MODEL + TRAIN + mock + extra + ["--train-iters", "5", "--log-jsonl", str(log)])
         records = train_records(log)
         losses[name] = [records[i]["lm_loss"] for i in range(1, 6)]
     for a, b in zip(losses["tp1"], losses["tp2_sp"]):
         assert abs(a - b) <= 1e-5 * abs(a), (losses["tp1"], losses["tp2_sp"])
     assert max(abs(a - b) for a, b in zip(losses["tp1"], losses["no_window"])) > 1e-4, losses
+    # resuming with another window would silently train a different model: refused in one line
+    resumed = MODEL + TRAIN + mock + ["--train-iters", "5", "--window-size", "2,0", "--load", str(tmp_path / "ckpt")]
+    proc = torchrun(1, resumed, check=False)
+    assert proc.returncode != 0
+    assert "window_size=(3, 0) but this run has (2, 0)" in proc.stderr + proc.stdout, proc.stderr[-2000:]

@@ -16,6 +16,7 @@ are also looked up next to the checkpoint (converted checkpoints keep their toke
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Mapping, Optional
 
@@ -111,6 +112,21 @@ def args_from_config(
     if config_from_args(args, config.vocab_size) != config:  # internal invariant: args describe this model
         raise AssertionError("converted checkpoint args do not rebuild the model config")
     return args
+
+
+def long_context_mismatch(args: Mapping[str, Any], config: GPTConfig) -> Optional[str]:
+    """One line naming the first RoPE-scaling / window / q/k-norm field in which a checkpoint's
+    ``args`` (absent: GPTConfig's default) differ from ``config``; None when they agree."""
+    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+    for name in LONG_CONTEXT_FIELDS:
+        saved = args.get(name, defaults[name])
+        saved = tuple(saved) if name == "window_size" and saved is not None else saved
+        if saved != getattr(config, name):
+            return (
+                f"the checkpoint was saved with {name}={saved!r} but this run has {getattr(config, name)!r}: "
+                f"pass the checkpoint's --{name.replace('_', '-')} (tools/checkpoint/convert.py's model flags)"
+            )
+    return None
 
 
 def resolve_path(path: Optional[str], root: Optional[str]) -> Optional[str]:
