@@ -15,8 +15,8 @@ from typing import Optional, Sequence
 from megafast.config import (
     ATTENTION_BACKENDS,
     KERNEL_BACKENDS,
-    LORA_TARGET_MODULES,
     LONG_CONTEXT_FIELDS,
+    LORA_TARGET_MODULES,
     ROPE_BACKENDS,
     ROPE_SCALING_TYPES,
     GPTConfig,
@@ -85,12 +85,13 @@ def _add_long_context(p: argparse.ArgumentParser) -> None:
     g.add_argument("--use-rope-scaling", action="store_true",
                    help="scale RoPE frequencies (Megatron: llama3-style; see --rope-scaling-type)")
     g.add_argument("--rope-scaling-type", choices=list(ROPE_SCALING_TYPES), default="llama3",
-                   help="llama3 (Llama 3.1+), linear (positions / factor) or yarn (with its attention factor)")
+                   help="llama3 (Llama 3.1+), linear (positions / factor) or yarn (with its attention "
+                        "factor)")
     g.add_argument("--rope-scaling-factor", type=float, default=8.0)
     g.add_argument("--rope-scaling-low-freq-factor", type=float, default=1.0, help="llama3")
     g.add_argument("--rope-scaling-high-freq-factor", type=float, default=4.0, help="llama3")
-    g.add_argument("--rope-scaling-original-max-position-embeddings", "--yarn-original-max-position-embeddings",
-                   dest="rope_scaling_original_max_position_embeddings", type=int, default=8192,
+    g.add_argument("--rope-scaling-original-max-position-embeddings",
+                   "--yarn-original-max-position-embeddings", dest="rope_scaling_original_max_position_embeddings", type=int, default=8192,
                    help="llama3 and yarn: the context length the model was pretrained with")
     g.add_argument("--yarn-beta-fast", type=float, default=32.0)
     g.add_argument("--yarn-beta-slow", type=float, default=1.0)
@@ -99,9 +100,11 @@ def _add_long_context(p: argparse.ArgumentParser) -> None:
     g.add_argument("--yarn-attention-factor", type=float, default=None,
                    help="cos/sin multiplier; default 0.1 ln(factor) + 1 (or from the mscales)")
     g.add_argument("--no-yarn-correction-range-round-to-int", dest="yarn_correction_range_round_to_int",
-                   action="store_false", help="yarn: do not floor/ceil the correction range (HF truncate=false)")
+                   action="store_false",
+                   help="yarn: do not floor/ceil the correction range (HF truncate=false)")
     g.add_argument("--window-size", type=_window_size, default=None,
-                   help="sliding-window attention LEFT,0: token i attends to i-LEFT..i (HF sliding_window W = W-1,0)")
+                   help="sliding-window attention LEFT,0: token i attends to i-LEFT..i "
+                        "(HF sliding_window W = W-1,0)")
     g.add_argument("--qk-layernorm", action="store_true", help="per-head norm of q and k before RoPE (Qwen3)")
 
 
@@ -231,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain a GPT/Llama model with tensor, pipeline and data parallelism (Megatron flags).",
         allow_abbrev=False,
     )
-    for add in (_add_model, _add_long_context, _add_parallel, _add_training, _add_optimizer, _add_data, _add_finetuning,
-                _add_checkpoint_and_logging):
+    for add in (_add_model, _add_long_context, _add_parallel, _add_training, _add_optimizer, _add_data,
+                _add_finetuning, _add_checkpoint_and_logging):
         add(p)
     return p
 

@@ -197,16 +197,16 @@ class GPTConfig:
                 0 < self.rope_scaling_low_freq_factor < self.rope_scaling_high_freq_factor
             ):
                 raise ValueError(
-                    "llama3 RoPE scaling needs 0 < --rope-scaling-low-freq-factor < --rope-scaling-high-freq-factor, "
-                    f"got {self.rope_scaling_low_freq_factor} and {self.rope_scaling_high_freq_factor}"
+                    "llama3 RoPE scaling needs 0 < --rope-scaling-low-freq-factor < "
+                    f"--rope-scaling-high-freq-factor, got {self.rope_scaling_low_freq_factor} and {self.rope_scaling_high_freq_factor}"
                 )
         window = self.window_size
         if window is not None:
             window = tuple(int(w) for w in window)
             if len(window) != 2 or window[1] != 0 or window[0] < -1:
                 raise ValueError(
-                    f"--window-size {','.join(map(str, window))} is not (left, 0): megafast's decoders are causal, "
-                    "give the left window only, e.g. --window-size 4095,0"
+                    f"--window-size {','.join(map(str, window))} is not (left, 0): megafast's decoders are "
+                    "causal, give the left window only, e.g. --window-size 4095,0"
                 )
             window = None if window[0] == -1 else window  # -1: infinite (Megatron), plain causal
             object.__setattr__(self, "window_size", window)

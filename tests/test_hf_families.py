@@ -195,9 +195,11 @@ def _with_field(hf_dir: str, out: str, **fields) -> str:
 
     shutil.copytree(hf_dir, out)
     path = os.path.join(out, "config.json")
-    config = json.load(open(path))
+    with open(path) as f:
+        config = json.load(f)
     config.update(fields)
-    json.dump(config, open(path, "w"))
+    with open(path, "w") as f:
+        json.dump(config, f)
     return out
 
 

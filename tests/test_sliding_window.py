@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
 import torch
 from pretrain_run import MODEL, TRAIN, torchrun, train_records
 from reference_model import RefGPT

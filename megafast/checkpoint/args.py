@@ -123,8 +123,9 @@ def long_context_mismatch(args: Mapping[str, Any], config: GPTConfig) -> Optiona
         saved = tuple(saved) if name == "window_size" and saved is not None else saved
         if saved != getattr(config, name):
             return (
-                f"the checkpoint was saved with {name}={saved!r} but this run has {getattr(config, name)!r}: "
-                f"pass the checkpoint's --{name.replace('_', '-')} (tools/checkpoint/convert.py's model flags)"
+                f"the checkpoint was saved with {name}={saved!r} but this run has "
+                f"{getattr(config, name)!r}: pass the checkpoint's --{name.replace('_', '-')} "
+                "(tools/checkpoint/convert.py's model flags)"
             )
     return None
 

@@ -408,8 +408,10 @@ def long_context_flags(config: GPTConfig) -> list[str]:
                   "--rope-scaling-high-freq-factor", repr(config.rope_scaling_high_freq_factor),
                   "--rope-scaling-original-max-position-embeddings",
                   str(config.rope_scaling_original_max_position_embeddings),
-                  "--yarn-beta-fast", repr(config.yarn_beta_fast), "--yarn-beta-slow", repr(config.yarn_beta_slow)]
-        for flag, value in (("--yarn-mscale", config.yarn_mscale), ("--yarn-mscale-all-dim", config.yarn_mscale_all_dim),
+                  "--yarn-beta-fast", repr(config.yarn_beta_fast),
+                  "--yarn-beta-slow", repr(config.yarn_beta_slow)]
+        for flag, value in (("--yarn-mscale", config.yarn_mscale),
+                            ("--yarn-mscale-all-dim", config.yarn_mscale_all_dim),
                             ("--yarn-attention-factor", config.yarn_attention_factor)):
             if value is not None:
                 flags += [flag, repr(value)]

@@ -108,14 +108,13 @@ def _rope(hf: dict[str, Any], where: str) -> dict[str, Any]:
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ROPE_KEYS:
         raise _unsupported(where, key, params, f"RoPE scaling {kind!r}; megafast has linear, llama3, yarn")
-    extra = sorted(set(params) - {"rope_type", "type", "rope_theta", "partial_rotary_factor", *ROPE_KEYS[kind]})
+    known = {"rope_type", "type", "rope_theta", "partial_rotary_factor", *ROPE_KEYS[kind]}
+    extra = sorted(set(params) - known)
     if extra:
         raise _unsupported(where, f"{key}.{extra[0]}", params[extra[0]], f"unknown for RoPE type {kind!r}")
-    if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise _unsupported(
-            where, "partial_rotary_factor", params.get("partial_rotary_factor", hf.get("partial_rotary_factor")),
-            "partial rotary embedding",
-        )
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise _unsupported(where, "partial_rotary_factor", partial, "partial rotary embedding")
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     fields: dict[str, Any] = {"rotary_base": float(10000.0 if theta is None else theta)}
     if kind == "default":
@@ -138,14 +137,17 @@ def _rope(hf: dict[str, Any], where: str) -> dict[str, Any]:
             rope_scaling_original_max_position_embeddings=int(original),
         )
     elif kind == "yarn":
-        optional = {name: params.get(name) for name in ("mscale", "mscale_all_dim", "attention_factor")}
+        optional = {
+            name: None if params.get(name) is None else float(params[name])
+            for name in ("mscale", "mscale_all_dim", "attention_factor")
+        }
         fields.update(
             rope_scaling_original_max_position_embeddings=int(original),
             yarn_beta_fast=float(params.get("beta_fast") or 32),  # HF: `or 32`, `or 1`
             yarn_beta_slow=float(params.get("beta_slow") or 1),
-            yarn_mscale=None if optional["mscale"] is None else float(optional["mscale"]),
-            yarn_mscale_all_dim=None if optional["mscale_all_dim"] is None else float(optional["mscale_all_dim"]),
-            yarn_attention_factor=None if optional["attention_factor"] is None else float(optional["attention_factor"]),
+            yarn_mscale=optional["mscale"],
+            yarn_mscale_all_dim=optional["mscale_all_dim"],
+            yarn_attention_factor=optional["attention_factor"],
             yarn_correction_range_round_to_int=bool(params.get("truncate", True)),
         )
     return fields
@@ -193,7 +195,8 @@ def _window(hf: dict[str, Any], model_type: str, num_layers: int, where: str) ->
         kinds = hf.get("layer_types")
         if kinds is None:  # transformers' rule: sliding from layer max_window_layers on
             first = hf.get("max_window_layers", 28)
-            kinds = ["sliding_attention" if uses and i >= first else "full_attention" for i in range(num_layers)]
+            kinds = ["sliding_attention" if uses and i >= first else "full_attention"
+                     for i in range(num_layers)]
         unknown = sorted(set(kinds) - {"full_attention", "sliding_attention"})
         if unknown or len(kinds) != num_layers:
             raise _unsupported(where, "layer_types", kinds, "attention kinds per layer")
@@ -202,7 +205,8 @@ def _window(hf: dict[str, Any], model_type: str, num_layers: int, where: str) ->
         if uses and "full_attention" in kinds:
             key = "layer_types" if "layer_types" in hf else "max_window_layers"
             raise _unsupported(
-                where, key, hf.get(key, 28), "full and sliding-window layers mixed; megafast slides on all or none"
+                where, key, hf.get(key, 28),
+                "full and sliding-window layers mixed; megafast slides on all or none",
             )
     if not uses:
         return None
@@ -235,7 +239,8 @@ def config_from_hf(
     elif model_type == "qwen3":
         if hf.get("attention_bias", False):
             raise _unsupported(
-                where, "attention_bias", hf["attention_bias"], "megafast has no o_proj bias without MLP biases"
+                where, "attention_bias", hf["attention_bias"],
+                "megafast has no o_proj bias without MLP biases",
             )
         qkv_bias = bias = False
     else:

@@ -57,7 +57,7 @@ def yarn_attention_factor(config: GPTConfig) -> float:
         return float(config.yarn_attention_factor)
     factor = config.rope_scaling_factor
     if config.yarn_mscale and config.yarn_mscale_all_dim:
-        return float(_yarn_mscale(factor, config.yarn_mscale) / _yarn_mscale(factor, config.yarn_mscale_all_dim))
+        return _yarn_mscale(factor, config.yarn_mscale) / _yarn_mscale(factor, config.yarn_mscale_all_dim)
     return _yarn_mscale(factor)
 
 
@@ -96,7 +96,9 @@ def rope_frequencies(config: GPTConfig) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, base: float, inv_freq: torch.Tensor | None = None, scale: float = 1.0) -> None:
+    def __init__(
+        self, head_dim: int, base: float, inv_freq: torch.Tensor | None = None, scale: float = 1.0
+    ) -> None:
         """``inv_freq`` [d/2] (default base^(-2j/d)); ``scale`` multiplies cos and sin (YaRN)."""
         super().__init__()
         self.head_dim = head_dim

@@ -66,7 +66,7 @@ def sliding_window_attention(
 ) -> torch.Tensor:
     """q [b, H, s, d], k/v [b, G, s, d] -> [b, H, s, d], causal within the window (and within each
     packed sample when ``segment_ids`` [b, s] is given). Dropout uses the caller's RNG state."""
-    b, heads, s, d = q.shape
+    s = q.shape[2]
     if segment_ids is None and _use_flash(q, backend):
         out = flash_attn_func(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
