@@ -17,8 +17,10 @@ from megafast.config import (
     ATTENTION_BACKENDS,
     CP_COMM_TYPES,
     KERNEL_BACKENDS,
+    LONG_CONTEXT_FIELDS,
     LORA_TARGET_MODULES,
     ROPE_BACKENDS,
+    ROPE_SCALING_TYPES,
     GPTConfig,
     LoRAConfig,
     ParallelConfig,
@@ -124,6 +126,43 @@ def _add_moe(p: argparse.ArgumentParser) -> None:
                    help="int N: every Nth layer (0, N, ...) is MoE; or a list of 0/1 per layer, e.g. [1,0,1,0]")
     g.add_argument("--expert-model-parallel-size", type=int, default=1,
                    help="only 1 for now: every rank holds every expert")
+
+
+def _window_size(text: str) -> tuple[int, int]:
+    """Megatron's --window-size "LEFT,RIGHT" (or "(LEFT,RIGHT)"); a single LEFT means (LEFT, 0)."""
+    try:
+        values = tuple(int(v) for v in text.strip("()").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--window-size {text!r}: give LEFT,0 such as 4095,0") from None
+    return (values[0], 0) if len(values) == 1 else values
+
+
+def _add_long_context(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("long context (RoPE scaling, sliding window, q/k norm)")
+    g.add_argument("--use-rope-scaling", action="store_true",
+                   help="scale RoPE frequencies (Megatron: llama3-style; see --rope-scaling-type)")
+    g.add_argument("--rope-scaling-type", choices=list(ROPE_SCALING_TYPES), default="llama3",
+                   help="llama3 (Llama 3.1+), linear (positions / factor) or yarn (with its attention "
+                        "factor)")
+    g.add_argument("--rope-scaling-factor", type=float, default=8.0)
+    g.add_argument("--rope-scaling-low-freq-factor", type=float, default=1.0, help="llama3")
+    g.add_argument("--rope-scaling-high-freq-factor", type=float, default=4.0, help="llama3")
+    g.add_argument("--rope-scaling-original-max-position-embeddings",
+                   "--yarn-original-max-position-embeddings", dest="rope_scaling_original_max_position_embeddings", type=int, default=8192,
+                   help="llama3 and yarn: the context length the model was pretrained with")
+    g.add_argument("--yarn-beta-fast", type=float, default=32.0)
+    g.add_argument("--yarn-beta-slow", type=float, default=1.0)
+    g.add_argument("--yarn-mscale", type=float, default=None)
+    g.add_argument("--yarn-mscale-all-dim", type=float, default=None)
+    g.add_argument("--yarn-attention-factor", type=float, default=None,
+                   help="cos/sin multiplier; default 0.1 ln(factor) + 1 (or from the mscales)")
+    g.add_argument("--no-yarn-correction-range-round-to-int", dest="yarn_correction_range_round_to_int",
+                   action="store_false",
+                   help="yarn: do not floor/ceil the correction range (HF truncate=false)")
+    g.add_argument("--window-size", type=_window_size, default=None,
+                   help="sliding-window attention LEFT,0: token i attends to i-LEFT..i "
+                        "(HF sliding_window W = W-1,0)")
+    g.add_argument("--qk-layernorm", action="store_true", help="per-head norm of q and k before RoPE (Qwen3)")
 
 
 def _add_parallel(p: argparse.ArgumentParser) -> None:
@@ -422,8 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain a GPT/Llama model with tensor, pipeline and data parallelism (Megatron flags).",
         allow_abbrev=False,
     )
-    for add in (_add_model, _add_parallel, _add_training, _add_optimizer, _add_data, _add_finetuning,
-                _add_checkpoint_and_logging, _add_moe, _add_workflow):
+    for add in (_add_model, _add_long_context, _add_parallel, _add_training, _add_optimizer, _add_data,
+                _add_finetuning, _add_checkpoint_and_logging, _add_moe, _add_workflow):
         add(p)
     _add_sharding(p)
     return p
@@ -483,6 +522,7 @@ def model_config(args: argparse.Namespace, vocab_size: int) -> GPTConfig:
         rope_kernel=args.rope_kernel,
         attention_backend=args.attention_backend,
         fused_linear_cross_entropy=args.fused_linear_cross_entropy,
+        **{name: getattr(args, name) for name in LONG_CONTEXT_FIELDS},
         **moe_fields(args),
     )
 

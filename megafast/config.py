@@ -20,6 +20,15 @@ RecomputeMethod = Literal["uniform", "block"]
 KERNEL_BACKENDS = ("auto", "triton", "torch")  # --kernels (megafast.kernels.dispatch)
 ROPE_BACKENDS = ("auto", "triton", "cuda", "torch")  # --rope-kernel; auto follows --kernels
 ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "triton")  # --attention-backend
+ROPE_SCALING_TYPES = ("llama3", "linear", "yarn")  # --rope-scaling-type (megafast.model.rotary)
+# GPTConfig fields of RoPE scaling, sliding window and q/k norm: flags of the same names
+# (megafast.arguments), checkpoint args entries (GPTConfig's default when absent).
+LONG_CONTEXT_FIELDS = (
+    "use_rope_scaling", "rope_scaling_type", "rope_scaling_factor", "rope_scaling_low_freq_factor",
+    "rope_scaling_high_freq_factor", "rope_scaling_original_max_position_embeddings", "yarn_beta_fast",
+    "yarn_beta_slow", "yarn_mscale", "yarn_mscale_all_dim", "yarn_attention_factor",
+    "yarn_correction_range_round_to_int", "window_size", "qk_layernorm",
+)
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,25 @@ class GPTConfig:
     moe_router_pre_softmax: bool = False  # softmax over all experts before top-k (no renormalisation)
     moe_expert_capacity_factor: Optional[float] = None  # None: dropless
     moe_layer_freq: int | tuple[int, ...] = 1  # every Nth layer is MoE, or a 0/1 pattern per layer
+    # Long context (megafast.model.rotary, megafast.model.sliding_window). RoPE scaling, Megatron's
+    # --use-rope-scaling --rope-scaling-factor (llama3 by default) plus --rope-scaling-type:
+    # llama3 (Llama 3.1+), linear (positions / factor), yarn (with its attention factor on cos/sin).
+    use_rope_scaling: bool = False
+    rope_scaling_type: str = "llama3"
+    rope_scaling_factor: float = 8.0
+    rope_scaling_low_freq_factor: float = 1.0  # llama3
+    rope_scaling_high_freq_factor: float = 4.0  # llama3
+    rope_scaling_original_max_position_embeddings: int = 8192  # llama3 and yarn: the pretraining context
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: Optional[float] = None
+    yarn_mscale_all_dim: Optional[float] = None
+    yarn_attention_factor: Optional[float] = None  # default from factor (and mscale, mscale_all_dim)
+    yarn_correction_range_round_to_int: bool = True  # HF's "truncate"
+    # Sliding-window attention (Megatron's --window-size, flash-attn's (left, right)): query i sees
+    # keys j with i - left <= j <= i. HF's sliding_window W is (W - 1, 0). None: full causal.
+    window_size: Optional[tuple[int, int]] = None
+    qk_layernorm: bool = False  # per-head norm of q and k before RoPE (Qwen3; --qk-layernorm)
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size"):
@@ -155,6 +183,7 @@ class GPTConfig:
         ):
             if value not in choices:
                 raise ValueError(f"unknown {flag} {value!r}: choose one of {', '.join(choices)}")
+        self._check_long_context()
         if self.attention_backend == "triton" and self.attention_dropout > 0:
             raise ValueError(
                 "--attention-backend triton has no attention dropout: "
@@ -220,6 +249,46 @@ class GPTConfig:
         if isinstance(self.moe_layer_freq, int):
             return layer % self.moe_layer_freq == 0
         return bool(self.moe_layer_freq[layer])
+
+    def _check_long_context(self) -> None:
+        """RoPE scaling and sliding-window fields (normalises ``window_size`` to a tuple or None)."""
+        if self.use_rope_scaling:
+            if self.rope_scaling_type not in ROPE_SCALING_TYPES:
+                raise ValueError(
+                    f"unknown --rope-scaling-type {self.rope_scaling_type!r}: choose one of "
+                    f"{', '.join(ROPE_SCALING_TYPES)}"
+                )
+            if self.position_embedding_type != "rope":
+                raise ValueError("--use-rope-scaling needs --position-embedding-type rope")
+            if not self.rope_scaling_factor > 0:
+                raise ValueError(f"--rope-scaling-factor must be > 0, got {self.rope_scaling_factor}")
+            if self.rope_scaling_original_max_position_embeddings < 1:
+                raise ValueError(
+                    "--rope-scaling-original-max-position-embeddings must be >= 1, got "
+                    f"{self.rope_scaling_original_max_position_embeddings}"
+                )
+            if self.rope_scaling_type == "llama3" and not (
+                0 < self.rope_scaling_low_freq_factor < self.rope_scaling_high_freq_factor
+            ):
+                raise ValueError(
+                    "llama3 RoPE scaling needs 0 < --rope-scaling-low-freq-factor < "
+                    f"--rope-scaling-high-freq-factor, got {self.rope_scaling_low_freq_factor} and {self.rope_scaling_high_freq_factor}"
+                )
+        window = self.window_size
+        if window is not None:
+            window = tuple(int(w) for w in window)
+            if len(window) != 2 or window[1] != 0 or window[0] < -1:
+                raise ValueError(
+                    f"--window-size {','.join(map(str, window))} is not (left, 0): megafast's decoders are "
+                    "causal, give the left window only, e.g. --window-size 4095,0"
+                )
+            window = None if window[0] == -1 else window  # -1: infinite (Megatron), plain causal
+            object.__setattr__(self, "window_size", window)
+        if self.window_size is not None and self.attention_backend == "triton":
+            raise ValueError(
+                "--attention-backend triton has no sliding window: use --attention-backend sdpa/flash/auto "
+                "with --window-size"
+            )
 
     @property
     def kernel_config(self) -> KernelConfig:
@@ -340,6 +409,11 @@ def validate_context_parallel(model: GPTConfig, parallel: ParallelConfig, seq_le
         raise ValueError(
             f"--attention-dropout {model.attention_dropout} is not supported with --context-parallel-size {cp}: "
             "pass --attention-dropout 0"
+        )
+    if model.window_size is not None:
+        raise ValueError(
+            f"--window-size {model.window_size[0]},{model.window_size[1]} (sliding-window attention) is not "
+            f"supported with --context-parallel-size {cp} yet: drop one of them"
         )
 
 

@@ -38,6 +38,8 @@ class RefBlock(nn.Module):
         self.k = nn.Linear(h, c.num_query_groups * d, bias=qkv_bias)
         self.v = nn.Linear(h, c.num_query_groups * d, bias=qkv_bias)
         self.o = nn.Linear(c.num_attention_heads * d, h, bias=c.add_bias_linear)
+        if c.qk_layernorm:  # one norm over d shared by every head (Qwen3's q_norm / k_norm)
+            self.q_norm, self.k_norm = Norm(d, eps=c.norm_epsilon), Norm(d, eps=c.norm_epsilon)
         if c.activation == "swiglu":
             self.gate = nn.Linear(h, c.ffn_hidden_size, bias=c.add_bias_linear)
         self.up = nn.Linear(h, c.ffn_hidden_size, bias=c.add_bias_linear)
@@ -50,12 +52,16 @@ class RefBlock(nn.Module):
         q = self.q(x).view(b, s, H, d).transpose(1, 2)
         k = self.k(x).view(b, s, G, d).transpose(1, 2)
         v = self.v(x).view(b, s, G, d).transpose(1, 2)
+        if c.qk_layernorm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if c.position_embedding_type == "rope":
             q, k = _rope(q, c.rotary_base), _rope(k, c.rotary_base)
         k = k.repeat_interleave(H // G, dim=1)
         v = v.repeat_interleave(H // G, dim=1)
         scores = q @ k.transpose(-1, -2) / math.sqrt(d)
         causal = torch.ones(s, s, dtype=torch.bool).tril()
+        if c.window_size is not None:  # sliding window: key j visible from query i when i - j <= left
+            causal = causal & ~torch.ones(s, s, dtype=torch.bool).tril(-c.window_size[0] - 1)
         probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
         return self.o((probs @ v).transpose(1, 2).reshape(b, s, H * d))
 
@@ -114,6 +120,12 @@ class RefGPT(nn.Module):
             if blk.q.bias is not None:
                 yield p + "self_attention.linear_qkv.bias", ("qkv", blk.q.bias, blk.k.bias, blk.v.bias)
             yield p + "self_attention.linear_proj.weight", blk.o.weight
+            if c.qk_layernorm:
+                yield p + "self_attention.q_layernorm.weight", blk.q_norm.weight
+                yield p + "self_attention.k_layernorm.weight", blk.k_norm.weight
+                if c.normalization == "LayerNorm":
+                    yield p + "self_attention.q_layernorm.bias", blk.q_norm.bias
+                    yield p + "self_attention.k_layernorm.bias", blk.k_norm.bias
             if c.activation == "swiglu":
                 yield p + "mlp.linear_fc1.weight", ("cat", blk.gate.weight, blk.up.weight)
                 if blk.up.bias is not None:

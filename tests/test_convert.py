@@ -315,13 +315,7 @@ def test_clear_errors(models, tmp_path):
     for key, value, what in (
         (
             "rope_scaling",
-            {
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 64,
-            },
+            {"rope_type": "dynamic", "factor": 2.0},  # llama3/linear/yarn convert (tests/test_hf_families.py)
             "RoPE scaling",
         ),
         ("hidden_act", "gelu", "silu"),
@@ -336,10 +330,12 @@ def test_clear_errors(models, tmp_path):
         with pytest.raises(ValueError, match=f"{key}=.*{what}.*cannot be converted exactly"):
             to_megafast(bad, str(tmp_path / f"o_{key}"), 1, 1)
 
-    bad = _copy_hf(models["mistral"][1], str(tmp_path / "window"))
-    mcfg = json.load(open(os.path.join(bad, "config.json")))
-    json.dump({**mcfg, "sliding_window": 16}, open(os.path.join(bad, "config.json"), "w"))
-    with pytest.raises(ValueError, match="sliding_window=16 .*sliding-window attention"):
+    bad = _copy_hf(models["qwen2"][1], str(tmp_path / "window"))  # a window on some layers only
+    qcfg = json.load(open(os.path.join(bad, "config.json")))
+    qcfg.pop("layer_types", None)
+    qcfg.update(use_sliding_window=True, sliding_window=16, max_window_layers=2)
+    json.dump(qcfg, open(os.path.join(bad, "config.json"), "w"))
+    with pytest.raises(ValueError, match="max_window_layers=2 .*mixed"):
         to_megafast(bad, str(tmp_path / "o6"), 1, 1)
 
     import shutil

@@ -52,6 +52,8 @@ CONFIGS = {
     # the output layer + loss fused (torch ops here; Triton below), and the Triton kernels
     # (interpreted): vocabulary-parallel cross-entropy and the fused residual-add + RMSNorm
     "llama_fused_ce": lambda: llama_config(fused_linear_cross_entropy=True),
+    # Qwen3's per-head q/k norm (its weight's gradient summed over TP) and a sliding window of 5
+    "llama_qknorm_window": lambda: llama_config(num_layers=2, qk_layernorm=True, window_size=(5, 0)),
     "llama_triton": lambda: llama_config(num_layers=2, kernels="triton", attention_backend="sdpa"),
     "llama_tied_triton_fused_ce": lambda: llama_config(
         num_layers=2, tie_embeddings=True, kernels="triton", attention_backend="sdpa",

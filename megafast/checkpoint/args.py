@@ -16,12 +16,13 @@ are also looked up next to the checkpoint (converted checkpoints keep their toke
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Mapping, Optional
 
 import torch
 
-from megafast.config import GPTConfig
+from megafast.config import LONG_CONTEXT_FIELDS, GPTConfig
 
 TOKENIZER_DIR = "tokenizer"  # converted checkpoints' copy of the tokenizer files, next to the iterations
 HF_METADATA = "hf_metadata"  # HF config fields megafast does not model (token ids, architecture name)
@@ -83,6 +84,7 @@ def model_args(config: GPTConfig, tp: int, pp: int) -> dict[str, Any]:
         num_layers_per_virtual_pipeline_stage=None,
         pipeline_partition="uniform",
         **{name: getattr(config, name) for name in MOE_ARGS},
+        **{name: getattr(config, name) for name in LONG_CONTEXT_FIELDS},
     )
 
 
@@ -118,6 +120,22 @@ def args_from_config(
     if config_from_args(args, config.vocab_size) != config:  # internal invariant: args describe this model
         raise AssertionError("converted checkpoint args do not rebuild the model config")
     return args
+
+
+def long_context_mismatch(args: Mapping[str, Any], config: GPTConfig) -> Optional[str]:
+    """One line naming the first RoPE-scaling / window / q/k-norm field in which a checkpoint's
+    ``args`` (absent: GPTConfig's default) differ from ``config``; None when they agree."""
+    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+    for name in LONG_CONTEXT_FIELDS:
+        saved = args.get(name, defaults[name])
+        saved = tuple(saved) if name == "window_size" and saved is not None else saved
+        if saved != getattr(config, name):
+            return (
+                f"the checkpoint was saved with {name}={saved!r} but this run has "
+                f"{getattr(config, name)!r}: pass the checkpoint's --{name.replace('_', '-')} "
+                "(tools/checkpoint/convert.py's model flags)"
+            )
+    return None
 
 
 def resolve_path(path: Optional[str], root: Optional[str]) -> Optional[str]:
@@ -201,6 +219,7 @@ def model_config(args: Mapping[str, Any], vocab_size: int, where: str = "checkpo
             make_vocab_size_divisible_by=args["make_vocab_size_divisible_by"],
             **{name: args[name] for name in RUNTIME_ARGS if name in args},
             **({name: args[name] for name in MOE_ARGS if name in args} if args.get("num_experts") else {}),
+            **{name: args[name] for name in LONG_CONTEXT_FIELDS if name in args},  # older: defaults
         )
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where}: its args describe no valid model: {' '.join(str(exc).split())}") from None

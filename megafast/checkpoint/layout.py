@@ -15,6 +15,7 @@ Full layouts (h hidden, H heads, G query groups, d head dim, f FFN size, V vocab
 | decoder.layers.i.*layernorm.{weight,bias}    | [h]                 | replicated               |
 | decoder.layers.i.self_attention.linear_qkv.* | [(H + 2G) d, h]     | (0, 1), grouped per G    |
 | decoder.layers.i.self_attention.linear_proj  | weight [h, H d]     | (1, 1); bias replicated  |
+| decoder.layers.i.self_attention.{q,k}_layernorm | [d] (--qk-layernorm) | replicated            |
 | decoder.layers.i.mlp.linear_fc1.*            | [f or 2f, h]        | (0, 2) SwiGLU, else (0, 1)|
 | decoder.layers.i.mlp.linear_fc2              | weight [h, f]       | (1, 1); bias replicated  |
 | decoder.layers.i.mlp.router.weight (MoE)     | [E, h]              | replicated               |
@@ -75,6 +76,11 @@ def layer_specs(config: GPTConfig, i: int) -> Specs:
     specs[f"{p}self_attention.linear_proj.weight"] = (h, config.num_attention_heads * config.head_dim)
     if config.add_bias_linear:
         specs[f"{p}self_attention.linear_proj.bias"] = (h,)
+    if config.qk_layernorm:  # per-head norms over d, replicated
+        for which in ("q_layernorm", "k_layernorm"):
+            specs[f"{p}self_attention.{which}.weight"] = (config.head_dim,)
+            if config.normalization == "LayerNorm":
+                specs[f"{p}self_attention.{which}.bias"] = (config.head_dim,)
     specs.update(_norm_specs(config, f"{p}pre_mlp_layernorm"))
     if config.is_moe_layer(i):
         specs.update(moe_specs(config, i))

@@ -397,7 +397,7 @@ def model_flags(config: GPTConfig) -> list[str]:
         flags.append("--add-qkv-bias")
     if config.is_moe:
         flags += moe_flags(config)
-    return flags
+    return flags + long_context_flags(config)
 
 
 def moe_flags(config: GPTConfig) -> list[str]:
@@ -421,6 +421,31 @@ def moe_flags(config: GPTConfig) -> list[str]:
         flags += ["--moe-expert-capacity-factor", repr(config.moe_expert_capacity_factor)]
     if config.moe_grouped_gemm:
         flags.append("--moe-grouped-gemm")
+
+
+def long_context_flags(config: GPTConfig) -> list[str]:
+    """The RoPE scaling, sliding-window and q/k-norm flags of ``config`` (none for a plain model)."""
+    flags = []
+    if config.use_rope_scaling:
+        flags += ["--use-rope-scaling", "--rope-scaling-type", config.rope_scaling_type,
+                  "--rope-scaling-factor", repr(config.rope_scaling_factor),
+                  "--rope-scaling-low-freq-factor", repr(config.rope_scaling_low_freq_factor),
+                  "--rope-scaling-high-freq-factor", repr(config.rope_scaling_high_freq_factor),
+                  "--rope-scaling-original-max-position-embeddings",
+                  str(config.rope_scaling_original_max_position_embeddings),
+                  "--yarn-beta-fast", repr(config.yarn_beta_fast),
+                  "--yarn-beta-slow", repr(config.yarn_beta_slow)]
+        for flag, value in (("--yarn-mscale", config.yarn_mscale),
+                            ("--yarn-mscale-all-dim", config.yarn_mscale_all_dim),
+                            ("--yarn-attention-factor", config.yarn_attention_factor)):
+            if value is not None:
+                flags += [flag, repr(value)]
+        if not config.yarn_correction_range_round_to_int:
+            flags.append("--no-yarn-correction-range-round-to-int")
+    if config.window_size is not None:
+        flags += ["--window-size", f"{config.window_size[0]},{config.window_size[1]}"]
+    if config.qk_layernorm:
+        flags.append("--qk-layernorm")
     return flags
 
 

@@ -42,6 +42,7 @@ import torch
 
 from megafast.checkpoint import layout
 from megafast.config import GPTConfig
+from megafast.convert.hf_fields import check_known_fields
 from megafast.convert.hf_keymap import Rule
 
 ARCHITECTURES = {"GPT2LMHeadModel": "gpt2"}
@@ -66,6 +67,15 @@ PASSTHROUGH = (
 )
 
 
+# Model fields config_from_hf reads or checks (besides PASSTHROUGH and hf_fields.GENERIC_FIELDS);
+# n_ctx is old configs' copy of n_positions.
+KNOWN_FIELDS = (
+    "n_embd", "n_layer", "n_head", "vocab_size", "n_inner", "n_positions", "n_ctx", "layer_norm_epsilon",
+    "tie_word_embeddings", "resid_pdrop", "attn_pdrop", "initializer_range", "scale_attn_weights",
+    "scale_attn_by_inverse_layer_idx",
+) + PASSTHROUGH
+
+
 def _unsupported(where: str, key: str, value: Any, why: str) -> ValueError:
     return ValueError(
         f"{where}: config.json sets {key}={value!r} ({why}), which megafast's model does not implement: "
@@ -77,6 +87,7 @@ def config_from_hf(
     hf: dict[str, Any], architecture: str, make_vocab_size_divisible_by: int, where: str
 ) -> tuple[GPTConfig, dict[str, Any]]:
     """(GPTConfig, metadata) of an HF GPT-2 config.json dict."""
+    check_known_fields(hf, KNOWN_FIELDS, architecture, where)
 
     def need(key: str) -> Any:
         if hf.get(key) is None:

@@ -21,8 +21,10 @@ from megafast import kernels
 from megafast.config import GPTConfig
 from megafast.model import init
 from megafast.model.kv_cache import InferenceParams
+from megafast.model.norm import build_head_norm
 from megafast.model.packing import PackedSeqParams
 from megafast.model.rotary import apply_rotary
+from megafast.model.sliding_window import sliding_window_attention
 from megafast.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megafast.parallel.random import RNGStatesTracker, checkpointed
 from megafast.parallel.ring_attention import RingSpec, ring_attention
@@ -73,6 +75,9 @@ class SelfAttention(nn.Module):
             init_method=init.for_param(config, seed, f"{prefix}.linear_proj.weight"),
             **factory,
         )
+        if config.qk_layernorm:  # Megatron's q_layernorm / k_layernorm (Qwen3's q_norm / k_norm)
+            self.q_layernorm = build_head_norm(config, tp, **factory)
+            self.k_layernorm = build_head_norm(config, tp, **factory)
 
     def core_attention(
         self,
@@ -85,6 +90,8 @@ class SelfAttention(nn.Module):
         With context parallelism s is this rank's share of the sequence (s_total / C)."""
         if self.state.cp_size > 1:
             return self.context_parallel_attention(q, k, v, packed_seq_params)
+        if self.config.window_size is not None:  # sliding window (megafast.model.sliding_window)
+            return self.windowed_attention(q, k, v, packed_seq_params)
         if packed_seq_params is not None:
             return self.packed_attention(q, k, v, packed_seq_params)
         dropout = self.config.attention_dropout if self.training else 0.0
@@ -115,6 +122,19 @@ class SelfAttention(nn.Module):
         if packed is not None:
             return self.packed_attention(q, k, v, packed)
         return kernels.attention(q, k, v, causal=True, dropout_p=0.0, backend=self.config.attention_backend)
+
+    def windowed_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: Optional[PackedSeqParams]
+    ) -> torch.Tensor:
+        """Causal attention within ``config.window_size`` (and each packed sample): q [b, H/p, s, d],
+        k/v [b, G/p, s, d] -> [b, H/p, s, d]."""
+        dropout = self.config.attention_dropout if self.training else 0.0
+        segments = packed.segment_ids if packed is not None else None
+        with self.tracker.fork():
+            return sliding_window_attention(
+                q, k, v, self.config.window_size, dropout_p=dropout,
+                backend=self.config.attention_backend, segment_ids=segments,
+            )
 
     def packed_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedSeqParams
@@ -155,11 +175,13 @@ class SelfAttention(nn.Module):
         q, k, v = torch.split(qkv, [per_group, 1, 1], dim=3)
         q = q.reshape(s, b, self.heads, self.head_dim)  # [s, b, H/p, d]
         k, v = k.squeeze(3), v.squeeze(3)  # [s, b, G/p, d]
+        if self.config.qk_layernorm:  # per head, before RoPE
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
         if rope is not None:
             q, k = (apply_rotary(t, *rope, backend=self.config.kernel_config.rope_backend) for t in (q, k))
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
         if inference_params is not None:  # incremental decoding: attend over the cached positions too
-            out = inference_params.attend(self.layer_number, q, k, v)
+            out = inference_params.attend(self.layer_number, q, k, v, window=self.config.window_size)
         elif self.config.recompute_granularity == "selective" and self.training:
             out = checkpointed(self.core_attention, self.tracker, q, k, v, packed_seq_params)
         else:

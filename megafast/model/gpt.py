@@ -181,7 +181,7 @@ class GPTModel(nn.Module):
 
         self.embedding = Embedding(config, state, seed, self.tracker, **factory) if self.pre_process else None
         self.rotary = (
-            RotaryEmbedding(config.head_dim, config.rotary_base) if config.position_embedding_type == "rope" else None
+            RotaryEmbedding.from_config(config) if config.position_embedding_type == "rope" else None
         )
         # MoE: the router losses' gradient scale and logged values (megafast.model.moe.aux_loss)
         self.moe_loss_tracker = MoELossTracker() if config.is_moe else None

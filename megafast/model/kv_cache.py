@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from megafast.model.sliding_window import window_mask
+
 
 class InferenceParams:
     """The KV cache of one model chunk: per layer, keys and values [b_max, G/p, max_len, d]."""
@@ -51,8 +53,16 @@ class InferenceParams:
             self.key_value_memory_dict[layer_number] = memory
         return memory
 
-    def attend(self, layer_number: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Store this step's k/v and attend over everything cached.
+    def attend(
+        self,
+        layer_number: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        window: Optional[tuple[int, int]] = None,
+    ) -> torch.Tensor:
+        """Store this step's k/v and attend over everything cached (within the sliding ``window``
+        (left, 0) when given: position i sees i - left .. i, megafast.model.sliding_window).
 
         q [b, H/p, s, d]; k, v [b, G/p, s, d] for positions offset .. offset + s - 1
         -> [b, H/p, s, d].
@@ -75,6 +85,10 @@ class InferenceParams:
             keys = keys.repeat_interleave(heads // groups, dim=1)
             values = values.repeat_interleave(heads // groups, dim=1)
         mask: Optional[torch.Tensor] = None
+        if window is not None and end - 1 - window[0] > 0:  # the window hides the oldest positions
+            positions = torch.arange(end, device=q.device)
+            mask = window_mask(positions[start:end], positions, window)  # [s, end]
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         if s > 1 and start > 0:  # several new tokens after a prefix: causal, shifted by the offset
             mask = (
                 torch.arange(end, device=q.device)[None, :]

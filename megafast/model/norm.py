@@ -65,3 +65,13 @@ def build_norm(config: GPTConfig, sequence_parallel: bool, **factory) -> nn.Modu
     cls = RMSNorm if config.normalization == "RMSNorm" else LayerNorm
     kernels = config.kernel_config
     return cls(config.hidden_size, config.norm_epsilon, sequence_parallel, kernels=kernels, **factory)
+
+
+def build_head_norm(config: GPTConfig, tp_size: int, **factory) -> nn.Module:
+    """Per-head norm over the head dim d (``--qk-layernorm``, Qwen3's q_norm/k_norm).
+
+    Each TP rank applies the one weight [d] to its own heads, so its gradient is partial: marked
+    ``sequence_parallel`` (summed over TP) when TP > 1.
+    """
+    cls = RMSNorm if config.normalization == "RMSNorm" else LayerNorm
+    return cls(config.head_dim, config.norm_epsilon, tp_size > 1, kernels=config.kernel_config, **factory)

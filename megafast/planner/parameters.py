@@ -83,6 +83,16 @@ def moe_parameters(config: GPTConfig, layer: int) -> list[ParamSpec]:
     return specs
 
 
+def _head_norms(prefix: str, config: GPTConfig) -> list[ParamSpec]:
+    """--qk-layernorm: q_layernorm and k_layernorm over the head dim d, replicated."""
+    d, bias = config.head_dim, config.normalization == "LayerNorm"
+    return [
+        ParamSpec(f"{prefix}.{which}.{kind}", (d,), False)
+        for which in ("q_layernorm", "k_layernorm")
+        for kind in (("weight", "bias") if bias else ("weight",))
+    ]
+
+
 def layer_parameters(config: GPTConfig, layer: int, tp: int = 1) -> list[ParamSpec]:
     """Transformer layer ``layer`` on one TP rank, in ``named_parameters()`` order."""
     c, h, p = config, config.hidden_size, f"decoder.layers.{layer}"
@@ -102,6 +112,7 @@ def layer_parameters(config: GPTConfig, layer: int, tp: int = 1) -> list[ParamSp
             tp,
             False,
         )
+        + (_head_norms(f"{p}.self_attention", c) if c.qk_layernorm else [])
         + _norm(f"{p}.pre_mlp_layernorm", c)
         + _linear(f"{p}.mlp.linear_fc1", fc1_rows, h, c.add_bias_linear, tp, column=True)
         + _linear(f"{p}.mlp.linear_fc2", h, c.ffn_hidden_size, c.add_bias_linear, tp, column=False)

@@ -34,6 +34,7 @@ from megafast.arguments import (
     split_data_paths,
     validate_args,
 )
+from megafast.checkpoint.args import long_context_mismatch
 from megafast.config import GPTConfig
 from megafast.data.mock_dataset import MockGPTDataset
 from megafast.data.prefetch import MicroBatchPrefetcher
@@ -281,6 +282,11 @@ def setup(argv: Optional[Sequence[str]] = None) -> Run:
             logger.info(f"no committed checkpoint in {args.load}: starting from scratch")
         else:
             saved = loaded.args  # a LoRA run's checkpoint holds adapters only: its base must be loaded too
+            mismatch = long_context_mismatch(saved, config)  # RoPE scaling / window / q/k norm
+            if mismatch and not args.finetune:  # a resumed run must be the same model
+                raise SystemExit(f"error: {loaded.path}: {mismatch}")
+            if mismatch:  # fine-tuning may change them on purpose (context extension)
+                logger.info(f"note: {mismatch.split(': pass')[0]}: fine-tuning with this run's setting")
             base = saved.get("pretrained_checkpoint") or (saved.get("load") if saved.get("finetune") else None)
             if saved.get("lora_rank") and base and not args.pretrained_checkpoint and (
                     os.path.realpath(base) != os.path.realpath(args.load)):
