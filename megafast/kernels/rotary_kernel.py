@@ -182,7 +182,13 @@ class _RotaryTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(cos, sin)
-        return (x * cos).add_(rotate_half(x).mul_(sin))
+        # [x1, x2] cos + [-x2, x1] sin, the halves in place: x1 c1 - x2 s1 and x2 c2 + x1 s2 (a + (-b)
+        # is a - b in IEEE arithmetic, so the bits are the formula's), without rotate_half's copies
+        half = x.shape[-1] // 2
+        out = x * cos
+        out[..., :half].sub_(x[..., half:] * sin[..., :half])
+        out[..., half:].add_(x[..., :half] * sin[..., half:])
+        return out
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
