@@ -421,6 +421,7 @@ def moe_flags(config: GPTConfig) -> list[str]:
         flags += ["--moe-expert-capacity-factor", repr(config.moe_expert_capacity_factor)]
     if config.moe_grouped_gemm:
         flags.append("--moe-grouped-gemm")
+    return flags
 
 
 def long_context_flags(config: GPTConfig) -> list[str]:

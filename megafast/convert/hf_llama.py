@@ -216,11 +216,13 @@ def _window(hf: dict[str, Any], model_type: str, num_layers: int, where: str) ->
 
 
 def config_from_hf(
-    hf: dict[str, Any], architecture: str, make_vocab_size_divisible_by: int, where: str
+    hf: dict[str, Any], architecture: str, make_vocab_size_divisible_by: int, where: str,
+    extra_fields: tuple[str, ...] = (),
 ) -> tuple[GPTConfig, dict[str, Any]]:
-    """(GPTConfig, metadata) of an HF Llama/Mistral/Qwen2/Qwen3 config.json dict."""
+    """(GPTConfig, metadata) of an HF Llama/Mistral/Qwen2/Qwen3 config.json dict. ``extra_fields``:
+    config.json fields a caller building on this family reads itself (the MoE families' experts)."""
     model_type = ARCHITECTURES[architecture]
-    check_known_fields(hf, KNOWN_FIELDS[model_type], architecture, where)
+    check_known_fields(hf, KNOWN_FIELDS[model_type] + extra_fields, architecture, where)
 
     def need(key: str) -> Any:
         if hf.get(key) is None:

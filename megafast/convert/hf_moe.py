@@ -59,6 +59,16 @@ def _need(hf: dict[str, Any], key: str, where: str, architecture: str) -> Any:
     return hf[key]
 
 
+# The expert fields each family reads (its attention fields are hf_llama's; generic ones hf_fields')
+MOE_FIELDS = {
+    "MixtralForCausalLM": ("num_local_experts", "num_experts_per_tok", "router_aux_loss_coef",
+                           "router_jitter_noise", "output_router_logits"),
+    "Qwen2MoeForCausalLM": ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                            "shared_expert_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
+                            "mlp_only_layers", "router_aux_loss_coef", "output_router_logits", "qkv_bias"),
+}
+
+
 def config_from_hf(
     hf: dict[str, Any], architecture: str, make_vocab_size_divisible_by: int, where: str
 ) -> tuple[GPTConfig, dict[str, Any]]:
@@ -66,7 +76,8 @@ def config_from_hf(
     if hf.get("router_jitter_noise"):
         raise hf_llama._unsupported(where, "router_jitter_noise", hf["router_jitter_noise"], "router jitter")
     if architecture == "MixtralForCausalLM":
-        dense, metadata = hf_llama.config_from_hf(hf, BASE[architecture], make_vocab_size_divisible_by, where)
+        dense, metadata = hf_llama.config_from_hf(hf, BASE[architecture], make_vocab_size_divisible_by, where,
+                                                  MOE_FIELDS[architecture])
         moe = dict(
             num_experts=_need(hf, "num_local_experts", where, architecture),
             moe_ffn_hidden_size=dense.ffn_hidden_size,
@@ -74,7 +85,7 @@ def config_from_hf(
     else:
         base = dict(hf, use_sliding_window=hf.get("use_sliding_window", False))
         dense, metadata = hf_llama.config_from_hf(
-            base, BASE[architecture], make_vocab_size_divisible_by, where
+            base, BASE[architecture], make_vocab_size_divisible_by, where, MOE_FIELDS[architecture]
         )
         num_layers = dense.num_layers
         step = int(hf.get("decoder_sparse_step", 1))

@@ -53,8 +53,8 @@ from megafast.training.checkpointing import Checkpointer, load_checkpoint
 from megafast.training.data_parallel import DataParallel
 from megafast.training.early_stopping import EarlyStopping
 from megafast.training.logging import IterationStats, Timer, TrainingLogger
-from megafast.training.moe_metrics import MoELossMeter
 from megafast.training.lr_schedule import LRScheduler, megatron_schedule_steps
+from megafast.training.moe_metrics import MoELossMeter
 from megafast.training.optimizer import OptimizerConfig, build_optimizer
 from megafast.training.task_loss import (
     SelfPacedWeights,
