@@ -232,6 +232,22 @@ def corpus(tmp: Path, seed: int) -> list[str]:
             "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB - 1)]
 
 
+def corpus_sequences(seed: int, count: int = 32, length: int = 16) -> torch.Tensor:
+    """[count, length] ids: the first documents :func:`corpus` writes for ``seed``, padded with EOD."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(count):
+        start, stride, n = rng.integers(0, VOCAB - 1), rng.integers(1, 4), rng.integers(5, 60)
+        doc = ((start + stride * np.arange(n)) % (VOCAB - 1)).tolist() + [VOCAB - 1] * length
+        rows.append(doc[:length])
+    return torch.tensor(rows)
+
+
+def token_loss(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Mean next-token cross-entropy of ``logits`` [b, s, V] on ``ids`` [b, s]."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
+
+
 def convert(args: list[str]) -> None:
     cmd = [sys.executable, str(ROOT / "tools/checkpoint/convert.py"), "--model-type", "GPT", "--loader", "megafast",
            "--no-progress", *args]
@@ -278,9 +294,12 @@ def test_qlora_runs_lower_the_loss_agree_across_layouts_and_export(tmp_path):
         assert sorted(recs) == list(range(1, 9)), name
         losses[name] = np.array([recs[i]["lm_loss"] for i in range(1, 9)])
     ref = losses["tp1"]
-    # iterations 1-2 replay the base run's two batches (a fine-tuning run starts at sample 0): the loss
-    # must fall from the first batch the base never saw
-    assert ref[-1] < ref[2] - 0.1, f"QLoRA did not lower the loss: {ref.tolist()} (corpus_seed={seed})"
+    # the loss falls: on fixed sequences of the corpus (8 iterations of single batches are too noisy to
+    # compare), the trained adapters against the start (the base's checkpoint: adapters at their init)
+    held = corpus_sequences(seed)
+    before, after = (token_loss(run_distributed(qlora_logits_worker, 1, str(base), str(a), held)[0], held)
+                     for a in (base, tmp_path / "tp1"))
+    assert after < before - 0.1, f"QLoRA did not lower the loss: {before:.4f} -> {after:.4f} (corpus_seed={seed})"
     for name in ("tp2", "pp2"):
         err = np.max(np.abs(losses[name] - ref) / np.abs(ref))
         assert err <= 1e-5, f"{name}: lm_loss relative error {err:.2e} (corpus_seed={seed})\n{losses[name]}\n{ref}"

@@ -76,7 +76,7 @@ class CpuAdamW:
             torch._foreach_add_(steps, 1.0)
             lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
             beta1, beta2 = group["betas"]
-            step_values = [s.item() for s in steps]
+            step_values = torch.stack(steps).tolist()  # CPU counters (as torch.optim's): one read
             # Python floats (fp64) as torch computes them; the kernel casts them to fp32 as torch does
             step_sizes = [(lr / (1 - beta1**t)) * -1 for t in step_values]
             bc2_sqrts = [(1 - beta2**t) ** 0.5 for t in step_values]

@@ -427,7 +427,7 @@ class _SelfPacedSampler:
                                          run.state.dp_rank, run.state.dp_size))
         for c in run.chunks:
             c.eval()
-        mbs = _microbatches(run.valid_ds, sampler, args.num_microbatches, run.device)
+        mbs = _microbatches(run.valid_ds, sampler, args.num_microbatches, run.device, run.state)
         counts = _dp_sum_(task_token_counts(mbs, len(run.task_names)).to(run.device), run)
         result = run.engine.run(mbs, 1.0, forward_only=True, num_tasks=len(run.task_names))
         for c in run.chunks:
