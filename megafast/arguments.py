@@ -493,6 +493,9 @@ def _validate_sharding(args: argparse.Namespace) -> None:
 
 
 def model_config(args: argparse.Namespace, vocab_size: int) -> GPTConfig:
+    if (getattr(args, "yarn_mscale", None) is None) != (getattr(args, "yarn_mscale_all_dim", None) is None):
+        _fail("--yarn-mscale and --yarn-mscale-all-dim act only together (YaRN's attention factor is "
+              "mscale(factor, mscale) / mscale(factor, mscale_all_dim)): give both or neither")
     activation = "swiglu" if args.swiglu else ("gelu_tanh" if args.openai_gelu else "gelu")
     return GPTConfig(
         num_layers=args.num_layers,

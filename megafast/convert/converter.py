@@ -436,11 +436,10 @@ def long_context_flags(config: GPTConfig) -> list[str]:
                   str(config.rope_scaling_original_max_position_embeddings),
                   "--yarn-beta-fast", repr(config.yarn_beta_fast),
                   "--yarn-beta-slow", repr(config.yarn_beta_slow)]
-        for flag, value in (("--yarn-mscale", config.yarn_mscale),
-                            ("--yarn-mscale-all-dim", config.yarn_mscale_all_dim),
-                            ("--yarn-attention-factor", config.yarn_attention_factor)):
-            if value is not None:
-                flags += [flag, repr(value)]
+        if config.yarn_mscale is not None and config.yarn_mscale_all_dim is not None:  # one alone acts not
+            flags += ["--yarn-mscale", repr(config.yarn_mscale), "--yarn-mscale-all-dim", repr(config.yarn_mscale_all_dim)]
+        if config.yarn_attention_factor is not None:
+            flags += ["--yarn-attention-factor", repr(config.yarn_attention_factor)]
         if not config.yarn_correction_range_round_to_int:
             flags.append("--no-yarn-correction-range-round-to-int")
     if config.window_size is not None:
