@@ -100,3 +100,18 @@ def test_plan_data_parallel_size_sets_the_strategy_table():
         assert out.returncode == 0, out.stderr
         return json.dumps(json.loads(out.stdout))
     assert ram("2") != ram("8")
+
+
+def test_self_paced_flags_reach_the_weights():
+    from types import SimpleNamespace
+
+    from megafast.training.trainer import _SelfPacedSampler
+
+    args = parse_args(BASE + ["--task-loss-weighting", "self-paced", "--self-paced-scale-factor", "7",
+                              "--self-paced-history-length", "3"])
+    weights = _SelfPacedSampler(SimpleNamespace(valid_ds=[0], task_names=["a", "b"], args=args)).weights
+    assert (weights.scale_factor, weights.history_length) == (7.0, 3)
+    bad = parse_args(BASE + ["--task-loss-weighting", "self-paced", "--dataset-type", "sft",
+                             "--self-paced-interval", "0"])
+    with pytest.raises(SystemExit, match="--self-paced-interval >= 1"):
+        validate_args(bad, world_size=1)
