@@ -25,7 +25,8 @@ namespace megafast {
 namespace {
 
 template <bool kScaleGrad>
-inline void moments(const AdamWTensor& t, int64_t lo, int64_t hi, const AdamWScalars& s) {
+__attribute__((always_inline)) inline void moments(const AdamWTensor& t, int64_t lo, int64_t hi,
+                                                   const AdamWScalars& s) {
   const bool small = std::fabs(s.lerp_weight) < 0.5f;
   const float coeff = small ? s.lerp_weight : s.lerp_weight - 1.0f;
   const float* __restrict g = t.grad;
@@ -41,7 +42,8 @@ inline void moments(const AdamWTensor& t, int64_t lo, int64_t hi, const AdamWSca
 }
 
 template <bool kDecay>
-inline void update(const AdamWTensor& t, int64_t lo, int64_t hi, const AdamWScalars& s) {
+__attribute__((always_inline)) inline void update(const AdamWTensor& t, int64_t lo, int64_t hi,
+                                                  const AdamWScalars& s) {
   float* __restrict p = t.param;
   const float* __restrict m = t.exp_avg;
   const float* __restrict d = t.denom;
@@ -57,7 +59,8 @@ inline void update(const AdamWTensor& t, int64_t lo, int64_t hi, const AdamWScal
 using Body = void (*)(const AdamWTensor&, int64_t, int64_t, const AdamWScalars&);
 
 template <Body kBody>
-void run_range(const std::vector<AdamWTensor>& tensors, int64_t begin, int64_t end, const AdamWScalars& s) {
+__attribute__((always_inline)) inline void run_range(const std::vector<AdamWTensor>& tensors, int64_t begin,
+                                                     int64_t end, const AdamWScalars& s) {
   int64_t offset = 0;  // of the current tensor in the concatenation of all tensors
   for (const AdamWTensor& t : tensors) {
     const int64_t lo = std::max<int64_t>(begin - offset, 0), hi = std::min<int64_t>(end - offset, t.numel);
@@ -71,7 +74,8 @@ using RangeFn = void (*)(const std::vector<AdamWTensor>&, int64_t, int64_t, cons
 
 #if defined(__x86_64__) && defined(__GNUC__)
 // The same loops compiled for AVX2 + FMA (8 floats per instruction, hardware fma), picked at run
-// time; the generic build is the fallback (and the only one on other machines).
+// time; the generic build is the fallback (and the only one on other machines). The loops are
+// always_inline so that they are compiled inside this target, not called as generic code.
 template <Body kBody>
 __attribute__((target("avx2,fma"))) void run_range_avx2(const std::vector<AdamWTensor>& tensors, int64_t begin,
                                                          int64_t end, const AdamWScalars& s) {
