@@ -10,6 +10,8 @@ STAMP := $(VENV)/.megafast-installed
 DEMO_DIR ?= demo
 NPROC ?= 4
 PYTEST_ARGS ?=
+# pytest-xdist workers (one per CPU; files stay whole on a worker, so module fixtures are built once)
+TEST_WORKERS ?= auto
 
 .PHONY: setup test demo check-cuda clean
 
@@ -39,7 +41,7 @@ check-cuda:
 	else echo "check-cuda: no nvcc or no csrc/cuda/*.cu, nothing to compile-check"; fi
 
 test: $(STAMP) check-cuda
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) tools/demo.py --dir $(DEMO_DIR) --nproc $(NPROC)

@@ -74,3 +74,21 @@ def pytest_runtest_makereport(item, call):
         report.longrepr.addsection("random seeds", text)
     else:
         report.sections.append(("random seeds", text))
+
+
+# ------------------------------------------------------------------ tables a test wants shown
+
+_SUMMARIES: list[tuple[str, str]] = []
+
+
+def pytest_runtest_logreport(report):
+    """A test's ``record_property("terminal_summary", text)`` is printed after the run (reports
+    carry their properties from pytest-xdist workers too, where a test's own print is lost)."""
+    if report.when == "call":
+        _SUMMARIES.extend((report.nodeid, v) for k, v in report.user_properties if k == "terminal_summary")
+
+
+def pytest_terminal_summary(terminalreporter):
+    for nodeid, text in _SUMMARIES:
+        terminalreporter.section(nodeid)
+        terminalreporter.write_line(text)
