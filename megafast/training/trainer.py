@@ -138,9 +138,10 @@ def _samples_per_epoch(args: argparse.Namespace, eod: Optional[int], group) -> i
         if paths is not None:
             return build_gpt_split_datasets([[prefix], None, None], args.seq_length, once, args.seed,
                                             args.data_cache_path, eod_mask_loss=args.eod_mask_loss,
-                                            eod_token_id=eod, **kw)[0]
+                                            eod_token_id=eod, parquet_column=args.parquet_column, **kw)[0]
         return build_gpt_datasets([prefix], args.split, args.seq_length, once, args.seed, args.data_cache_path,
-                                  eod_mask_loss=args.eod_mask_loss, eod_token_id=eod, **kw)[0]
+                                  eod_mask_loss=args.eod_mask_loss, eod_token_id=eod,
+                                  parquet_column=args.parquet_column, **kw)[0]
 
     try:
         return samples_per_epoch(one, paths[0] if paths is not None else args.data_path)
@@ -177,11 +178,13 @@ def _build_datasets(args: argparse.Namespace, vocab_size: int, eod: Optional[int
         if paths is not None:
             train, valid, test = build_gpt_split_datasets(
                 paths, args.seq_length, num_samples, args.seed, args.data_cache_path,
-                eod_mask_loss=args.eod_mask_loss, eod_token_id=eod, group=group)
+                eod_mask_loss=args.eod_mask_loss, eod_token_id=eod, group=group,
+                parquet_column=args.parquet_column, vocab_size=vocab_size)
         else:
             train, valid, test = build_gpt_datasets(
                 args.data_path, args.split, args.seq_length, num_samples, args.seed, args.data_cache_path,
                 eod_mask_loss=args.eod_mask_loss, eod_token_id=eod, group=group,
+                parquet_column=args.parquet_column, vocab_size=vocab_size,
             )
             test = None
     except ValueError as e:
