@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
+import torch
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -31,7 +32,7 @@ from pretrain_run import MODEL, ROOT, TRAIN, VOCAB, data_args, train_records  # 
 
 from megafast.data.builder import build_gpt_datasets  # noqa: E402
 from megafast.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder  # noqa: E402
-from megafast.data.parquet_dataset import ParquetTokenDataset  # noqa: E402
+from megafast.data.parquet_dataset import ParquetTokenDataset, check_parquet_dir  # noqa: E402
 
 INDICES = ("document_index", "sample_index", "shuffle_index")
 
@@ -67,7 +68,7 @@ def write_bin(prefix: str, docs: list[list[int]]) -> str:
 
 
 def write_spark(directory: Path, docs: list[list[int]], parts: int, extra: dict | None = None,
-                value_type=None) -> str:
+                value_type=None, **options) -> str:
     """What Spark's `df.write.parquet(dir)` leaves: snappy part files named by partition and job
     uuid, `_SUCCESS`, and a hidden `.crc` per file; an id and a text column next to the tokens."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -82,7 +83,7 @@ def write_spark(directory: Path, docs: list[list[int]], parts: int, extra: dict 
             **(extra or {}),
         }
         name = f"part-{p:05d}-{job}-c000.snappy.parquet"
-        pq.write_table(pa.table(columns), directory / name, compression="snappy", row_group_size=7)
+        pq.write_table(pa.table(columns), directory / name, compression="snappy", row_group_size=7, **options)
         (directory / f".{name}.crc").write_bytes(b"crc\x00\x01")
     (directory / "_SUCCESS").write_bytes(b"")
     (directory / "._SUCCESS.crc").write_bytes(b"crc")
@@ -217,7 +218,7 @@ def test_nested_folders(corpus, tmp_path):
     root = tmp_path / "jllm"
     write_spark(root / "wiki", wiki, parts=2)
     write_spark(root / "code" / "2024", code, parts=3)
-    (root / "_temporary").mkdir()
+    write_spark(root / "_temporary" / "0", wiki[:5], parts=1)  # an unfinished job attempt: ignored
     (root / "README.txt").write_text("not data")
     tree = ParquetTokenDataset(str(root))
     assert [os.path.relpath(f, root).split(os.sep)[0] for f in tree.files] == ["code"] * 3 + ["wiki"] * 2
@@ -330,15 +331,28 @@ def test_bad_directories_are_one_line_errors(corpus, tmp_path, monkeypatch):
     fails(write_spark(tmp_path / "negative", [[1, -4, 2]], parts=1), "negative token id -4")
     fails(write_spark(tmp_path / "blank", [[], []], parts=1), "holds no tokens")
     assert build_gpt_datasets([two], "1,0,0", 8, [4, 0, 0], 1, parquet_column="labels")[0][0]["tokens"][:2].tolist() == [2, 3]
-    # the trainer passes the model's padded vocabulary and the column, and reports one line
+    # from the footers' statistics, before any heavy work; without statistics, when opened
+    with pytest.raises(ValueError, match=r"token id 127 in column 'input_ids' is outside the model's vocabulary"):
+        check_parquet_dir(corpus.spark, None, VOCAB - 1)
+    blind = write_spark(tmp_path / "blind", [[1, 2], [3, 40]], parts=1, write_statistics=False)
+    check_parquet_dir(blind, None, 10)
+    fails(blind, "token id 40 in column 'input_ids' is outside the model's vocabulary [0, 10)", vocab=10)
+    # the trainer checks with the model's padded vocabulary and the column: one line, before the
+    # process group and the model exist; and again when the datasets are built
     from megafast.arguments import parse_args, validate_args
     from megafast.training import trainer
 
-    args = parse_args(MODEL + TRAIN + ["--train-iters", "2", "--data-path", corpus.spark, "--tokenizer-type",
-                                       "NullTokenizer", "--vocab-size", "100", "--split", "1,0,0"])
+    argv = MODEL + TRAIN + ["--train-iters", "2", "--data-path", corpus.spark, "--tokenizer-type", "NullTokenizer",
+                            "--vocab-size", "100", "--split", "1,0,0"]
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(key, value)
+    message = r"^error: .*token id 127 in column 'input_ids' is outside the model's vocabulary \[0, 101\)"
+    with pytest.raises(SystemExit, match=message):
+        trainer.setup(argv)
+    assert not torch.distributed.is_initialized()
+    args = parse_args(argv)
     validate_args(args, world_size=1, vocab_size=101)
-    with pytest.raises(SystemExit, match=r"^error: .*token id 127 in column 'input_ids' is outside the "
-                                         r"model's vocabulary \[0, 101\)"):
+    with pytest.raises(SystemExit, match=message):
         trainer._build_datasets(args, 101, 100, types.SimpleNamespace(world_size=1))
     # without pyarrow: one line naming the extra
     monkeypatch.setitem(sys.modules, "pyarrow", None)

@@ -180,7 +180,7 @@ class ParquetTokenDataset:
         self._sequence_rows = np.flatnonzero(non_empty).astype(np.int64)  # row of each sequence
         self._sequence_lengths = lengths[non_empty].astype(np.int32)
         self._document_indices = np.concatenate(([0], np.cumsum(non_empty, dtype=np.int64)))
-        self._dtype = np.dtype(values_type.to_pandas_dtype()) if values_type is not None else np.dtype(np.int64)
+        self._dtype = np.dtype(np.int64 if values_type is None else values_type.to_pandas_dtype())
         if not self._sequence_lengths.size:
             raise ValueError(
                 f"{self.path_prefix}: column {self.column!r} holds no tokens ({lengths.size} rows, "
@@ -306,17 +306,48 @@ class ParquetTokenDataset:
         """ValueError (one line) when a token id is >= `vocab_size` (the model's padded vocabulary)."""
         for path, high in zip(self.files, self.file_max_token):
             if high is not None and high >= vocab_size:
-                raise ValueError(
-                    f"{path}: token id {high} in column {self.column!r} is outside the model's "
-                    f"vocabulary [0, {vocab_size}); pass the tokenizer (or --vocab-size) the ids "
-                    "were made with"
-                )
+                raise ValueError(_out_of_vocab(path, high, self.column, vocab_size))
 
     def __repr__(self) -> str:
         return (
             f"ParquetTokenDataset({self.path_prefix!r}, column={self.column!r}, files={len(self.files)}, "
             f"sequences={len(self)}, documents={self.num_documents}, tokens={self.num_tokens})"
         )
+
+
+def check_parquet_dir(directory: str, column: str | None = None, vocab_size: int | None = None) -> None:
+    """Cheap checks of a parquet directory from the files' footers only, before any heavy work:
+    files present, the token column in every file with an integer list type, and the row-group
+    statistics (when the writer kept them, as Spark and pyarrow do) free of negative ids and of
+    ids >= `vocab_size`. ValueError (one line) naming the file; the full pass of
+    `ParquetTokenDataset` checks the same ids again without statistics."""
+    files = list_parquet_files(directory)
+    pq = _pyarrow(directory).parquet
+    for path in files:
+        try:
+            meta = pq.read_metadata(path)
+        except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for a bad file
+            raise ValueError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
+        column = token_column_of(meta.schema.to_arrow_schema(), column, path)
+        leaf = [i for i in range(meta.num_columns) if meta.schema.column(i).path.split(".")[0] == column]
+        for g in range(meta.num_row_groups):
+            stats = meta.row_group(g).column(leaf[0]).statistics
+            if stats is None or not stats.has_min_max:
+                continue
+            if int(stats.min) < 0:
+                raise ValueError(
+                    f"{path}: column {column!r} holds the negative token id {int(stats.min)}; "
+                    "token ids must be in [0, vocabulary size)"
+                )
+            if vocab_size is not None and int(stats.max) >= vocab_size:
+                raise ValueError(_out_of_vocab(path, int(stats.max), column, vocab_size))
+
+
+def _out_of_vocab(path: str, token: int, column: str, vocab_size: int) -> str:
+    return (
+        f"{path}: token id {token} in column {column!r} is outside the model's vocabulary "
+        f"[0, {vocab_size}); pass the tokenizer (or --vocab-size) the ids were made with"
+    )
 
 
 def open_token_dataset(path: str, parquet_column: str | None = None) -> Any:

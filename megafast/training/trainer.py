@@ -149,6 +149,22 @@ def _samples_per_epoch(args: argparse.Namespace, eod: Optional[int], group) -> i
         raise SystemExit(f"error: {e}") from None
 
 
+def _check_parquet_dirs(args: argparse.Namespace, vocab_size: int) -> None:
+    """Parquet directories among the data paths: files, column and id range from the footers, before
+    any process group or model exists (megafast.data.parquet_dataset.check_parquet_dir)."""
+    blends = [args.data_path, args.train_data_path, args.valid_data_path, args.test_data_path]
+    paths = [p for blend in blends if blend for p in (blend[1::2] if len(blend) > 1 else blend)]
+    if args.mock_data or args.dataset_type == "sft" or not any(os.path.isdir(p) for p in paths):
+        return
+    from megafast.data.parquet_dataset import check_parquet_dir
+
+    try:
+        for path in dict.fromkeys(p for p in paths if os.path.isdir(p)):
+            check_parquet_dir(path, args.parquet_column, vocab_size)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def _build_datasets(args: argparse.Namespace, vocab_size: int, eod: Optional[int], state: ParallelState):
     """(train, valid, test, task names): GPT/mock data (no tasks) or SFT data (``--dataset-type sft``);
     the test set only with ``--test-data-path`` (evaluated at the end)."""
@@ -222,6 +238,7 @@ def setup(argv: Optional[Sequence[str]] = None) -> Run:
     validate_args(args, int(os.environ["WORLD_SIZE"]), tok_vocab)
     vocab_size = model_vocab_size(args, tok_vocab)
     config = model_config(args, vocab_size)
+    _check_parquet_dirs(args, vocab_size)
 
     try:  # pure configuration: fail here, before any process group exists (--train-epochs: after the data)
         opt_config = _optimizer_config(args)
