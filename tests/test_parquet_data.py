@@ -350,6 +350,10 @@ def test_bad_directories_are_one_line_errors(corpus, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=message):
         trainer.setup(argv)
     assert not torch.distributed.is_initialized()
+    prefix_argv = argv[:]
+    prefix_argv[prefix_argv.index(corpus.spark)] = corpus.prefix
+    with pytest.raises(SystemExit, match=r"^error: --parquet-column ids names .* no data path is a directory"):
+        trainer.setup(prefix_argv + ["--parquet-column", "ids"])
     args = parse_args(argv)
     validate_args(args, world_size=1, vocab_size=101)
     with pytest.raises(SystemExit, match=message):

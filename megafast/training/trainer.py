@@ -154,6 +154,9 @@ def _check_parquet_dirs(args: argparse.Namespace, vocab_size: int) -> None:
     any process group or model exists (megafast.data.parquet_dataset.check_parquet_dir)."""
     blends = [args.data_path, args.train_data_path, args.valid_data_path, args.test_data_path]
     paths = [p for blend in blends if blend for p in (blend[1::2] if len(blend) > 1 else blend)]
+    if args.parquet_column is not None and not any(os.path.isdir(p) for p in paths):
+        raise SystemExit(f"error: --parquet-column {args.parquet_column} names the token column of parquet "
+                         "directories, but no data path is a directory: drop it, or give the directory")
     if args.mock_data or args.dataset_type == "sft" or not any(os.path.isdir(p) for p in paths):
         return
     from megafast.data.parquet_dataset import check_parquet_dir
