@@ -248,6 +248,9 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vocab-file", default=None)
     g.add_argument("--merge-file", default=None)
     g.add_argument("--vocab-size", type=int, default=None)
+    g.add_argument("--parquet-column", default=None,
+                   help="a --data-path entry that is a directory of parquet files (as Spark writes them) is read "
+                        "as is: this column holds each row's token ids (default: the one list<int> column)")
 
 
 def _add_finetuning(p: argparse.ArgumentParser) -> None:
@@ -391,6 +394,8 @@ def _check_workflow(args: argparse.Namespace) -> None:
             if blend is None:
                 continue
             for prefix in _check_blend(flag, blend):
+                if os.path.isdir(prefix) and args.dataset_type != "sft":  # parquet: checked when opened
+                    continue
                 for ext in (".bin", ".idx"):
                     if not os.path.isfile(prefix + ext):
                         _fail(f"data file {prefix + ext} does not exist: check {flag} (the prefix without .bin/.idx)")
@@ -639,6 +644,8 @@ def _check_data_files(args: argparse.Namespace) -> None:
     else:
         prefixes = paths
     for prefix in prefixes:
+        if os.path.isdir(prefix) and args.dataset_type != "sft":  # parquet: checked when opened
+            continue
         for ext in (".bin", ".idx"):
             if not os.path.isfile(prefix + ext):
                 _fail(f"data file {prefix + ext} does not exist: check --data-path (give the prefix without .bin/.idx)")

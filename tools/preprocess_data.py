@@ -4,8 +4,9 @@
         --tokenizer-type SentencePieceTokenizer --tokenizer-model sp.model \\
         --json-keys text --append-eod --workers 8
 
-Inputs: .jsonl, .jsonl.gz, .txt (documents separated by blank lines) and .parquet (string
-columns, or integer-list columns of token ids written as-is). The logic lives in
+Inputs: .jsonl, .jsonl.gz, .txt (documents separated by blank lines), .parquet (string
+columns, or integer-list columns of token ids written as-is) and directories of parquet files
+(Spark's `part-*.parquet` layout, nested folders included, read in sorted path order). The logic lives in
 `megafast.data.preprocess`; this is its command line, with Megatron's flag names.
 
 Fine-tuning data (`--dataset-type sft`): conversation, instruction or text JSONL records become
@@ -38,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("input data")
     group.add_argument("--input", required=True, nargs="+",
-                       help=".jsonl, .jsonl.gz, .txt or .parquet file; with --dataset-type sft also JSON array "
+                       help=".jsonl, .jsonl.gz, .txt or .parquet file, or a directory of parquet files; with --dataset-type sft also JSON array "
                             "files and task directories of JSONL files, several at once (megafast.data.sft_inputs)")
     group.add_argument("--json-keys", nargs="+", default=["text"],
                        help="fields (parquet: columns) to tokenize, one dataset each (default text)")
@@ -70,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group = parser.add_argument_group("output data")
     group.add_argument("--output-prefix", required=True,
                        help="writes PREFIX_{key}_document.bin/.idx")
+    group.add_argument("--dataset-impl", default="mmap",
+                       help="Megatron's flag: mmap (the .bin/.idx format) is the only one, and the default")
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
     group.add_argument("--partitions", type=int, default=1,
@@ -112,11 +115,14 @@ def main_sft(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.dataset_impl != "mmap":
+        raise SystemExit(f"error: --dataset-impl {args.dataset_impl}: only mmap (the .bin/.idx format Megatron "
+                         "reads) is written; drop the flag or pass --dataset-impl mmap")
     if args.dataset_type == "sft":
         main_sft(args)
         return
     if len(args.input) != 1:
-        raise SystemExit(f"error: --input takes one file for pretraining data, got {len(args.input)}: "
+        raise SystemExit(f"error: --input takes one file (or directory) for pretraining data, got {len(args.input)}: "
                          "merge the outputs with tools/merge_datasets.py or blend them with --data-path")
     args.input = args.input[0]
     if args.partitions > 1:

@@ -31,6 +31,7 @@ from megafast.data.blended_dataset import BlendedDataset, normalize_weights
 from megafast.data.gpt_dataset import SPLIT_NAMES, GPTDataset, GPTDatasetConfig
 from megafast.data.index_cache import CacheSync
 from megafast.data.indexed_dataset import IndexedDataset
+from megafast.data.parquet_dataset import ParquetTokenDataset, open_token_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def _check_num_samples(num_samples: Sequence[int | None]) -> list[int | None]:
 
 
 def _build_split(
-    indexed: IndexedDataset,
+    indexed: IndexedDataset | ParquetTokenDataset,
     bookend: tuple[float, float] | None,
     num_samples: int | None,
     split_index: int,
@@ -148,11 +149,14 @@ def build_gpt_datasets(
     drop_last_partial_validation_sequence: bool = True,
     group: torch.distributed.ProcessGroup | None = None,
     sync: CacheSync | None = None,
+    parquet_column: str | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[GPTDataset | BlendedDataset | None, ...]:
     """Train, valid and test datasets, as Megatron-core builds them from the same arguments.
 
     Args:
-        data_path: `--data-path`: `["prefix"]` or `["w1", "prefix1", "w2", "prefix2", ...]`.
+        data_path: `--data-path`: `["prefix"]` or `["w1", "prefix1", "w2", "prefix2", ...]`; a
+            prefix may be a directory of parquet token files (megafast.data.parquet_dataset).
         split: `--split`, e.g. "969,30,1".
         seq_length: tokens per sample (each sample reads seq_length + 1).
         num_samples: samples wanted for (train, valid, test); None = one epoch (single prefix).
@@ -162,6 +166,9 @@ def build_gpt_datasets(
         drop_last_partial_validation_sequence: keep a padded partial last valid sample if False.
         group: ProcessGroup whose rank 0 builds the cache while the others wait (or pass `sync`).
         sync: explicit builder flag and barrier, instead of `group`.
+        parquet_column: `--parquet-column`, the token-id column of parquet directories.
+        vocab_size: the model's (padded) vocabulary: token ids of parquet directories are checked
+            against it before any index is built.
 
     Returns:
         (train, valid, test): each a GPTDataset (one prefix), a BlendedDataset (weighted
@@ -188,7 +195,11 @@ def build_gpt_datasets(
     if group is not None and sync is not None:
         raise ValueError("pass either group or sync, not both")
     sync = CacheSync.from_process_group(group) if group is not None else (sync or CacheSync())
-    indexed = {p: IndexedDataset(p) for p in dict.fromkeys(prefixes)}  # names a missing file
+    # Names a missing file, a bad parquet directory or column.
+    indexed = {p: open_token_dataset(p, parquet_column) for p in dict.fromkeys(prefixes)}
+    for source in indexed.values():
+        if vocab_size is not None and isinstance(source, ParquetTokenDataset):
+            source.check_vocab(vocab_size)
 
     if weights is None:
         return tuple(

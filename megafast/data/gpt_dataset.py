@@ -131,7 +131,8 @@ class GPTDataset(CachedIndexDataset):
     """Samples of `seq_length + 1` tokens from the sequences `[beg, end)` of an indexed dataset.
 
     Args:
-        indexed: the indexed dataset (its sequences are Megatron's "documents").
+        indexed: the indexed dataset (its sequences are Megatron's "documents"), or a
+            `ParquetTokenDataset` (same interface).
         sequence_range: (beg, end), the split's sequences.
         num_samples: n, the samples asked for (the dataset may hold more); None = one epoch.
         split: "train", "valid" or "test" (valid may keep a partial last sample, see config).
@@ -200,6 +201,8 @@ class GPTDataset(CachedIndexDataset):
             "sequence_length": int(self.config.seq_length),
             "drop_last_partial_sequence": self.drop_last_partial_sequence,
             "add_extra_token_to_sequence": True,
+            # A parquet directory adds its column and files (name, size, mtime); a prefix nothing.
+            **getattr(self.indexed, "source_identity", {}),
         }
 
     # ---- index building and checking ----

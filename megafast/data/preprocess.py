@@ -19,6 +19,11 @@ Inputs, by file name:
 - `.parquet`: read in record batches of about `chunk_bytes`; a string column is text, an integer
   list column (as Spark writes token ids) is written as-is, without EOD, ids checked against the
   vocabulary. A row with a null in any key column is a bad row.
+- a directory: its parquet files (Spark's `part-*.parquet`, nested folders too; `_SUCCESS`, `.crc`
+  and other hidden/metadata files ignored; see `megafast.data.parquet_dataset.list_parquet_files`)
+  in sorted path order, read as one input: the output is the one of the files' rows concatenated
+  in that order, whatever the number of workers. Every file's columns are checked before any
+  tokenizing; bad rows are reported with their file.
 
 Pipeline (megafast.data.worker_pool): the main process reads the input in chunks of about
 `chunk_bytes` (whole lines, whole documents), hands them to `workers` processes (each holding its
@@ -47,6 +52,7 @@ from typing import IO, Any, Iterator, Sequence
 import numpy as np
 
 from megafast.data.indexed_dataset import IndexedDatasetBuilder, best_fitting_dtype
+from megafast.data.parquet_dataset import list_parquet_files
 from megafast.data.tokenizer import SentencePieceTokenizer, Tokenizer, build_tokenizer
 from megafast.data.word_cache import make_encoder, protobuf_missing
 from megafast.data.worker_pool import IndexedOutputs, Progress, WorkerPool
@@ -96,9 +102,14 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         self.json_keys = tuple(self.json_keys)
-        if not os.path.isfile(self.input):
+        if os.path.isdir(self.input):  # a directory of parquet files, e.g. written by Spark
+            self.files = list_parquet_files(self.input, "--input")
+            self.format = "parquet"
+        elif not os.path.isfile(self.input):
             raise ValueError(f"--input {self.input}: file not found")
-        self.format = input_format(self.input)
+        else:
+            self.format = input_format(self.input)
+            self.files = [self.input]
         if not self.json_keys or len(set(self.json_keys)) != len(self.json_keys):
             raise ValueError(f"--json-keys {list(self.json_keys)}: give one or more distinct keys")
         if self.format == "text" and len(self.json_keys) != 1:
@@ -322,8 +333,10 @@ class _ParquetInput:
     """A parquet file's key columns: which are text, which are token ids; chunks of rows."""
 
     def __init__(self, path: str, keys: Sequence[str], chunk_bytes: int, vocab_size: int,
-                 dtype: np.dtype) -> None:
+                 dtype: np.dtype, position: int = 0, where: str = "") -> None:
+        """`position`: input bytes before this file (progress); `where`: its name in bad-row reasons."""
         require("pyarrow", "data", "parquet input")
+        self.position, self.where = position, where
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -377,11 +390,37 @@ class _ParquetInput:
                                                       self.vocab_size, self.dtype)
                 else:
                     rows[key] = column.to_pylist()
-            bad = [(row + i, "null value") for i in np.flatnonzero(invalid).tolist()]
+            bad = [(row + i, "null value" + self.where) for i in np.flatnonzero(invalid).tolist()]
             row += n
-            yield _Chunk("rows", rows=rows, row_numbers=numbers, bad=bad,
-                         end_position=int(file_size * min(1.0, (row - 1) / self.rows_total)),
+            done = int(file_size * min(1.0, (row - 1) / self.rows_total))
+            yield _Chunk("rows", rows=rows, row_numbers=numbers, bad=bad, end_position=self.position + done,
                          pretokenized=pretokenized)
+
+
+def _parquet_inputs(config: PreprocessConfig, vocab_size: int, dtype: np.dtype
+                    ) -> tuple[Iterator[_Chunk], tuple[str, ...]]:
+    """Chunks of every parquet file of the input, in order, and the keys tokenized from text.
+
+    Every file is opened and its columns checked first (one-line errors before any tokenizing);
+    a key must be text in every file or token ids in every file."""
+    inputs: list[_ParquetInput] = []
+    position = 0
+    directory = len(config.files) > 1 or config.files[0] != config.input
+    for path in config.files:
+        where = f" (in {os.path.relpath(path, config.input)})" if directory else ""
+        inputs.append(_ParquetInput(path, config.json_keys, config.chunk_bytes, vocab_size, dtype,
+                                    position, where))
+        position += os.path.getsize(path)
+        if inputs[-1].text_keys != inputs[0].text_keys:
+            raise ValueError(f"--input {config.input}: {path} has text columns {list(inputs[-1].text_keys)} "
+                             f"but {config.files[0]} has {list(inputs[0].text_keys)}; give files of one "
+                             "schema")
+
+    def chunks() -> Iterator[_Chunk]:
+        for parquet in inputs:
+            yield from parquet.chunks()
+
+    return chunks(), inputs[0].text_keys
 
 
 def _token_column(column: Any, path: str, key: str, numbers: list[int], vocab_size: int,
@@ -427,8 +466,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessStats:
     unit = "row" if config.format == "parquet" else "line"
     chunks: Iterator[_Chunk]
     if config.format == "parquet":
-        parquet = _ParquetInput(config.input, keys, config.chunk_bytes, tokenizer.vocab_size, dtype)
-        chunks, text_keys = parquet.chunks(), parquet.text_keys
+        chunks, text_keys = _parquet_inputs(config, tokenizer.vocab_size, dtype)
     else:
         chunks = _read_blocks(config.input, config.chunk_bytes, config.format)
         text_keys = keys
@@ -436,7 +474,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessStats:
                         config.merge_file, config.vocab_size, text_keys, dtype.str, eod,
                         config.word_cache)
     stats = PreprocessStats(tokens={k: 0 for k in keys}, empty_documents={k: 0 for k in keys},
-                            input_bytes=os.path.getsize(config.input))
+                            input_bytes=sum(os.path.getsize(f) for f in config.files))
     start = time.perf_counter()
     with ExitStack() as stack:
         outputs = IndexedOutputs(stack, {k: (output_prefix_of(config.output_prefix, k), dtype) for k in keys})

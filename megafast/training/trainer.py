@@ -138,13 +138,33 @@ def _samples_per_epoch(args: argparse.Namespace, eod: Optional[int], group) -> i
         if paths is not None:
             return build_gpt_split_datasets([[prefix], None, None], args.seq_length, once, args.seed,
                                             args.data_cache_path, eod_mask_loss=args.eod_mask_loss,
-                                            eod_token_id=eod, **kw)[0]
+                                            eod_token_id=eod, parquet_column=args.parquet_column, **kw)[0]
         return build_gpt_datasets([prefix], args.split, args.seq_length, once, args.seed, args.data_cache_path,
-                                  eod_mask_loss=args.eod_mask_loss, eod_token_id=eod, **kw)[0]
+                                  eod_mask_loss=args.eod_mask_loss, eod_token_id=eod,
+                                  parquet_column=args.parquet_column, **kw)[0]
 
     try:
         return samples_per_epoch(one, paths[0] if paths is not None else args.data_path)
     except (ValueError, TypeError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _check_parquet_dirs(args: argparse.Namespace, vocab_size: int) -> None:
+    """Parquet directories among the data paths: files, column and id range from the footers, before
+    any process group or model exists (megafast.data.parquet_dataset.check_parquet_dir)."""
+    blends = [args.data_path, args.train_data_path, args.valid_data_path, args.test_data_path]
+    paths = [p for blend in blends if blend for p in (blend[1::2] if len(blend) > 1 else blend)]
+    if args.parquet_column is not None and not any(os.path.isdir(p) for p in paths):
+        raise SystemExit(f"error: --parquet-column {args.parquet_column} names the token column of parquet "
+                         "directories, but no data path is a directory: drop it, or give the directory")
+    if args.mock_data or args.dataset_type == "sft" or not any(os.path.isdir(p) for p in paths):
+        return
+    from megafast.data.parquet_dataset import check_parquet_dir
+
+    try:
+        for path in dict.fromkeys(p for p in paths if os.path.isdir(p)):
+            check_parquet_dir(path, args.parquet_column, vocab_size)
+    except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
 
@@ -177,11 +197,13 @@ def _build_datasets(args: argparse.Namespace, vocab_size: int, eod: Optional[int
         if paths is not None:
             train, valid, test = build_gpt_split_datasets(
                 paths, args.seq_length, num_samples, args.seed, args.data_cache_path,
-                eod_mask_loss=args.eod_mask_loss, eod_token_id=eod, group=group)
+                eod_mask_loss=args.eod_mask_loss, eod_token_id=eod, group=group,
+                parquet_column=args.parquet_column, vocab_size=vocab_size)
         else:
             train, valid, test = build_gpt_datasets(
                 args.data_path, args.split, args.seq_length, num_samples, args.seed, args.data_cache_path,
                 eod_mask_loss=args.eod_mask_loss, eod_token_id=eod, group=group,
+                parquet_column=args.parquet_column, vocab_size=vocab_size,
             )
             test = None
     except ValueError as e:
@@ -219,6 +241,7 @@ def setup(argv: Optional[Sequence[str]] = None) -> Run:
     validate_args(args, int(os.environ["WORLD_SIZE"]), tok_vocab)
     vocab_size = model_vocab_size(args, tok_vocab)
     config = model_config(args, vocab_size)
+    _check_parquet_dirs(args, vocab_size)
 
     try:  # pure configuration: fail here, before any process group exists (--train-epochs: after the data)
         opt_config = _optimizer_config(args)
