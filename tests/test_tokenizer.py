@@ -147,7 +147,7 @@ def test_huggingface_tokenizer_json_and_directory(gpt2_files, tmp_path):
 def test_null_tokenizer():
     tok = build_tokenizer("NullTokenizer", vocab_size=100)
     assert isinstance(tok, NullTokenizer)
-    assert tok.vocab_size == 101 and tok.eod == 100  # Megatron: eod = vocab_size - 1
+    assert tok.vocab_size == 100 and tok.eod == 99  # megatron-core 0.19: eod = vocab_size - 1
     assert tok.tokenize("1 2  3\n99") == [1, 2, 3, 99]
     assert tok.tokenize("") == []
     assert tok.detokenize([4, 5]) == "4 5"
