@@ -27,7 +27,8 @@ MAPPED = {
                           "deprecated and ignored by Megatron itself",
     "--transformer-impl": "transformer_engine and local accepted: megafast uses its own layers "
                           "(neither Transformer Engine nor Megatron's local ones), same maths and parameter names",
-    "--use-flash-attn": "--attention-backend flash (flash-attn package when installed, else torch SDPA)",
+    "--use-flash-attn": "--attention-backend flash: the flash-attn package's kernels (it must be installed, as for "
+                        "Megatron)",
     "--attention-backend": "auto/flash as Megatron; fused -> torch SDPA (cuDNN / FlashAttention kernels)",
     "--overlap-grad-reduce": "megafast's default: each bucket's gradient all-reduce starts when its "
                              "gradients are ready (--no-overlap-grad-reduce turns it off)",

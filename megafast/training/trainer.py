@@ -236,12 +236,12 @@ def setup(argv: Optional[Sequence[str]] = None) -> Run:
         raise SystemExit(f"error: {e}") from None
 
     use_cuda = args.device == "cuda" or (args.device is None and torch.cuda.is_available())
-    backend = args.distributed_backend or ("nccl" if use_cuda else "gloo")  # --device cpu on a GPU host: gloo
-    state = ParallelState.from_env(parallel_config(args), backend, args.distributed_timeout_minutes)
-    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     if args.profile and not use_cuda:
         raise SystemExit("error: --profile brackets iterations with cudaProfilerStart/Stop for Nsight Systems and "
                          "needs a CUDA device: drop it on CPU")
+    backend = args.distributed_backend or ("nccl" if use_cuda else "gloo")  # --device cpu on a GPU host: gloo
+    state = ParallelState.from_env(parallel_config(args), backend, args.distributed_timeout_minutes)
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     # Megatron's seeding: pipeline stages differ, TP and DP ranks share the default stream.
     _set_seeds(args.seed + 100 * state.pp_rank)
     dtype = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else torch.float32)
