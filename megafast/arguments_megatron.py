@@ -46,8 +46,8 @@ MAPPED = {
                                    "holds every expert and tokens are permuted locally (same result)",
     "--tiktoken-pattern": "accepted as in Megatron, where it only affects TikTokenizer (which megafast does "
                           "not have: any other --tokenizer-type ignores it there too)",
-    "--num-workers": "megafast reads, collates and pins micro-batches in one background prefetch thread "
-                     "(the .bin files are memory-mapped); N >= 0 accepted",
+    "--num-workers": "0: micro-batches are read in the training loop's thread; N >= 1: in one background "
+                     "prefetch thread that reads, collates and pins them (the .bin files are memory-mapped)",
     "--tokenizer-type Llama2Tokenizer": "SentencePieceTokenizer (megatron-core 0.19 builds it with the "
                                         "sentencepiece library, eod = eos_id)",
     "--vocab-file/--merge-file without --tokenizer-type": "GPT2BPETokenizer (Megatron's pretrain_gpt.py default)",

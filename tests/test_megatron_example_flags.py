@@ -325,6 +325,7 @@ def _train_in_process(tmp_path: Path, monkeypatch, extra: list[str]) -> dict[int
         port = s.getsockname()[1]
     for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
         monkeypatch.setenv(k, v)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     log = tmp_path / "log.jsonl"
     pretrain(BASE[:-2] + ["--vocab-size", str(VOCAB), "--device", "cpu", "--log-interval", "1", "--eval-iters", "0",
                           "--log-jsonl", str(log)] + extra)
@@ -342,6 +343,19 @@ def test_manual_gc_disables_the_collector_and_collects_every_interval(tmp_path, 
     assert sorted(records) == [1, 2, 3, 4]
     # Megatron: gc.disable() + gc.collect() before training, gc.collect() every interval
     assert calls == ["disable", "collect2", "collect2", "collect2", "enable"]
+
+
+def test_num_workers_zero_reads_inline_with_the_same_batches(tmp_path, monkeypatch):
+    import megafast.training.trainer as trainer
+
+    threaded = _train_in_process(tmp_path / "a", monkeypatch, ["--train-iters", "3", "--num-workers", "2"])
+
+    def no_thread(*a, **k):
+        raise AssertionError("--num-workers 0 started the prefetch thread")
+
+    monkeypatch.setattr(trainer, "MicroBatchPrefetcher", no_thread)
+    inline = _train_in_process(tmp_path / "b", monkeypatch, ["--train-iters", "3", "--num-workers", "0"])
+    assert [inline[i]["lm_loss"] for i in (1, 2, 3)] == [threaded[i]["lm_loss"] for i in (1, 2, 3)]
 
 
 def test_exit_duration_in_mins_stops_and_saves(tmp_path, monkeypatch):

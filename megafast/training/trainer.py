@@ -39,7 +39,7 @@ from megafast.arguments import (
 from megafast.checkpoint.args import long_context_mismatch
 from megafast.config import GPTConfig
 from megafast.data.mock_dataset import MockGPTDataset
-from megafast.data.prefetch import MicroBatchPrefetcher
+from megafast.data.prefetch import InlineMicroBatchReader, MicroBatchPrefetcher
 from megafast.data.sampler import MicroBatchSampler
 from megafast.data.sft_dataset import build_sft_datasets
 from megafast.data.tokenizer import build_tokenizer
@@ -475,7 +475,11 @@ def train(run: Run) -> None:
     sampler = iter(MicroBatchSampler(len(run.train_ds), run.consumed_samples, args.micro_batch_size,
                                      run.state.dp_rank, run.state.dp_size))
     # the next step's micro-batches are read, collated and pinned while this one runs
-    prefetcher = MicroBatchPrefetcher(run.train_ds, sampler, _collate, run.device, depth=args.num_microbatches + 1)
+    if args.num_workers == 0:  # Megatron's --num-workers 0: read in the training loop's own thread
+        prefetcher = InlineMicroBatchReader(run.train_ds, sampler, _collate, run.device)
+    else:
+        prefetcher = MicroBatchPrefetcher(run.train_ds, sampler, _collate, run.device,
+                                          depth=args.num_microbatches + 1)
     if args.manual_gc:  # Megatron's --manual-gc: no threshold collections, collect at chosen points
         gc.disable()
         gc.collect()
@@ -487,7 +491,7 @@ def train(run: Run) -> None:
             gc.enable()
 
 
-def _train_loop(run: Run, prefetcher: MicroBatchPrefetcher) -> None:
+def _train_loop(run: Run, prefetcher: MicroBatchPrefetcher | InlineMicroBatchReader) -> None:
     args, state = run.args, run.state
     gbs, seq = args.global_batch_size, args.seq_length
     total = args.train_iters * gbs
