@@ -454,3 +454,91 @@ def test_gpt3_example_runs_pretrain_gpt(tmp_path):
     assert "iteration        2/       2" in out or "iteration 2" in out, out[-3000:]
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
     assert any((tmp_path / "tb").iterdir())  # --tensorboard-dir got events
+
+
+# ---- the llama and mixtral examples: what stops them ----
+
+LLAMA_REJECTED = ["--apply-layernorm-1p", "--decoupled-lr", "5.0e-4", "--decoupled-min-lr", "4.5e-5",
+                  "--grad-reduce-in-bf16", "--fp8-format", "hybrid", "--fp8-amax-history-len", "1024",
+                  "--fp8-amax-compute-algo", "max", "--fp8-param-gather", "--no-mmap-bin-files",
+                  "--ckpt-format", "torch_dist"]
+
+
+def _llama_example_argv(tmp: Path) -> list[str]:
+    """examples/llama/train_llama3_8b_h100_fp8.sh (mock data), sizes shrunk, its rejected flags removed."""
+    return [
+        "--use-mcore-models", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
+        "--num-attention-heads", "4", "--group-query-attention", "--num-query-groups", "2", "--kv-channels", "16",
+        "--seq-length", "16", "--max-position-embeddings", "16", "--position-embedding-type", "rope",
+        "--rotary-base", "1000000", "--rotary-percent", "1.0", "--attention-dropout", "0.0", "--hidden-dropout", "0.0",
+        "--swiglu", "--normalization", "RMSNorm", "--init-method-std", "0.0134", "--attention-backend", "fused",
+        "--untie-embeddings-and-output-weights", "--disable-bias-linear",
+        "--micro-batch-size", "1", "--global-batch-size", "2", "--train-samples", "20", "--lr-decay-samples", "18",
+        "--lr-warmup-samples", "4", "--lr", "0.00015", "--min-lr", "0.00001", "--lr-decay-style", "cosine",
+        "--clip-grad", "1.0", "--weight-decay", "0.1", "--adam-beta1", "0.9", "--adam-beta2", "0.95", "--bf16",
+        "--cross-entropy-loss-fusion", "--calculate-per-token-loss", "--manual-gc", "--empty-unused-memory-level", "1",
+        "--exit-duration-in-mins", "235",
+        "--tensor-model-parallel-size", "1", "--context-parallel-size", "1", "--sequence-parallel",
+        "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
+        "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128", "--data-cache-path",
+        str(tmp / "cache"), "--tiktoken-pattern", "v2", "--split", "99,1,0", "--no-create-attention-mask-in-dataloader",
+        "--num-workers", "1",
+        "--log-interval", "1", "--eval-iters", "32", "--eval-interval", "100", "--save-interval", "1000",
+        "--log-throughput", "--profile", "--profile-step-start", "4", "--profile-step-end", "6",
+        "--distributed-timeout-minutes", "60", "--save", str(tmp / "ck"), "--load", str(tmp / "ck"),
+        "--tensorboard-dir", str(tmp / "tb"),
+    ]
+
+
+def test_llama_example_validates_without_its_rejected_flags(tmp_path):
+    argv = _llama_example_argv(tmp_path)
+    script = MEGATRON_LM / SCRIPTS[1]
+    if script.is_file():  # every flag of the script is here or among the rejected ones
+        used = {a for a in argv + LLAMA_REJECTED if a.startswith("--")}
+        assert script_flags(script.read_text()) - used == {"--data-path", "--tokenizer-model"}  # the real-data branch
+    args = parse_args(argv)
+    validate_args(args, 1, None)
+    config = model_config(args, 128)
+    assert (config.num_query_groups, config.kv_channels, config.attention_backend) == (2, 16, "sdpa")
+    assert args.train_iters == 10 and scheduler_of(args).decay_steps == 18
+    for i in range(0, len(LLAMA_REJECTED)):
+        if LLAMA_REJECTED[i].startswith("--"):
+            j = i + 1
+            while j < len(LLAMA_REJECTED) and not LLAMA_REJECTED[j].startswith("--"):
+                j += 1
+            with pytest.raises(SystemExit, match=re.escape(LLAMA_REJECTED[i])):
+                parse_args(argv + LLAMA_REJECTED[i:j])
+
+
+def scheduler_of(args):
+    from megafast.training.trainer import _scheduler
+
+    return _scheduler(args)
+
+
+def test_mixtral_example_stops_at_expert_parallelism():
+    argv = ["--use-mcore-models", "--disable-bias-linear", "--seq-length", "16", "--max-position-embeddings", "64",
+            "--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "64", "--num-attention-heads", "4",
+            "--init-method-std", "0.01", "--attention-dropout", "0.0", "--hidden-dropout", "0.0",
+            "--normalization", "RMSNorm", "--position-embedding-type", "rope", "--swiglu",
+            "--untie-embeddings-and-output-weights", "--group-query-attention", "--num-query-groups", "2",
+            "--no-masked-softmax-fusion", "--no-position-embedding", "--rotary-base", "1000000",
+            "--num-experts", "8", "--moe-router-topk", "2", "--moe-router-load-balancing-type", "aux_loss",
+            "--moe-aux-loss-coeff", "1e-2", "--moe-grouped-gemm", "--moe-token-dispatcher-type", "alltoall",
+            "--overlap-param-gather", "--overlap-grad-reduce", "--tokenizer-type", "Llama2Tokenizer",
+            "--tokenizer-model", "tokenizer.model", "--mock-data", "--split", "99990,8,2",
+            "--micro-batch-size", "1", "--global-batch-size", "8", "--lr", "1e-4", "--train-iters", "500000",
+            "--lr-decay-iters", "320000", "--lr-decay-style", "cosine", "--min-lr", "1.0e-5", "--weight-decay", "0.1",
+            "--lr-warmup-iters", "500", "--clip-grad", "1.0", "--bf16",
+            "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "4",
+            "--expert-model-parallel-size", "8", "--use-distributed-optimizer", "--sequence-parallel",
+            "--log-interval", "1", "--save-interval", "10000", "--eval-interval", "1000", "--eval-iters", "10",
+            "--save", "ck", "--load", "ck", "--tensorboard-dir", "ck/tensorboard", "--no-load-optim", "--no-load-rng"]
+    args = parse_args(argv)
+    assert args.tokenizer_type == "SentencePieceTokenizer" and args.position_embedding_type == "rope"
+    with pytest.raises(SystemExit, match="--expert-model-parallel-size 8: expert parallelism is not implemented"):
+        validate_args(args, 8, 128)
+    i = argv.index("--expert-model-parallel-size")
+    args = parse_args(argv[:i] + ["--expert-model-parallel-size", "1"] + argv[i + 2:])
+    validate_args(args, 8, 128)  # the rest of the mixtral example is megafast's
+    assert model_config(args, 128).num_experts == 8 and args.data_parallel_size == 2
