@@ -13,6 +13,7 @@ import ast
 import os
 from typing import Optional, Sequence
 
+from megafast.arguments_megatron import add_megatron_flags, apply_megatron_flags
 from megafast.config import (
     ATTENTION_BACKENDS,
     CP_COMM_TYPES,
@@ -69,7 +70,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="fused norms, RoPE, activations, cross-entropy: auto = Triton on CUDA, torch on CPU")
     g.add_argument("--rope-kernel", choices=list(ROPE_BACKENDS), default="auto",
                    help="RoPE implementation; auto follows --kernels, cuda = megafast._C's CUDA kernel")
-    g.add_argument("--attention-backend", choices=list(ATTENTION_BACKENDS), default="auto",
+    g.add_argument("--attention-backend", choices=list(ATTENTION_BACKENDS) + ["fused", "unfused", "local"], default="auto",
                    help="auto = flash-attn when installed (CUDA fp16/bf16) else torch SDPA; triton = our "
                         "Triton flash attention (needs --attention-dropout 0)")
     g.add_argument("--fused-linear-cross-entropy", action="store_true",
@@ -243,7 +244,8 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mock-data", action="store_true", help="random tokens instead of --data-path")
     g.add_argument("--eod-mask-loss", action="store_true")
     g.add_argument("--tokenizer-type", default=None,
-                   choices=["SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer"])
+                   choices=["SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer",
+                            "Llama2Tokenizer", "GPTSentencePieceTokenizer"])
     g.add_argument("--tokenizer-model", default=None)
     g.add_argument("--vocab-file", default=None)
     g.add_argument("--merge-file", default=None)
@@ -470,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
                 _add_finetuning, _add_checkpoint_and_logging, _add_moe, _add_workflow):
         add(p)
     _add_sharding(p)
+    add_megatron_flags(p)
     return p
 
 
@@ -741,4 +744,4 @@ def validate_args(args: argparse.Namespace, world_size: int, vocab_size: Optiona
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    return apply_megatron_flags(build_parser().parse_args(argv))

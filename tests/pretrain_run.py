@@ -1,5 +1,5 @@
 """Running pretrain_gpt.py under torchrun from tests: a tiny Llama-style model's flags, the training
-flags, the data flags for an indexed dataset of ``VOCAB - 1`` tokens (+ EOD), and reading back the
+flags, the data flags for an indexed dataset of ``VOCAB`` token ids (EOD ``VOCAB - 1``), and reading back the
 ``--log-jsonl`` records. Shared by test_pretrain.py, test_sft_train.py and test_evaluate.py."""
 
 from __future__ import annotations
@@ -48,4 +48,4 @@ def train_records(path: Path) -> dict[int, dict]:
 
 def data_args(prefix: str, tmp: Path) -> list[str]:
     return ["--data-path", prefix, "--split", "98,2,0", "--data-cache-path", str(tmp / "cache"),
-            "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB - 1)]
+            "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB)]

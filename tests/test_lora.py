@@ -165,7 +165,7 @@ MODEL = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4
          "--make-vocab-size-divisible-by", "1", "--init-method-std", "0.1"]
 TRAIN = ["--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-2",
          "--log-interval", "1", "--eval-iters", "0", "--seed", "99", "--device", "cpu", "--mock-data",
-         "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB - 1), "--attention-dropout", "0",
+         "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB), "--attention-dropout", "0",
          "--hidden-dropout", "0", "--tensor-model-parallel-size", "2"]
 
 

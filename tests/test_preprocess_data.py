@@ -198,7 +198,7 @@ def test_null_tokenizer_rejected_documents(tmp_path):
     assert stats.bad_lines == 1 and stats.bad_examples[0][0] == 2
     assert "rejected by the tokenizer" in stats.bad_examples[0][1]
     ds = IndexedDataset(str(tmp_path / "null_text_document"))
-    assert [ds[i].tolist() for i in range(len(ds))] == [[1, 2, 3, 10], [7, 10]]
+    assert [ds[i].tolist() for i in range(len(ds))] == [[1, 2, 3, 9], [7, 9]]  # EOD = V - 1
     assert ds.document_indices.tolist() == [0, 1, 1, 2]
 
 

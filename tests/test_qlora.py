@@ -229,7 +229,7 @@ def corpus(tmp: Path, seed: int) -> list[str]:
         builder.add_document(doc, [len(doc)])
     builder.finalize(prefix + ".idx")
     return ["--data-path", prefix, "--split", "98,2,0", "--data-cache-path", str(tmp / "cache"),
-            "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB - 1)]
+            "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB)]
 
 
 def corpus_sequences(seed: int, count: int = 32, length: int = 16) -> torch.Tensor:

@@ -21,7 +21,7 @@ def sft_prefix(tmp_path_factory) -> str:
 
 def sft_args(prefix: str, tmp) -> list[str]:
     return ["--data-path", prefix, "--split", "98,2,0", "--data-cache-path", str(tmp / "cache"),
-            "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB - 1), "--dataset-type", "sft",
+            "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB), "--dataset-type", "sft",
             "--attention-dropout", "0", "--hidden-dropout", "0"]
 
 

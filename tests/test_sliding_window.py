@@ -101,7 +101,7 @@ def test_kv_cache_decoding_with_a_window_equals_the_full_forward():
 
 
 def test_pretrain_gpt_window_size_is_layout_invariant(tmp_path):
-    mock = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "127",
+    mock = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128",
             "--attention-dropout", "0", "--hidden-dropout", "0"]
     runs = {
         "tp1": (1, ["--window-size", "3,0", "--save", str(tmp_path / "ckpt"), "--save-interval", "5"]),

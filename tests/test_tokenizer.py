@@ -147,7 +147,7 @@ def test_huggingface_tokenizer_json_and_directory(gpt2_files, tmp_path):
 def test_null_tokenizer():
     tok = build_tokenizer("NullTokenizer", vocab_size=100)
     assert isinstance(tok, NullTokenizer)
-    assert tok.vocab_size == 101 and tok.eod == 100  # Megatron: eod = vocab_size - 1
+    assert tok.vocab_size == 100 and tok.eod == 99  # megatron-core 0.19: eod = vocab_size - 1
     assert tok.tokenize("1 2  3\n99") == [1, 2, 3, 99]
     assert tok.tokenize("") == []
     assert tok.detokenize([4, 5]) == "4 5"
@@ -211,3 +211,36 @@ def test_train_tokenizer_tool(tmp_path):
     with pytest.raises(ValueError, match="file not found"):
         tool.train_sentencepiece([str(tmp_path / "missing.txt")], str(tmp_path / "x"), 300)
     assert not [f for f in os.listdir(tmp_path) if f.startswith((".train", "big", "x", "small"))]
+
+
+@pytest.mark.parametrize("vocab_size", [2, 100, 128256])
+def test_null_tokenizer_is_megatron_cores(vocab_size):
+    """megatron-core 0.19's NullTokenizer, built as Megatron-LM's build_tokenizer builds it: vocabulary
+    V, EOD V - 1, the same ids both ways."""
+    pytest.importorskip("megatron.core.tokenizers")
+    from megatron.core.tokenizers import MegatronTokenizer
+
+    theirs = MegatronTokenizer.from_pretrained(metadata_path={"library": "null-text"}, vocab_size=vocab_size)
+    ours = build_tokenizer("NullTokenizer", vocab_size=vocab_size)
+    assert (ours.vocab_size, ours.eod) == (theirs.vocab_size, theirs.eod) == (vocab_size, vocab_size - 1)
+    text = " ".join(str(i) for i in (0, vocab_size - 1, vocab_size // 2, 1 % vocab_size))
+    assert ours.tokenize(text) == theirs.tokenize(text)
+    ids = [vocab_size - 1, 0, vocab_size // 3]
+    assert ours.detokenize(ids) == theirs.detokenize(ids)
+    with pytest.raises(ValueError, match=f"token id {vocab_size} is outside"):
+        ours.tokenize(f"0 {vocab_size}")
+
+
+def test_null_tokenizer_eod_id_and_checkpoint_args_of_both_conventions():
+    from megafast.checkpoint.args import tokenizer_from_args
+
+    tok = build_tokenizer("NullTokenizer", vocab_size=100, null_eod_id=0)  # --null-tokenizer-eod-id 0
+    assert (tok.vocab_size, tok.eod) == (100, 0)
+    with pytest.raises(ValueError, match="--null-tokenizer-eod-id 100 is outside"):
+        build_tokenizer("NullTokenizer", vocab_size=100, null_eod_id=100)
+    # args saved since megatron-core 0.19's convention hold null_tokenizer_eod_id (None = V - 1)
+    new = tokenizer_from_args({"tokenizer_type": "NullTokenizer", "vocab_size": 100, "null_tokenizer_eod_id": None})
+    assert (new.vocab_size, new.eod) == (100, 99)
+    # older args (no such entry) meant V + 1 ids with EOD V: the same model as before
+    old = tokenizer_from_args({"tokenizer_type": "NullTokenizer", "vocab_size": 100})
+    assert (old.vocab_size, old.eod) == (101, 100)

@@ -54,7 +54,7 @@ def files(tmp_path_factory) -> dict:
 def sft_flags(files: dict, tmp: Path) -> list[str]:
     return ["--train-data-path", files["train"], "--valid-data-path", files["valid"], "--test-data-path",
             files["test"], "--dataset-type", "sft", "--data-cache-path", str(tmp / "cache"),
-            "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB - 1)]
+            "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB)]
 
 
 def reference_model(checkpoint: Path) -> RefGPT:

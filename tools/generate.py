@@ -84,6 +84,7 @@ def _tokenizer(a: argparse.Namespace, reader: MegafastCheckpointReader):
             "vocab_file": a.vocab_file,
             "merge_file": a.merge_file,
             "vocab_size": a.true_vocab_size,
+            "null_tokenizer_eod_id": None,  # NullTokenizer: megatron-core 0.19's convention (EOD V-1)
         }
         return tokenizer_from_args(args)
     return tokenizer_from_args(reader.args, reader.root)

@@ -45,12 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="fields (parquet: columns) to tokenize, one dataset each (default text)")
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES +
-                       ("GPTSentencePieceTokenizer",))
+                       ("GPTSentencePieceTokenizer", "Llama2Tokenizer"))
     group.add_argument("--tokenizer-model", help="SentencePiece .model, or a HF tokenizer "
                        "directory / tokenizer.json")
     group.add_argument("--vocab-file", help="GPT2BPETokenizer: vocab.json")
     group.add_argument("--merge-file", help="GPT2BPETokenizer: merges.txt")
-    group.add_argument("--vocab-size", type=int, help="NullTokenizer: ids 0..V-1, EOD is V")
+    group.add_argument("--vocab-size", type=int, help="NullTokenizer: vocabulary V, ids 0..V-1, EOD is V-1 (megatron-core 0.19)")
     group.add_argument("--append-eod", action="store_true",
                        help="end every non-empty document with the tokenizer's EOD")
     group = parser.add_argument_group("fine-tuning data (--dataset-type sft)")

@@ -115,6 +115,8 @@ def args_from_config(
     args.update(precision_args(params_dtype))
     if tokenizer:
         args.update(tokenizer)
+    if args.get("tokenizer_type") == "NullTokenizer":  # megatron-core 0.19's convention (EOD V-1)
+        args.setdefault("null_tokenizer_eod_id", None)
     if hf_metadata:
         args[HF_METADATA] = dict(hf_metadata)
     if config_from_args(args, config.vocab_size) != config:  # internal invariant: args describe this model
@@ -153,12 +155,16 @@ def tokenizer_from_args(args: Mapping[str, Any], root: Optional[str] = None):
     kind = args.get("tokenizer_type")
     if kind is None:
         return None
+    vocab_size = args.get("vocab_size")
+    if kind == "NullTokenizer" and "null_tokenizer_eod_id" not in args and vocab_size is not None:
+        vocab_size += 1  # args from before megatron-core 0.19's NullTokenizer: V + 1 ids, EOD V
     return build_tokenizer(
         kind,
         resolve_path(args.get("tokenizer_model"), root),
         resolve_path(args.get("vocab_file"), root),
         resolve_path(args.get("merge_file"), root),
-        args.get("vocab_size"),
+        vocab_size,
+        args.get("null_tokenizer_eod_id"),
     )
 
 

@@ -170,6 +170,8 @@ class MegafastSink:
         if isinstance(source, MegafastSource):  # re-shard: keep the run's args, change model layout entries
             args = dict(source.reader.args)
             args.update(model_args(config, tp, pp))
+            if args.get("tokenizer_type") == "NullTokenizer":  # vocab_size is now the model's: EOD V-1
+                args.setdefault("null_tokenizer_eod_id", None)
             if opts.target_params_dtype:
                 args.update(precision_args(dtype))
             iteration = None if source.reader.release else source.reader.iteration

@@ -102,4 +102,23 @@ class MicroBatchPrefetcher:
         self.close()
 
 
-__all__ = ["MicroBatchPrefetcher"]
+class InlineMicroBatchReader:
+    """The same interface as :class:`MicroBatchPrefetcher` without the thread: each micro-batch is read
+    and collated when :meth:`next` asks for it (Megatron's ``--num-workers 0``: data loading in the
+    training process's main thread). Same micro-batches in the same order."""
+
+    def __init__(self, dataset: Any, sampler: Iterator[list[int]],
+                 collate: Callable[[list], dict[str, Optional[torch.Tensor]]], device: torch.device) -> None:
+        self.device = torch.device(device)
+        self._dataset, self._sampler, self._collate = dataset, sampler, collate
+
+    def next(self) -> dict[str, Optional[torch.Tensor]]:
+        """The next micro-batch, on ``device``."""
+        batch = self._collate([self._dataset[i] for i in next(self._sampler)])
+        return {k: None if t is None else t.to(self.device) for k, t in batch.items()}
+
+    def close(self) -> None:
+        """Nothing to stop."""
+
+
+__all__ = ["InlineMicroBatchReader", "MicroBatchPrefetcher"]

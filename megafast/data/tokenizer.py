@@ -5,7 +5,7 @@
 | `SentencePieceTokenizer` | `--tokenizer-model x.model`     | the model's `eos_id`                 |
 | `HuggingFaceTokenizer`   | `--tokenizer-model DIR` or JSON | `eos_token_id` (DIR) / a known EOS   |
 | `GPT2BPETokenizer`       | `--vocab-file`, `--merge-file`  | `<|endoftext|>`                      |
-| `NullTokenizer`          | `--vocab-size V`                | V (so `vocab_size` is V + 1)         |
+| `NullTokenizer`          | `--vocab-size V`                | V - 1 (megatron-core 0.19's)         |
 
 Every tokenizer has `vocab_size`, `eod`, `tokenize(text) -> list[int]`, `detokenize(ids) -> str`
 and `tokenize_batch(texts) -> list[list[int]]` (one native batched call where the library has
@@ -14,8 +14,15 @@ asked (`--append-eod`), the same for every type. Text that looks like a special 
 (`"<|endoftext|>"` in a GPT-2 corpus) is tokenized as ordinary text, as Megatron's GPT-2 BPE does.
 Everything is loaded from local files; nothing is ever downloaded.
 
-`GPTSentencePieceTokenizer` is accepted as another name for `SentencePieceTokenizer` (Megatron's
-GPT flavour of it has the same `eod = eos_id`).
+`GPTSentencePieceTokenizer` and `Llama2Tokenizer` are accepted as other names for
+`SentencePieceTokenizer` (megatron-core 0.19 builds all three with its sentencepiece library, eod =
+`eos_id`).
+
+`NullTokenizer` follows megatron-core 0.19 (`megatron.core.tokenizers.text.libraries.NullTokenizer`):
+`--vocab-size V` is the whole vocabulary and the end-of-document id is V - 1 (or
+`--null-tokenizer-eod-id`). Megatron-LM's older `_NullTokenizer` had V + 1 ids with eod V; a
+checkpoint whose args predate the change (no `null_tokenizer_eod_id` entry) is read with that
+convention by :func:`megafast.checkpoint.args.tokenizer_from_args`.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from megafast.extras import require
 
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer",
                    "NullTokenizer")
-_ALIASES = {"GPTSentencePieceTokenizer": "SentencePieceTokenizer"}
+_ALIASES = {"GPTSentencePieceTokenizer": "SentencePieceTokenizer", "Llama2Tokenizer": "SentencePieceTokenizer"}
 
 # End-of-text tokens tried, in order, for a bare tokenizer.json (which does not say which is EOS).
 _KNOWN_EOS_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>")
@@ -251,25 +258,29 @@ class GPT2BPETokenizer(Tokenizer):
 
 
 class NullTokenizer(Tokenizer):
-    """Text that already is token ids: `"12 7 31"` -> `[12, 7, 31]` (Megatron's NullTokenizer).
+    """Text that already is token ids: `"12 7 31"` -> `[12, 7, 31]` (megatron-core 0.19's NullTokenizer).
 
-    Built with `vocab_size=V`: ids 0..V-1 are text tokens, eod is V, and `vocab_size` reports
-    V + 1 (so eod = vocab_size - 1), exactly as Megatron's `_NullTokenizer`.
+    Built with `vocab_size=V`: ids are 0..V-1, `vocab_size` is V and eod is `eod_id`, by default
+    V - 1, exactly as `megatron.core.tokenizers.text.libraries.NullTokenizer`.
     """
 
-    def __init__(self, vocab_size: int) -> None:
-        if vocab_size is None or int(vocab_size) < 1:
-            raise ValueError(f"--vocab-size must be a positive integer for NullTokenizer, "
-                             f"got {vocab_size}")
-        self._vocab_size_without_eod = int(vocab_size)
+    def __init__(self, vocab_size: int, eod_id: int | None = None) -> None:
+        if vocab_size is None or int(vocab_size) < 2:
+            raise ValueError(f"--vocab-size must be an integer >= 2 for NullTokenizer (ids 0..V-2 and the "
+                             f"EOD V-1), got {vocab_size}")
+        self._vocab_size = int(vocab_size)
+        self._eod = self._vocab_size - 1 if eod_id is None else int(eod_id)
+        if not 0 <= self._eod < self._vocab_size:
+            raise ValueError(f"--null-tokenizer-eod-id {eod_id} is outside the vocabulary [0, {self._vocab_size}): "
+                             "give an id below --vocab-size or drop it (default V-1)")
 
     @property
     def vocab_size(self) -> int:
-        return self._vocab_size_without_eod + 1
+        return self._vocab_size
 
     @property
     def eod(self) -> int:
-        return self._vocab_size_without_eod
+        return self._eod
 
     def tokenize(self, text: str) -> list[int]:
         try:
@@ -294,10 +305,12 @@ def build_tokenizer(
     vocab_file: str | None = None,
     merge_file: str | None = None,
     vocab_size: int | None = None,
+    null_eod_id: int | None = None,
 ) -> Tokenizer:
     """The tokenizer for Megatron's `--tokenizer-type` name and its files.
 
-    Raises ValueError with one line for an unknown type, a missing required argument or a
+    ``null_eod_id``: NullTokenizer's end-of-document id (default ``vocab_size - 1``). Raises
+    ValueError with one line for an unknown type, a missing required argument or a
     missing/unreadable file.
     """
     name = _ALIASES.get(tokenizer_type, tokenizer_type)
@@ -314,7 +327,7 @@ def build_tokenizer(
         return GPT2BPETokenizer(vocab_file, merge_file)
     if name == "NullTokenizer":
         if vocab_size is None:
-            raise ValueError("NullTokenizer needs --vocab-size (ids are 0..V-1, EOD is V)")
-        return NullTokenizer(vocab_size)
+            raise ValueError("NullTokenizer needs --vocab-size V (ids are 0..V-1, EOD is V-1)")
+        return NullTokenizer(vocab_size, null_eod_id)
     raise ValueError(f"unknown --tokenizer-type {tokenizer_type!r}; choose one of "
                      f"{', '.join(TOKENIZER_TYPES)}")

@@ -12,10 +12,12 @@ batch; gradients are summed over DP and the optimizer steps once.
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import random
 import socket
+import time
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -37,7 +39,7 @@ from megafast.arguments import (
 from megafast.checkpoint.args import long_context_mismatch
 from megafast.config import GPTConfig
 from megafast.data.mock_dataset import MockGPTDataset
-from megafast.data.prefetch import MicroBatchPrefetcher
+from megafast.data.prefetch import InlineMicroBatchReader, MicroBatchPrefetcher
 from megafast.data.sampler import MicroBatchSampler
 from megafast.data.sft_dataset import build_sft_datasets
 from megafast.data.tokenizer import build_tokenizer
@@ -53,7 +55,7 @@ from megafast.training.checkpointing import Checkpointer, load_checkpoint
 from megafast.training.data_parallel import DataParallel
 from megafast.training.early_stopping import EarlyStopping
 from megafast.training.logging import IterationStats, Timer, TrainingLogger
-from megafast.training.lr_schedule import LRScheduler, megatron_schedule_steps
+from megafast.training.lr_schedule import LRScheduler, ScheduleSteps, megatron_schedule_steps
 from megafast.training.moe_metrics import MoELossMeter
 from megafast.training.optimizer import OptimizerConfig, build_optimizer
 from megafast.training.task_loss import (
@@ -113,7 +115,7 @@ def _tokenizer_vocab(args: argparse.Namespace) -> tuple[Optional[int], Optional[
         return None, None
     try:
         tok = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file,
-                              args.vocab_size)
+                              args.vocab_size, args.null_tokenizer_eod_id)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     return tok.vocab_size, tok.eod
@@ -230,6 +232,11 @@ def _optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
 def _scheduler(args: argparse.Namespace) -> LRScheduler:
     steps = megatron_schedule_steps(args.train_iters, args.lr_decay_iters, args.lr_warmup_iters,
                                     args.lr_warmup_fraction, args.lr_wsd_decay_iters, args.global_batch_size)
+    if args.lr_decay_samples is not None or args.lr_warmup_samples:  # Megatron's sample-counted flags
+        decay = steps.decay_steps if args.lr_decay_samples is None else args.lr_decay_samples
+        warmup = (args.lr_warmup_fraction * decay if args.lr_warmup_fraction is not None
+                  else args.lr_warmup_samples or steps.warmup_steps)
+        steps = ScheduleSteps(warmup, decay, steps.wsd_decay_steps)
     return LRScheduler(args.lr, args.min_lr, steps.warmup_steps, steps.decay_steps, args.lr_decay_style,
                         steps.wsd_decay_steps, args.lr_wsd_decay_style)
 
@@ -252,6 +259,9 @@ def setup(argv: Optional[Sequence[str]] = None) -> Run:
         raise SystemExit(f"error: {e}") from None
 
     use_cuda = args.device == "cuda" or (args.device is None and torch.cuda.is_available())
+    if args.profile and not use_cuda:
+        raise SystemExit("error: --profile brackets iterations with cudaProfilerStart/Stop for Nsight Systems and "
+                         "needs a CUDA device: drop it on CPU")
     backend = args.distributed_backend or ("nccl" if use_cuda else "gloo")  # --device cpu on a GPU host: gloo
     state = ParallelState.from_env(parallel_config(args), backend, args.distributed_timeout_minutes)
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
@@ -397,7 +407,12 @@ def evaluate(run: Run) -> Optional[float]:
     args = run.args
     if run.valid_ds is None or args.eval_iters == 0:
         return None
+    manual_gc = args.manual_gc and args.manual_gc_eval
+    if manual_gc:  # Megatron's --manual-gc: collect everything before, evaluation's garbage after
+        gc.collect()
     loss = _evaluate_dataset(run, run.valid_ds, run.consumed_valid_samples)
+    if manual_gc:
+        gc.collect(generation=0)
     run.consumed_valid_samples += args.eval_iters * args.global_batch_size
     return loss
 
@@ -483,14 +498,23 @@ def train(run: Run) -> None:
     sampler = iter(MicroBatchSampler(len(run.train_ds), run.consumed_samples, args.micro_batch_size,
                                      run.state.dp_rank, run.state.dp_size))
     # the next step's micro-batches are read, collated and pinned while this one runs
-    prefetcher = MicroBatchPrefetcher(run.train_ds, sampler, _collate, run.device, depth=args.num_microbatches + 1)
+    if args.num_workers == 0:  # Megatron's --num-workers 0: read in the training loop's own thread
+        prefetcher = InlineMicroBatchReader(run.train_ds, sampler, _collate, run.device)
+    else:
+        prefetcher = MicroBatchPrefetcher(run.train_ds, sampler, _collate, run.device,
+                                          depth=args.num_microbatches + 1)
+    if args.manual_gc:  # Megatron's --manual-gc: no threshold collections, collect at chosen points
+        gc.disable()
+        gc.collect()
     try:
         _train_loop(run, prefetcher)
     finally:
         prefetcher.close()
+        if args.manual_gc:
+            gc.enable()
 
 
-def _train_loop(run: Run, prefetcher: MicroBatchPrefetcher) -> None:
+def _train_loop(run: Run, prefetcher: MicroBatchPrefetcher | InlineMicroBatchReader) -> None:
     args, state = run.args, run.state
     gbs, seq = args.global_batch_size, args.seq_length
     total = args.train_iters * gbs
@@ -507,7 +531,11 @@ def _train_loop(run: Run, prefetcher: MicroBatchPrefetcher) -> None:
         self_paced.sample()  # MFTCoder samples once before the first step
     for c in run.chunks:
         c.train()
+    start_time = time.time()  # --exit-duration-in-mins counts from here
+    cuda = run.device.type == "cuda"
     while run.iteration < args.train_iters and run.consumed_samples < total:
+        if args.profile and run.iteration == args.profile_step_start:  # Megatron's nsys window
+            torch.cuda.cudart().cudaProfilerStart()
         mbs = [_as_microbatch(prefetcher.next(), state) for _ in range(args.num_microbatches)]
         task_counts = _dp_sum_(task_token_counts(mbs, num_tasks).to(run.device), run) if num_tasks else None
         if args.task_loss_weighting == "equal":  # the per-task weights make the loss mask sum to 1
@@ -527,15 +555,23 @@ def _train_loop(run: Run, prefetcher: MicroBatchPrefetcher) -> None:
         result = run.engine.run(mbs, denominator, loss_scale=run.optimizer.loss_scale,
                                 before_last_backward=lambda c: run.ddp.set_last_microbatch(True, chunk=c),
                                 num_tasks=num_tasks)
+        if cuda and args.empty_unused_memory_level >= 1:
+            torch.cuda.empty_cache()
         moe_meter.after_step()
         try:
             step = run.optimizer.step()
         except RuntimeError as e:  # too many non-finite steps in a row
             raise SystemExit(f"error: {e}") from None
+        if cuda and args.empty_unused_memory_level >= 2:
+            torch.cuda.empty_cache()
         if step.success:
             run.scheduler.step(gbs)
         run.iteration += 1
         run.consumed_samples += gbs
+        if args.profile and run.iteration == args.profile_step_end:
+            torch.cuda.cudart().cudaProfilerStop()
+        if args.manual_gc and args.manual_gc_interval and run.iteration % args.manual_gc_interval == 0:
+            gc.collect()
         loss = _dp_sum_(result.loss_sum.reshape(1).clone(), run)[0] / denominator
         if num_tasks:
             task_meter.add(_dp_sum_(result.task_loss_sums.clone(), run), task_counts)
@@ -579,11 +615,24 @@ def _train_loop(run: Run, prefetcher: MicroBatchPrefetcher) -> None:
             _save(run)
         if stop or (args.exit_interval and run.iteration % args.exit_interval == 0):
             break
+        if args.exit_duration_in_mins is not None and _past_duration(run, start_time):
+            run.logger.info(f"exiting after {args.exit_duration_in_mins:g} minutes (--exit-duration-in-mins) at "
+                            f"iteration {run.iteration}")
+            break
     if args.save and (not args.save_interval or run.iteration % args.save_interval):
         _save(run)
     test = evaluate_test(run)
     if test is not None:
         run.logger.log_validation(run.iteration, test, split="test")
+
+
+def _past_duration(run: Run, start_time: float) -> bool:
+    """``--exit-duration-in-mins``: whether any rank has trained that long (so all stop together)."""
+    done = torch.tensor([(time.time() - start_time) / 60.0 > run.args.exit_duration_in_mins], dtype=torch.int32,
+                        device=run.device)
+    if run.state.world_size > 1:
+        dist.all_reduce(done, op=dist.ReduceOp.MAX)
+    return bool(done.item())
 
 
 def pretrain(argv: Optional[Sequence[str]] = None) -> None:
