@@ -346,7 +346,7 @@ def test_bad_directories_are_one_line_errors(corpus, tmp_path, monkeypatch):
                             "--vocab-size", "100", "--split", "1,0,0"]
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
         monkeypatch.setenv(key, value)
-    message = r"^error: .*token id 127 in column 'input_ids' is outside the model's vocabulary \[0, 101\)"
+    message = r"^error: .*token id 127 in column 'input_ids' is outside the model's vocabulary \[0, 100\)"
     with pytest.raises(SystemExit, match=message):
         trainer.setup(argv)
     assert not torch.distributed.is_initialized()
@@ -355,9 +355,9 @@ def test_bad_directories_are_one_line_errors(corpus, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"^error: --parquet-column ids names .* no data path is a directory"):
         trainer.setup(prefix_argv + ["--parquet-column", "ids"])
     args = parse_args(argv)
-    validate_args(args, world_size=1, vocab_size=101)
+    validate_args(args, world_size=1, vocab_size=100)
     with pytest.raises(SystemExit, match=message):
-        trainer._build_datasets(args, 101, 100, types.SimpleNamespace(world_size=1))
+        trainer._build_datasets(args, 100, 99, types.SimpleNamespace(world_size=1))
     # without pyarrow: one line naming the extra
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     fails(corpus.spark, "needs the pyarrow package: pip install 'megafast[data]'")
