@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import functools
 import io
 import json
 import os
@@ -68,11 +69,29 @@ class Result:
 
 
 def _python_function(kernel):
-    """The plain Python function under a @triton.jit / autotune / interpreter wrapper."""
-    fn = kernel
+    """(the plain Python function under a @triton.jit / autotune / interpreter wrapper, the
+    @triton.jit options that change specialisation: do_not_specialize[_on_alignment])."""
+    fn, options = kernel, {}
     while not callable(fn) or hasattr(fn, "fn"):
+        for name in ("do_not_specialize", "do_not_specialize_on_alignment"):
+            value = getattr(fn, name, None) or getattr(fn, "kwargs", {}).get(name)
+            if value:
+                options[name] = value
         fn = fn.fn
-    return fn
+    return fn, options
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_and_binder(kernel, capability: int):
+    """One JITFunction and argument binder per kernel and target (building them parses the source)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", capability, 32))
+    fn, options = _python_function(kernel)
+    jit = JITFunction(fn, **options)
+    return jit, backend, create_function_from_signature(jit.signature, jit.params, backend)
 
 
 _PTXAS_RE = {
@@ -118,14 +137,8 @@ def _cache_path(key: str) -> str:
 def specialize(spec, capability: int):
     """(JITFunction, signature, constexprs, attrs, options) exactly as Triton's JIT derives them at
     this launch (its own binder: pointer alignment, integers divisible by 16 or equal to 1)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-    from triton.runtime.jit import JITFunction, create_function_from_signature
-
-    backend = make_backend(GPUTarget("cuda", capability, 32))
-    jit = JITFunction(_python_function(spec.kernel))
+    jit, backend, binder = _jit_and_binder(spec.kernel, capability)
     kwargs = dict(spec.constexprs, num_warps=spec.num_warps, num_stages=spec.num_stages)
-    binder = create_function_from_signature(jit.signature, jit.params, backend)
     bound, specialization, options = binder(*spec.args, **kwargs)
     options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, specialization, options)
     return jit, signature, constexprs, attrs, options

@@ -33,11 +33,13 @@ import torch
 from megafast.kernels._triton import HAS_TRITON, tl, triton
 
 LOG2E = 1.4426950408889634
+# group_size (query heads per kv head) and n_groups (kv heads) are index divisors only: they are not
+# specialised, so MHA and GQA models share one compiled binary per block configuration.
 
 # ---------------------------------------------------------------------------------------- kernels
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["group_size"])
 def _attn_fwd_kernel(
     Q,
     K,
@@ -160,7 +162,7 @@ def _attn_bwd_delta_kernel(
     tl.store(DELTA + bh * seq_len + offs_m, delta, mask=offs_m < seq_len)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_groups", "group_size"])
 def _attn_bwd_dkdv_kernel(
     Q,
     K,
@@ -271,7 +273,7 @@ def _attn_bwd_dkdv_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["group_size"])
 def _attn_bwd_dq_kernel(
     Q,
     K,
@@ -374,7 +376,7 @@ DELTA_BLOCK_M = 64  # rows per program of the backward's D = rowsum(dO * O) on G
 _SPILLING = {
     ("fwd", 128, "sm_90a"): {(128, 64, 4, 3), (128, 32, 4, 4)},
     ("fwd", 128, "sm_80"): {(128, 64, 4, 3), (128, 32, 4, 4)},
-    ("dkdv", 64, "sm_80"): {(64, 128, 8, 3)},
+    ("dkdv", 64, "sm_80"): {(64, 128, 8, 3), (64, 64, 8, 3)},
     ("dkdv", 128, "sm_90a"): {(64, 128, 8, 3)},
     ("dkdv", 128, "sm_80"): {(64, 128, 8, 3), (32, 128, 8, 3)},
     ("dq", 64, "sm_80"): {(64, 64, 4, 3), (128, 64, 8, 3)},
