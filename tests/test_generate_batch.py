@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import hf_models
@@ -121,6 +120,9 @@ def test_generate_tool_prompt_file(tmp_path):
     from test_generate import _hf_greedy, _tiny_tokenizer
     from transformers import AutoTokenizer
 
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import generate as generate_tool
+
     model = hf_models.build("llama_tied", seed=4)
     hf_dir = str(tmp_path / "hf")
     hf_models.save(model, "llama_tied", hf_dir)
@@ -136,12 +138,8 @@ def test_generate_tool_prompt_file(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "out.jsonl"
-    proc = subprocess.run(
-        [sys.executable, "tools/generate.py", "--load", ckpt, "--prompt-file", str(prompts), "--output-file",
-         str(out), "--max-new-tokens", "16", "--temperature", "0", "--batch-size", "2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    generate_tool.main(["--load", ckpt, "--prompt-file", str(prompts), "--output-file", str(out),
+                        "--max-new-tokens", "16", "--temperature", "0", "--batch-size", "2", "--no-progress"])
     got = [json.loads(line) for line in out.read_text().splitlines()]
     chat = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nencode a dict<|im_end|>\n"
             "<|im_start|>assistant\n")
@@ -155,19 +153,12 @@ def test_generate_tool_prompt_file(tmp_path):
     # a stop sequence taken from the first record's text cuts it there
     stop = got[0]["text"][3:6]
     prompts.write_text(json.dumps({**records[0], "stop": stop}) + "\n")
-    proc = subprocess.run(
-        [sys.executable, "tools/generate.py", "--load", ckpt, "--prompt-file", str(prompts), "--output-file",
-         str(out), "--temperature", "0"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    generate_tool.main(["--load", ckpt, "--prompt-file", str(prompts), "--output-file", str(out),
+                        "--temperature", "0", "--no-progress"])
     rec = json.loads(out.read_text())
     assert rec["text"] == got[0]["text"][: got[0]["text"].find(stop)] and rec["finish_reason"] == "stop"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x"}\n{"nothing": 1}\n')
-    proc = subprocess.run(
-        [sys.executable, "tools/generate.py", "--load", ckpt, "--prompt-file", str(bad), "--output-file",
-         str(tmp_path / "never.jsonl")],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode != 0 and "line 2" in proc.stderr and not (tmp_path / "never.jsonl").exists()
+    with pytest.raises(SystemExit, match="bad.jsonl line 2: give exactly one of"):
+        generate_tool.main(["--load", ckpt, "--prompt-file", str(bad), "--output-file", str(tmp_path / "never.jsonl")])
+    assert not (tmp_path / "never.jsonl").exists()
