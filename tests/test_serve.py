@@ -274,4 +274,4 @@ def test_tp2_server_under_torchrun(model_dirs, reference):
         except subprocess.TimeoutExpired:
             proc.kill()
             out, _ = proc.communicate()
-    assert "Traceback" not in out, out[-3000:]
+    assert 'serve.py", line' not in out, out[-3000:]  # no rank failed in the tool (torchrun's own SIGTERM trace aside)
