@@ -34,7 +34,7 @@ def letters(ids):
     return "".join(chr(97 + i % 26) for i in ids)
 
 
-def _model(kind: str) -> GPTModel:
+def _model_config(kind: str) -> GPTConfig:
     base = dict(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=101,
                 max_position_embeddings=64, init_method_std=0.3)
     if kind in ("llama", "window"):
@@ -42,7 +42,11 @@ def _model(kind: str) -> GPTModel:
                     activation="swiglu", add_bias_linear=False)
     if kind == "window":
         base.update(window_size=(3, 0))
-    return GPTModel(GPTConfig(**base), seed=7).eval()
+    return GPTConfig(**base)
+
+
+def _model(kind: str) -> GPTModel:
+    return GPTModel(_model_config(kind), seed=7).eval()
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "window"])
@@ -162,3 +166,30 @@ def test_generate_tool_prompt_file(tmp_path):
     with pytest.raises(SystemExit, match="bad.jsonl line 2: give exactly one of"):
         generate_tool.main(["--load", ckpt, "--prompt-file", str(bad), "--output-file", str(tmp_path / "never.jsonl")])
     assert not (tmp_path / "never.jsonl").exists()
+
+
+def _pp_batch(rank, world_size, requests):
+    from megafast.config import ParallelConfig
+    from megafast.pipeline.partition import build_model_chunks
+
+    state = ParallelState.create(ParallelConfig(1, world_size))
+    chunks = build_model_chunks(_model_config("llama"), state, seed=7)
+    return [(r.token_ids, r.finish_reason, r.text) for r in Generator(chunks[0], state, letters).generate_batch(requests)]
+
+
+def test_batch_at_pp2_equals_single_process():
+    """Two pipeline stages (gloo): padded prefill, per-row stops and rows leaving the batch stay in
+    step on both stages; the tokens equal the single-process batch's."""
+    from dist import run_distributed
+
+    from megafast.pipeline.partition import build_model_chunks
+
+    single = Generator(build_model_chunks(_model_config("llama"), ParallelState.single(), seed=7)[0],
+                       ParallelState.single(), letters)
+    free = [single.generate(p, 16, GREEDY) for p in PROMPTS]
+    requests = [SequenceRequest(PROMPTS[0], 16, eos_ids=(free[0][3],)), SequenceRequest(PROMPTS[1], 5),
+                SequenceRequest(PROMPTS[2], 16, stop=(letters(free[2])[8:10],)), SequenceRequest(PROMPTS[3], 12)]
+    want = [(r.token_ids, r.finish_reason, r.text) for r in single.generate_batch(requests)]
+    assert [len(w[0]) for w in want] != [16] * 4  # rows leave at different steps
+    for got in run_distributed(_pp_batch, 2, requests):
+        assert got == want
