@@ -148,7 +148,8 @@ def main() -> None:
             f"openai {openai.__version__}, Python {platform.python_version()}",
             f"- command: `python benchmarks/bench_serve.py --rounds {a.rounds} --max-tokens {a.max_tokens}` "
             "(random Llama 4 layers x hidden 256, 8 heads / 4 groups, FFN 688; 8 prompts of 3-40 tokens; "
-            f"greedy, `--ignore-eos`, {a.max_tokens} tokens each; static batching, --batch-wait-ms 20)",
+            f"greedy, `--ignore-eos`, {a.max_tokens} tokens each; static batching, --batch-wait-ms 20: "
+            "a batch collects requests until 20 ms pass without a new one, 80 ms at most)",
             "",
             "| round | one at a time | 8 concurrent | ratio |",
             "|---|---:|---:|---:|",

@@ -14,7 +14,6 @@ import sys
 
 import hf_models
 import pytest
-import torch
 
 from megafast.config import GPTConfig
 from megafast.convert.converter import ConvertOptions, convert_checkpoint

@@ -7,7 +7,7 @@
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream``:
 server-sent events), ``GET /health``. The model's name is the checkpoint directory's name unless
 ``--served-model-name`` says otherwise. Concurrent requests are batched (static batching: requests
-waiting when a batch starts, collected for up to ``--batch-wait-ms``, at most ``--max-batch-size``
+waiting when a batch starts, collected while they keep coming (``--batch-wait-ms``), at most ``--max-batch-size``
 sequences; megafast/serving/scheduler.py). Under torchrun, rank 0 serves HTTP and broadcasts each
 batch to the other ranks, which compute with it. Chat messages become prompts with the tokenizer's
 chat template or role markers (``--chat-template``, ``--role-markers``), as in fine-tuning.
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="default: the --load directory's name")
     p.add_argument("--max-batch-size", type=int, default=32, help="sequences generated together at most")
     p.add_argument("--batch-wait-ms", type=float, default=20.0,
-                   help="how long a batch waits for more requests after its first")
+                   help="a batch collects requests until this long passes without a new one (4x at most)")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     add_model_args(p)
     add_chat_args(p)

@@ -8,12 +8,13 @@ system / user / assistant / tool) is rendered the way fine-tuning rendered it
   each assistant message ``prefix + content + EOS + suffix``, then the assistant prefix;
 - the tokenizer's own ``chat_template``: ``apply_chat_template(messages, add_generation_prompt=True)``.
 
-Tokenized piece by piece as fine-tuning did (an earlier answer's EOS is the token itself). ``content`` may also be OpenAI's list of parts (``[{"type": "text", "text": ...}]``).
+Tokenized piece by piece as fine-tuning did (an earlier answer's EOS is the token itself).
+``content`` may also be OpenAI's list of parts (``[{"type": "text", "text": ...}]``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from megafast.data.chat_template import ROLES, TEMPLATE_MODES, ChatTemplate, parse_role_markers
 from megafast.data.sft_format import Conversation, Message

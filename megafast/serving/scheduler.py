@@ -1,8 +1,9 @@
 """Static batching of concurrent requests on one worker thread.
 
 HTTP handlers submit jobs (one or more sequences each) to a queue. The worker thread takes the
-first waiting job, then keeps collecting jobs for up to ``batch_wait_s`` (and at most
-``max_batch_size`` sequences in all), and runs them as one left-padded batch through the
+first waiting job, then keeps collecting jobs while they keep coming (until ``batch_wait_s``
+passes without a new one, or ``4 * batch_wait_s`` after the first; at most ``max_batch_size``
+sequences in all), and runs them as one left-padded batch through the
 engine, to the end: a batch does not admit new sequences while it runs (static batching, not
 continuous batching); jobs that arrive meanwhile form the next batch. Finished sequences leave
 the running batch early (megafast.generation.generator), so a short request in a batch of long
@@ -83,12 +84,14 @@ class BatchScheduler:
             if first is None:
                 return [], True
         jobs, size = [first], len(first.requests)
-        deadline = time.monotonic() + self.batch_wait_s
+        now = time.monotonic()
+        last_call, deadline = now + 4 * self.batch_wait_s, now + self.batch_wait_s
         while size < self.max_batch_size:
             try:
-                job = self._queue.get(timeout=max(deadline - time.monotonic(), 0.0))
+                job = self._queue.get(timeout=max(min(deadline, last_call) - time.monotonic(), 0.0))
             except queue.Empty:
                 break
+            deadline = time.monotonic() + self.batch_wait_s  # another arrival: wait for the next one
             if job is None:
                 return jobs, True
             if size + len(job.requests) > self.max_batch_size:
