@@ -88,6 +88,7 @@ def main() -> None:
     import openai
     import torch
 
+    load_start = os.getloadavg()[0]
     tmp = tempfile.mkdtemp(prefix="bench_serve_")
     ckpt = build_model(tmp)
     port = free_port()
@@ -137,12 +138,12 @@ def main() -> None:
         import fastapi
         import uvicorn
 
-        load = os.getloadavg()
+        load_end = os.getloadavg()[0]
         lines = [
             "## Serving: 8 concurrent requests batched vs one at a time (tools/serve.py, CPU)",
             "",
             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {os.cpu_count()}-core CPU "
-            f"({platform.machine()}), load average before/after {load[0]:.2f} (1 min) / {load[1]:.2f} (5 min); "
+            f"({platform.machine()}), 1-minute load average {load_start:.1f} at the start, {load_end:.1f} at the end; "
             f"server OMP_NUM_THREADS={a.threads}",
             f"- versions: torch {torch.__version__}, fastapi {fastapi.__version__}, uvicorn {uvicorn.__version__}, "
             f"openai {openai.__version__}, Python {platform.python_version()}",
