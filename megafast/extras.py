@@ -8,6 +8,7 @@ Hugging Face (tokenizer export included), generation and planning. The rest is o
     tensorboard   tensorboard (``--tensorboard-dir``)
     demo          transformers and tensorboard (``tools/demo.py``: TensorBoard log, HF sample)
     triton        triton (the fused kernels; CUDA builds of torch already bring it)
+    serve         fastapi and uvicorn (``tools/serve.py``, the OpenAI-compatible server)
 """
 
 from __future__ import annotations

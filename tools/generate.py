@@ -1,16 +1,27 @@
-"""Generate text from a megafast checkpoint, at any TP/PP, with a KV cache.
+"""Generate text from a megafast checkpoint, at any TP/PP, with a KV cache: one prompt, or a
+file of prompts in batches.
 
     torchrun --nproc-per-node 4 tools/generate.py --load CKPT --tensor-model-parallel-size 2 \
         --pipeline-model-parallel-size 2 --prompt "def main(" --max-new-tokens 32 --temperature 0
     python tools/generate.py --load CKPT --prompt-token-ids 1,2,3 --temperature 0.8 --top-p 0.9
+    python tools/generate.py --load CKPT --prompt-file prompts.jsonl --output-file out.jsonl \
+        --batch-size 8 --temperature 0 --stop "\n\n"
 
-Prints one JSON line on rank 0: ``{"token_ids": [...], "text": "...", "prompt_token_ids": [...]}``
-where ``token_ids`` are the generated tokens (the prompt excluded) and ``text`` their decoding
-(null without a tokenizer). The layout defaults to the checkpoint's; any other one works (each
-rank reads and re-shards the weights of its own stage). The tokenizer is the one the
-checkpoint's args name (converted checkpoints carry theirs), unless ``--tokenizer-*`` flags say
-otherwise. Generation stops after ``--max-new-tokens`` or at an end-of-sequence token: the
-tokenizer's EOD, or the HF ``eos_token_id`` of a converted checkpoint (``--ignore-eos`` disables).
+One prompt prints one JSON line on rank 0: ``{"token_ids": [...], "text": "...",
+"prompt_token_ids": [...]}`` where ``token_ids`` are the generated tokens (the prompt excluded)
+and ``text`` their decoding (null without a tokenizer).
+
+``--prompt-file`` reads JSON Lines (``{"prompt": ...}`` or ``{"messages": [...]}`` with optional
+per-line ``max_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop``; see
+megafast/generation/prompt_file.py) and writes one output line per input line, in order, to
+``--output-file`` atomically (the file appears complete or not at all), generating
+``--batch-size`` prompts at a time in one left-padded batch. ``messages`` are rendered with the
+tokenizer's chat template, or role markers (``--chat-template``, ``--role-markers``).
+
+The layout defaults to the checkpoint's; any other one works. The tokenizer is the checkpoint's
+unless ``--tokenizer-*`` flags say otherwise. Generation stops after ``--max-new-tokens``, at an
+end-of-sequence token (the tokenizer's EOD or the HF ``eos_token_id``; ``--ignore-eos``
+disables), or at a ``--stop`` sequence.
 """
 
 from __future__ import annotations
@@ -19,143 +30,102 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from megafast.checkpoint.args import HF_METADATA, tokenizer_from_args  # noqa: E402
-from megafast.checkpoint.reader import MegafastCheckpointReader  # noqa: E402
-from megafast.config import ParallelConfig  # noqa: E402
-from megafast.generation.generator import Generator, load_for_generation  # noqa: E402
+from megafast.atomic_file import atomic_write  # noqa: E402
+from megafast.generation.generator import SequenceRequest  # noqa: E402
+from megafast.generation.launch import Loaded, add_chat_args, add_model_args, load  # noqa: E402
+from megafast.generation.prompt_file import output_record, read_prompt_file  # noqa: E402
+from megafast.generation.prompts import PromptBuilder  # noqa: E402
 from megafast.generation.sampling import SamplingConfig  # noqa: E402
-from megafast.parallel.state import ParallelState  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    p.add_argument("--load", required=True, help="megafast checkpoint directory")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs a tokenizer)")
     prompt.add_argument("--prompt-token-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    prompt.add_argument("--prompt-file", help="JSON Lines of prompts (module docstring); needs --output-file")
+    p.add_argument("--output-file", help="where --prompt-file's results go (JSON Lines)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (--prompt-file)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 (or 0) = off")
-    p.add_argument("--seed", type=int, default=1234, help="sampling seed")
-    p.add_argument(
-        "--eos-id",
-        type=int,
-        action="append",
-        default=None,
-        help="stop at this token (repeatable); default the tokenizer's EOD / HF eos_token_id",
-    )
-    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=None, help="default: the checkpoint's")
-    p.add_argument("--pipeline-model-parallel-size", type=int, default=None, help="default: the checkpoint's")
-    p.add_argument(
-        "--tokenizer-type",
-        default=None,
-        choices=["SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer"],
-    )
-    p.add_argument("--tokenizer-model", default=None)
-    p.add_argument("--vocab-file", default=None)
-    p.add_argument("--merge-file", default=None)
-    p.add_argument(
-        "--true-vocab-size",
-        type=int,
-        default=None,
-        help="the unpadded vocabulary, when the checkpoint's tokenizer is unavailable",
-    )
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--fp16", action="store_true")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default cuda when available")
-    p.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None)
+    p.add_argument("--seed", type=int, default=1234, help="sampling seed (line i of --prompt-file: seed + i)")
+    p.add_argument("--stop", action="append", default=None, help="stop sequence (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (--prompt-file)")
+    add_model_args(p)
+    add_chat_args(p)
     return p
 
 
-def _tokenizer(a: argparse.Namespace, reader: MegafastCheckpointReader):
-    """The tokenizer of the flags, else of the checkpoint args; None when there is none."""
-    if a.tokenizer_type is not None:
-        args: dict[str, Any] = {
-            "tokenizer_type": a.tokenizer_type,
-            "tokenizer_model": a.tokenizer_model,
-            "vocab_file": a.vocab_file,
-            "merge_file": a.merge_file,
-            "vocab_size": a.true_vocab_size,
-            "null_tokenizer_eod_id": None,  # NullTokenizer: megatron-core 0.19's convention (EOD V-1)
-        }
-        return tokenizer_from_args(args)
-    return tokenizer_from_args(reader.args, reader.root)
-
-
-def _eos_ids(a: argparse.Namespace, tokenizer, reader: MegafastCheckpointReader) -> list[int]:
-    if a.ignore_eos:
-        return []
-    if a.eos_id:
-        return a.eos_id
-    if tokenizer is not None:
+def _single(a: argparse.Namespace, loaded: Loaded, defaults: SequenceRequest) -> None:
+    tokenizer = loaded.tokenizer
+    if a.prompt is not None:
+        if tokenizer is None:
+            raise ValueError(
+                "--prompt needs a tokenizer: pass --tokenizer-type/--tokenizer-model or give --prompt-token-ids"
+            )
+        prompt = tokenizer.tokenize(a.prompt)
+    else:
         try:
-            return [tokenizer.eod]
+            prompt = [int(t) for t in a.prompt_token_ids.split(",") if t.strip()]
         except ValueError:
-            return []
-    eos = (reader.args.get(HF_METADATA) or {}).get("eos_token_id")
-    return [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+            raise ValueError(f"--prompt-token-ids {a.prompt_token_ids!r} is not comma-separated integers") from None
+    result = loaded.generator.generate_batch([SequenceRequest(**{**defaults.__dict__, "prompt": prompt})])[0]
+    if loaded.state.rank == 0:
+        text = tokenizer.detokenize(result.token_ids) if tokenizer is not None else None
+        print(json.dumps({"token_ids": result.token_ids, "text": text, "prompt_token_ids": prompt}), flush=True)
+
+
+def _prompt_file(a: argparse.Namespace, loaded: Loaded, defaults: SequenceRequest) -> None:
+    from tqdm import tqdm
+
+    prompts = PromptBuilder(loaded.tokenizer, a.chat_template, a.role_markers)
+    records = read_prompt_file(a.prompt_file, prompts, defaults)
+    for i, (_, request) in enumerate(records):
+        try:
+            loaded.generator.validate(request)
+        except ValueError as exc:
+            raise ValueError(f"{a.prompt_file} record {i}: {exc}") from None
+    rank0 = loaded.state.rank == 0
+    bar = tqdm(total=len(records), unit="prompt", desc="generating", disable=a.no_progress or not rank0)
+    lines = []
+    for start in range(0, len(records), a.batch_size):
+        chunk = records[start : start + a.batch_size]
+        results = loaded.generator.generate_batch([r for _, r in chunk])
+        for i, ((record_id, request), result) in enumerate(zip(chunk, results), start):
+            lines.append(json.dumps(output_record(i, record_id, request, result)) + "\n")
+        bar.update(len(chunk))
+    bar.close()
+    if rank0:
+        atomic_write(a.output_file, lambda f: f.write("".join(lines).encode("utf-8")))
+        print(f"wrote {len(lines)} results to {a.output_file}", file=sys.stderr)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     a = build_parser().parse_args(argv)
-    if a.bf16 and a.fp16:
-        raise SystemExit("error: --bf16 and --fp16 are exclusive: choose one")
     try:
+        if a.prompt_file is not None and not a.output_file:
+            raise ValueError("--prompt-file needs --output-file (where the results go)")
+        if a.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {a.batch_size}")
         sampling = SamplingConfig(a.temperature, a.top_k, a.top_p)
-        reader = MegafastCheckpointReader(a.load, a.true_vocab_size)
-        tokenizer = None
-        try:
-            tokenizer = _tokenizer(a, reader)
-        except ValueError as exc:
-            if a.prompt is not None:
-                raise
-            print(f"warning: no tokenizer ({exc}); the output has no text", file=sys.stderr)
-        if a.prompt is not None:
-            if tokenizer is None:
-                raise ValueError(
-                    "--prompt needs a tokenizer: pass --tokenizer-type/--tokenizer-model "
-                    "or give --prompt-token-ids"
-                )
-            prompt = tokenizer.tokenize(a.prompt)
-        else:
-            try:
-                prompt = [int(t) for t in a.prompt_token_ids.split(",") if t.strip()]
-            except ValueError:
-                raise ValueError(
-                    f"--prompt-token-ids {a.prompt_token_ids!r} is not comma-separated integers"
-                ) from None
-        parallel = ParallelConfig(
-            a.tensor_model_parallel_size or reader.tp, a.pipeline_model_parallel_size or reader.pp
+        loaded = load(a, need_tokenizer=a.prompt is not None)
+        defaults = SequenceRequest(
+            [], a.max_new_tokens, sampling, a.seed, tuple(loaded.eos_ids), tuple(a.stop or ())
         )
-        if "RANK" in os.environ:
-            state = ParallelState.from_env(parallel, a.distributed_backend)
-        elif parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size > 1:
-            raise ValueError(
-                f"TP={parallel.tensor_model_parallel_size} x PP={parallel.pipeline_model_parallel_size} "
-                "needs several processes: launch with torchrun --nproc-per-node N, or pass sizes 1"
-            )
+        if a.prompt_file is not None:
+            _prompt_file(a, loaded, defaults)
         else:
-            state = ParallelState.single()
-        use_cuda = a.device == "cuda" or (a.device is None and torch.cuda.is_available())
-        device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-        dtype = torch.bfloat16 if a.bf16 else torch.float16 if a.fp16 else torch.float32
-        model = load_for_generation(reader, state, params_dtype=dtype, device=device)
-        new = Generator(model, state).generate(
-            prompt, a.max_new_tokens, sampling, eos_ids=_eos_ids(a, tokenizer, reader), seed=a.seed
-        )
+            _single(a, loaded, defaults)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
-    if state.rank == 0:
-        text = tokenizer.detokenize(new) if tokenizer is not None else None
-        print(json.dumps({"token_ids": new, "text": text, "prompt_token_ids": prompt}), flush=True)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
