@@ -157,3 +157,39 @@ def test_dispatcher_traffic_and_search_proposes_ep():
     eps = {est.layout.ep for est in plan.feasible}
     assert eps >= {1, 2, 4} and all(config.num_experts % e == 0 for e in eps)
 
+
+
+def _plan_json(*flags: str) -> dict:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    fixed = ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1", "--micro-batch-size", "1",
+             "--recompute-granularity", "none", "--num-gpus", "8", "--global-batch-size", "64", "--json"]
+    out = subprocess.run([sys.executable, str(root / "tools/plan.py"), *flags, *fixed], capture_output=True,
+                         text=True, cwd=root, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
+def test_plan_tool_searches_or_fixes_ep(tmp_path):
+    import json
+
+    model = ["--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "4", "--seq-length", "512",
+             "--vocab-size", "1000", "--swiglu", "--disable-bias-linear", "--position-embedding-type", "rope",
+             "--normalization", "RMSNorm", "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "128"]
+    searched = _plan_json(*model)
+    assert {e["layout"]["ep"] for e in searched["feasible"]} == {1, 2, 4}
+    fixed = _plan_json(*model, "--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "allgather")
+    layouts = [e["layout"] for e in fixed["feasible"]]
+    assert layouts and all(x["ep"] == 2 and x["moe_token_dispatcher_type"] == "allgather" for x in layouts)
+    assert all(e["step_time_s"]["ep_comm"] > 0 for e in fixed["feasible"])
+    hf = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=1000, hidden_size=256,
+              intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+              max_position_embeddings=512, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
+              norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[0])
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(hf))
+    assert {e["layout"]["ep"] for e in _plan_json("--hf-config", str(path))["feasible"]} == {1, 2, 4, 8}
