@@ -473,7 +473,10 @@ def chunk_activation_bytes(config: GPTConfig, layout: Layout, stage: Stage, devi
     h, hidden = c.hidden_size, e * tokens * c.hidden_size / u  # one [s/u, b, h] tensor
     plan = recompute_plan(layout_config(c, layout), stage.num_layers)
     first = stage.layer_range[0]
-    layers = [layer_activation_bytes(c, layout, device, first + i) for i in range(stage.num_layers)]
+    if c.is_moe:  # MoE and dense layers differ
+        layers = [layer_activation_bytes(c, layout, device, first + i) for i in range(stage.num_layers)]
+    else:
+        layers = [layer_activation_bytes(c, layout, device)] * stage.num_layers
     # a checkpointed group keeps only its input; the other layers keep everything
     total = sum(hidden if ckpt else sum(layers[start:end]) for start, end, ckpt in plan)
     plain = not all(ckpt for _, _, ckpt in plan)
