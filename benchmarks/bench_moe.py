@@ -1,4 +1,4 @@
-"""MoE benchmark: the experts' grouped GEMM against a per-expert Python loop, forward + backward.
+"""MoE benchmark: the MoE layer and the experts' grouped GEMM against a per-expert Python loop, forward + backward.
 
     python benchmarks/bench_moe.py [--out DIR] [--only grouped_gemm] [--reps 7] [--write-doc FILE.md]
     python benchmarks/bench_moe.py --smoke        # seconds: tiny shapes (a self-check of the script)
@@ -12,6 +12,11 @@ implementation of one shape, all timed in the same run so the ratios compare lik
   loop), ``torch`` (``grouped_gemm_torch``, megafast's CPU path) and, on a GPU, ``triton`` (the
   grouped kernel: one launch for y, one for dx, one for dw). Tokens/s counts the T tokens before
   top-k; the ratio is the loop's time over the implementation's.
+- ``moe_layer``: the whole :class:`~megafast.model.moe.moe_layer.MoELayer` (router, permutation,
+  experts, combine; softmax top-k, aux loss) on [T, 1, H] hidden states, forward + backward
+  (input and every weight gradient), with the experts as the per-expert loop (``loop``:
+  Megatron's SequentialMLP, ``--moe-grouped-gemm`` off) or the grouped GEMM (``grouped``: the torch
+  twin on CPU, the Triton kernel on a GPU). Tokens/s counts the T tokens.
 
 Later parts (another change) slot into :data:`PARTS` with the same :class:`Row` (``part`` names
 them; ``impl`` the variant, e.g. the MoE layer, or the all-to-all vs all-gather dispatchers at
@@ -158,7 +163,50 @@ def bench_grouped_gemm(rows: list[Row], shapes, dtype: torch.dtype, device: torc
                 r.baseline, r.vs_baseline = "loop", base.ms / r.ms
 
 
-PARTS = {"grouped_gemm": bench_grouped_gemm}
+# ------------------------------------------------------------------------------------------ MoE layer
+
+
+def bench_moe_layer(rows: list[Row], shapes, dtype: torch.dtype, device: torch.device, reps: int) -> None:
+    from megafast.config import GPTConfig
+    from megafast.model.moe.moe_layer import MoELayer
+    from megafast.parallel.state import ParallelState
+
+    for name, tokens, hidden, ffn, experts, top_k in shapes:
+        heads = max(1, hidden // 64)
+        shape = f"{name}: T={tokens} H={hidden} F={ffn} E={experts} top-{top_k}"
+        x = (torch.randn(tokens, 1, hidden, device=device) / 2).to(dtype)
+        dy = torch.randn(tokens, 1, hidden, device=device).to(dtype)
+        results, steps = {}, {}
+        for impl, grouped in (("loop", False), ("grouped", True)):
+            config = GPTConfig(num_layers=1, hidden_size=hidden, num_attention_heads=heads, vocab_size=128,
+                               ffn_hidden_size=ffn, activation="swiglu", add_bias_linear=False,
+                               normalization="RMSNorm", position_embedding_type="rope", num_experts=experts,
+                               moe_router_topk=top_k, moe_ffn_hidden_size=ffn, moe_aux_loss_coeff=0.01,
+                               moe_grouped_gemm=grouped)
+            layer = MoELayer(config, ParallelState.single(), 0, seed=0, params_dtype=dtype, device=device).train()
+            inp = x.clone().requires_grad_()
+            params = [inp, *layer.parameters()]
+            y = layer(inp)
+            results[impl] = (y, *torch.autograd.grad(y, params, dy))
+
+            def step(layer=layer):
+                inp = x.clone().requires_grad_()
+                torch.autograd.grad(layer(inp), [inp, *layer.parameters()], dy)
+
+            steps[impl] = step
+        for impl, ms in time_ms(steps, device, reps).items():
+            err = None if impl == "loop" else max(rel_err(a, b) for a, b in zip(results[impl], results["loop"]))
+            rows.append(Row("moe_layer", shape, impl, str(dtype).replace("torch.", ""), ms,
+                            tokens / (ms / 1e3), max_rel_err=err))
+            print(f"{shape} {impl}: {ms:.2f} ms fwd+bwd, {tokens / (ms / 1e3):,.0f} tokens/s"
+                  + (f", max rel err {err:.1e}" if err is not None else ""), flush=True)
+        base = next(r for r in rows if r.shape == shape and r.part == "moe_layer" and r.impl == "loop")
+        for r in rows:
+            if r.shape == shape and r.part == "moe_layer":
+                r.baseline, r.vs_baseline = "loop", base.ms / r.ms
+
+
+PARTS = {"grouped_gemm": bench_grouped_gemm, "moe_layer": bench_moe_layer}
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
@@ -181,12 +229,14 @@ def versions(device: torch.device) -> dict:
 
 
 def render_markdown(info: dict, rows: list[Row], command: str, note: str = "") -> str:
-    lines = [f"## MoE kernels: grouped GEMM vs the per-expert loop ({info['date']}, {info['device']})", "",
+    lines = [f"## MoE: the layer and the grouped GEMM vs the per-expert loop ({info['date']}, {info['device']})", "",
              f"- command: `{command}`",
              f"- versions: torch {info['torch']}, triton {info['triton']}, Python {info['python']}, "
              f"{info['threads']} torch threads",
-             "- forward + backward (y, dx, dw) of one grouped GEMM, median wall time; tokens/s counts the T "
-             "tokens before top-k; `x loop` = the loop's time / this time"]
+             "- forward + backward, median wall time: `grouped_gemm` one grouped GEMM (y, dx, dw); `moe_layer` "
+             "the whole MoE layer (router, permute, experts, combine; input and weight gradients) with "
+             "the experts as the per-expert loop or the grouped GEMM; tokens/s counts the T tokens before "
+             "top-k; `x loop` = the loop's time / this time"]
     if note:
         lines.append(f"- {note}")
     lines += ["", "| part | shape | impl | dtype | fwd+bwd ms | tokens/s | x loop | max rel err |",

@@ -106,6 +106,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     g.add_argument("--vocab-size", type=int, default=None)
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--num-experts", type=int, default=None, help="MoE: routed experts per MoE layer")
+    g.add_argument("--moe-router-topk", type=int, default=2)
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="default --ffn-hidden-size")
 
     g = p.add_argument_group("training")
     g.add_argument(
@@ -166,6 +169,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--context-parallel-size", type=int, default=1,
                    help="with --max-seq-length-search: ranks each sequence is split over")
     g.add_argument("--cp-comm-type", choices=["p2p", "a2a"], default="p2p")
+    g.add_argument("--expert-model-parallel-size", type=int, default=None,
+                   help="MoE: EP (a divisor of DP and of the experts); default: searched")
+    g.add_argument("--moe-token-dispatcher-type", choices=["alltoall", "allgather"], default="alltoall")
     g.add_argument("--max-seq-length-search", action="store_true",
                    help="print the longest --seq-length that fits --gpu-memory-gb on every GPU under the "
                         "given layout (TP, PP, CP, micro-batch, recompute, distributed optimizer; unset "
@@ -225,6 +231,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def config_from_hf(hf: dict) -> GPTConfig:
     """The GPTConfig of a Hugging Face config.json dict (Llama, Mistral, Qwen2 or GPT-2)."""
     kind = hf.get("model_type")
+    if kind in ("mixtral", "qwen2_moe", "qwen3_moe"):  # the converter's reading of the MoE families
+        from megafast.convert import hf_moe
+
+        arch = next(a for a, k in hf_moe.ARCHITECTURES.items() if k == kind)
+        return hf_moe.config_from_hf(hf, arch, 128, "--hf-config")[0]
     if kind == "gpt2":
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
@@ -326,6 +337,9 @@ def model_from_args(args: argparse.Namespace) -> tuple[GPTConfig, int]:
         hidden_dropout=0.1 if args.hidden_dropout is None else args.hidden_dropout,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         fused_linear_cross_entropy=args.fused_linear_cross_entropy,
+        num_experts=args.num_experts,
+        moe_router_topk=args.moe_router_topk,
+        moe_ffn_hidden_size=args.moe_ffn_hidden_size,
     )
     return config, args.seq_length
 
@@ -353,6 +367,8 @@ def make_plan(args: argparse.Namespace, config: GPTConfig, seq_length: int, clus
         layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage,
         recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers,
+        ep=args.expert_model_parallel_size,
+        moe_token_dispatcher_type=args.moe_token_dispatcher_type,
     )
 
 
@@ -427,6 +443,7 @@ def print_tables(
         "TP",
         "PP",
         "DP",
+        "EP",
         "VP",
         "MBS",
         "M",
@@ -451,6 +468,7 @@ def print_tables(
             str(lay.tp),
             str(lay.pp),
             str(lay.dp),
+            str(lay.ep),
             str(lay.num_model_chunks),
             str(lay.micro_batch_size),
             str(lay.num_microbatches),

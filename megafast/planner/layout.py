@@ -33,6 +33,8 @@ class Layout:
     ``--pipeline-partition``; ``bucket_size_mb`` is ``--ddp-bucket-size-mb`` (None: one bucket).
     ``cp`` is ``--context-parallel-size`` (each rank holds ``seq_length / cp`` tokens of every
     sequence; ``cp_comm_type`` 'p2p' ring attention or 'a2a' all-to-all).
+    ``ep`` is ``--expert-model-parallel-size`` (MoE: the experts split over ``ep`` of the DP ranks)
+    and ``moe_token_dispatcher_type`` its ``--moe-token-dispatcher-type`` (megafast.planner.moe).
     """
 
     tp: int = 1
@@ -58,9 +60,12 @@ class Layout:
     optimizer_offload_fraction: float = 0.0
     cp: int = 1
     cp_comm_type: Literal["p2p", "a2a"] = "p2p"
+    ep: int = 1
+    moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
 
     def __post_init__(self) -> None:
-        positive = ("tp", "pp", "dp", "micro_batch_size", "num_microbatches", "seq_length", "num_model_chunks", "cp")
+        positive = ("tp", "pp", "dp", "micro_batch_size", "num_microbatches", "seq_length", "num_model_chunks", "cp",
+                    "ep")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"layout {name} must be >= 1, got {getattr(self, name)}")
@@ -86,6 +91,8 @@ class Layout:
             raise ValueError("distributed_optimizer contradicts sharding_strategy no_shard: drop one")
         object.__setattr__(self, "sharding_strategy", strategy)
         object.__setattr__(self, "distributed_optimizer", strategy != "no_shard")
+        if self.moe_token_dispatcher_type not in ("alltoall", "allgather"):
+            raise ValueError(f"unknown token dispatcher {self.moe_token_dispatcher_type!r}: use alltoall or allgather")
         if not 0.0 <= self.optimizer_offload_fraction <= 1.0:
             raise ValueError(f"optimizer offload fraction must be in [0, 1], got {self.optimizer_offload_fraction}")
 
@@ -97,6 +104,11 @@ class Layout:
     @property
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp * self.cp
+
+    @property
+    def expert_dp(self) -> int:
+        """Expert-data-parallel size: the ranks holding the same experts (DP x CP / EP)."""
+        return self.dp * self.cp // self.ep
 
     @property
     def local_seq_length(self) -> int:
@@ -116,6 +128,13 @@ class Layout:
         parallel = ParallelConfig(self.tp, self.pp, self.sequence_parallel, self.cp, self.cp_comm_type)
         validate_layout(config, parallel)
         validate_context_parallel(config, parallel, self.seq_length)
+        if self.ep > 1 and not config.is_moe:
+            raise ValueError(f"expert parallelism {self.ep} needs an MoE model (--num-experts)")
+        if self.ep > 1 and (self.dp % self.ep or config.num_experts % self.ep):
+            raise ValueError(
+                f"EP {self.ep} must divide DP {self.dp} and the {config.num_experts} experts "
+                "(expert-parallel ranks are drawn from the data-parallel ones)"
+            )
         if self.sequence_parallel and self.seq_length % self.tp:
             raise ValueError(
                 f"sequence length {self.seq_length} is not divisible by TP {self.tp} (sequence parallel)"

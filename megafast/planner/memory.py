@@ -80,6 +80,7 @@ from typing import Literal, Optional
 from megafast.config import GPTConfig
 from megafast.model.recompute import recompute_plan
 from megafast.pipeline.schedules import FORWARD, Action, build_schedule, schedule_name
+from megafast.planner.moe import is_expert_parameter, moe_mlp_activation_bytes
 from megafast.planner.layout import (
     DTYPE_BYTES,
     SHARDING_STRATEGIES,
@@ -181,8 +182,14 @@ class RankParameters:
     largest_unit: int = 0  # elements of the largest sharding unit (ZeRO-3 gathers a unit at a time)
 
 
-def rank_parameter_state(config: GPTConfig, layout: Layout, pp_rank: int, dp_rank: int = 0) -> RankParameters:
+def rank_parameter_state(
+    config: GPTConfig, layout: Layout, pp_rank: int, dp_rank: int = 0, part: str = "all"
+) -> RankParameters:
     """Parameter, gradient-buffer and master element counts of one GPU.
+
+    With expert parallelism (``layout.ep`` > 1) the routed experts (1/ep of each expert tensor on
+    this rank) have buffers of their own, sharded over the expert-DP ranks, the rest over DP;
+    ``part`` "dense" / "expert" counts one of them, "all" both.
 
     Plain optimizer: one master per parameter. Distributed: one per parameter piece inside this
     DP rank's shard of each bucket. Memoised on the (frozen) config and the layout fields that
@@ -201,18 +208,33 @@ def rank_parameter_state(config: GPTConfig, layout: Layout, pp_rank: int, dp_ran
         partition=layout.partition,
         bucket_size_mb=layout.bucket_size_mb,
         sharding_strategy="optim_grads_params" if layout.zero_stage == 3 else None,
+        ep=layout.ep,
     )
-    return _count_rank_parameter_state(config, key, pp_rank, dp_rank)
+    if layout.ep == 1 and part == "all":
+        return _count_rank_parameter_state(config, key, pp_rank, dp_rank)
+    parts = ("dense", "expert") if part == "all" else (part,)
+    counts = [_count_rank_parameter_state(config, key, pp_rank, dp_rank, p) for p in parts]
+    total = [sum(getattr(n, f.name) for n in counts) for f in dataclasses.fields(RankParameters)]
+    total[4:] = [max(getattr(n, f.name) for n in counts) for f in dataclasses.fields(RankParameters)[4:]]
+    return RankParameters(*total)
 
 
 @functools.lru_cache(maxsize=4096)  # keyed on the frozen (hashable) GPTConfig and Layout
 def _count_rank_parameter_state(
-    config: GPTConfig, layout: Layout, pp_rank: int, dp_rank: int
+    config: GPTConfig, layout: Layout, pp_rank: int, dp_rank: int, part: str = "all"
 ) -> RankParameters:
     param_numel = buffer_numel = master_numel = num_masters = largest = largest_bucket = largest_unit = 0
+    shards = layout.dp if part != "expert" else layout.dp // layout.ep  # layout.dp is DP x CP here
+    distributed = layout.distributed_optimizer and shards > 1
+    dp_rank %= shards
     for params in rank_parameters(config, layout, pp_rank):
+        if part == "dense":
+            params = [p for p in params if not is_expert_parameter(p.name)]
+        elif part == "expert":  # this rank's E / ep experts
+            params = [dataclasses.replace(p, shape=(p.shape[0] // layout.ep, *p.shape[1:]))
+                      for p in params if is_expert_parameter(p.name)]
         numel, buckets = gradient_buffer(
-            params, layout.dp, layout.distributed_optimizer, layout.bucket_size_mb, layout.zero_stage == 3
+            params, shards, distributed, layout.bucket_size_mb, layout.zero_stage == 3
         )
         buffer_numel += numel
         param_numel += sum(p.numel for p in params)
@@ -222,11 +244,11 @@ def _count_rank_parameter_state(
         for p in params:
             units[sharding_unit(p.name)] = units.get(sharding_unit(p.name), 0) + p.numel
         largest_unit = max([largest_unit, *units.values()])
-        if not layout.distributed_optimizer:
+        if not distributed:
             master_numel, num_masters = master_numel + sum(p.numel for p in params), num_masters + len(params)
             continue
         for b in buckets:
-            n = (b.end - b.start) // layout.dp
+            n = (b.end - b.start) // shards
             lo, hi = b.start + dp_rank * n, b.start + (dp_rank + 1) * n
             for start, end in b.members:
                 owned = min(hi, end) - max(lo, start)
@@ -236,9 +258,19 @@ def _count_rank_parameter_state(
 
 
 def static_memory(config: GPTConfig, layout: Layout, pp_rank: int, dp_rank: int = 0) -> StaticMemory:
-    """Weights, fp32 gradient buffers, fp32 masters and optimizer states of one GPU, in bytes."""
-    n = rank_parameter_state(config, layout, pp_rank, dp_rank)
-    distributed = layout.distributed_optimizer and layout.dp * layout.cp > 1
+    """Weights, fp32 gradient buffers, fp32 masters and optimizer states of one GPU, in bytes
+    (with expert parallelism: the dense part over DP x CP plus the experts' over expert-DP)."""
+    if layout.ep == 1:
+        return _static_memory(rank_parameter_state(config, layout, pp_rank, dp_rank), layout, layout.dp * layout.cp)
+    dense = _static_memory(rank_parameter_state(config, layout, pp_rank, dp_rank, "dense"), layout,
+                           layout.dp * layout.cp)
+    expert = _static_memory(rank_parameter_state(config, layout, pp_rank, dp_rank, "expert"), layout,
+                            layout.expert_dp)
+    return StaticMemory(*(getattr(dense, f.name) + getattr(expert, f.name) for f in dataclasses.fields(StaticMemory)))
+
+
+def _static_memory(n: RankParameters, layout: Layout, shards: int) -> StaticMemory:
+    distributed = layout.distributed_optimizer and shards > 1
     stage = layout.zero_stage
     per_element = MASTER_BYTES * (2 if layout.optimizer == "adam" else 1)
     states = n.masters * per_element
@@ -254,8 +286,8 @@ def static_memory(config: GPTConfig, layout: Layout, pp_rank: int, dp_rank: int 
         masters = 0 if layout.dtype == "fp32" else (n.masters - moved) * MASTER_BYTES
         states = int(states * (1 - f))
     return StaticMemory(
-        weights=weights // (layout.dp * layout.cp) if stage == 3 else weights,
-        gradients=n.buffer * GRAD_BYTES // (layout.dp * layout.cp if stage >= 2 else 1),
+        weights=weights // shards if stage == 3 else weights,
+        gradients=n.buffer * GRAD_BYTES // (shards if stage >= 2 else 1),
         master_weights=masters,
         optimizer_states=states,
         host=host,
@@ -402,8 +434,9 @@ def attention_bytes(config: GPTConfig, layout: Layout, tokens: int, attention: s
     return e * tokens * d * kept + lse
 
 
-def layer_activation_bytes(config: GPTConfig, layout: Layout, device: Device = "cuda") -> int:
-    """One transformer layer, one microbatch, one GPU, without full recompute."""
+def layer_activation_bytes(config: GPTConfig, layout: Layout, device: Device = "cuda", layer: int = 0) -> int:
+    """Transformer layer ``layer``, one microbatch, one GPU, without full recompute (an MoE layer's
+    MLP: megafast.planner.moe)."""
     c, t, e = config, layout.tp, DTYPE_BYTES[layout.dtype]
     k = resolve_kernels(c, layout, device)
     s, tokens = layout.local_seq_length, layout.local_seq_length * layout.micro_batch_size
@@ -418,7 +451,8 @@ def layer_activation_bytes(config: GPTConfig, layout: Layout, device: Device = "
         2 * _norm_bytes(c, tokens / u, e, k.ops)
         + 2 * e * tokens * h
         + attention_bytes(c, layout, tokens, k.attention)
-        + e * tokens * widths * c.ffn_hidden_size // t
+        + (moe_mlp_activation_bytes(c, tokens, e, k.ops, layout.micro_batch_size) if c.is_moe_layer(layer)
+           else e * tokens * widths * c.ffn_hidden_size // t)
         + 2 * _mask_bytes(c, e, device) * tokens * h / u
         + rope
     )
@@ -438,9 +472,13 @@ def chunk_activation_bytes(config: GPTConfig, layout: Layout, stage: Stage, devi
     u = t if layout.sequence_parallel else 1
     h, hidden = c.hidden_size, e * tokens * c.hidden_size / u  # one [s/u, b, h] tensor
     plan = recompute_plan(layout_config(c, layout), stage.num_layers)
-    layer = layer_activation_bytes(c, layout, device)
+    first = stage.layer_range[0]
+    if c.is_moe:  # MoE and dense layers differ
+        layers = [layer_activation_bytes(c, layout, device, first + i) for i in range(stage.num_layers)]
+    else:
+        layers = [layer_activation_bytes(c, layout, device)] * stage.num_layers
     # a checkpointed group keeps only its input; the other layers keep everything
-    total = sum(hidden if ckpt else (end - start) * layer for start, end, ckpt in plan)
+    total = sum(hidden if ckpt else sum(layers[start:end]) for start, end, ckpt in plan)
     plain = not all(ckpt for _, _, ckpt in plan)
     if c.position_embedding_type == "rope" and plain and (k.rope != "torch" or e == 4):
         total += 2 * 4 * _rope_rows(layout) * c.head_dim  # the fp32 cos/sin tables, shared by the layers
@@ -527,6 +565,8 @@ def activation_memory(
     per_chunk = [chunk_activation_bytes(c, layout, st, device) for st in stages]
     count, stored = _in_flight(layout, pp_rank, per_chunk)
     layer = layer_activation_bytes(c, layout, device)
+    if c.is_moe:  # the largest layer (MoE and dense layers differ)
+        layer = max(layer_activation_bytes(c, layout, device, i) for i in range(c.num_layers))
     fc1 = c.ffn_hidden_size * (2 if c.activation == "swiglu" else 1) // t
     backward = e * tokens * (fc1 + 2 * c.hidden_size)  # gradients of a layer's widest activations
     if layout.recompute == "full":  # the longest checkpointed group, rematerialised at once

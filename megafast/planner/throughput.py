@@ -31,6 +31,10 @@ Communication, with ring algorithms over n ranks at ``bandwidth * comm_efficienc
   parameters (e bytes per element). The reduction overlaps the last microbatch's backward
   (bucketed): only ``max(0, t_reduce - t_backward)`` is exposed; the parameter all-gather is not.
   Tied embeddings with pipelining all-reduce their gradient between the first and last stage.
+- EP (MoE, ``Layout.ep`` > 1): per MoE layer and microbatch, 4 dispatcher collectives (dispatch
+  and combine, forward and backward) of :func:`megafast.planner.moe.dispatch_bytes` over a group
+  of tp x ep GPUs, synchronous (they add to the compute time). Expert gradients are reduced over
+  the expert-DP ranks (dp x cp / ep), dense ones over DP, each bucketed as above.
 - Optimizer: memory-bound, ``(4 grad + 8 master + 2 * 4 * states + e param) * owned elements``
   bytes over ``hbm_gbps``.
 
@@ -57,6 +61,7 @@ from megafast.planner.flops import (
 )
 from megafast.planner.layout import DTYPE_BYTES, Layout, layout_config, rank_stages
 from megafast.planner.memory import GB, RankMemory, peak_memory, rank_parameter_state, resolve_kernels
+from megafast.planner.moe import dispatch_bytes, num_moe_layers
 
 SECONDS_PER_DAY = 86400.0
 
@@ -126,10 +131,12 @@ class StepTime:
     bubble: float
     dp_comm: float  # exposed DP reduction + parameter all-gather + tied-embedding sync
     optimizer: float
+    ep_comm: float = 0.0  # MoE token dispatch and combine over the expert-parallel group
 
     @property
     def total(self) -> float:
-        return self.compute + self.tp_comm + self.pp_comm + self.bubble + self.dp_comm + self.optimizer
+        return (self.compute + self.tp_comm + self.pp_comm + self.bubble + self.dp_comm + self.optimizer
+                + self.ep_comm)
 
 
 def step_time(config: GPTConfig, layout: Layout, cluster: Cluster) -> StepTime:
@@ -150,7 +157,11 @@ def step_time(config: GPTConfig, layout: Layout, cluster: Cluster) -> StepTime:
     tp_per_layer = 4 * all_reduce_seconds(activation, t, tp_bw)
     p2p = activation / (t if layout.sequence_parallel else 1) / pp_bw if p > 1 else 0.0
 
-    slowest = (0.0, 0.0, 0.0)  # (compute, tp, pp) of one microbatch on the slowest rank
+    ep_bw = cluster.bandwidth(t * layout.ep)
+    # one dispatcher collective of one MoE layer (the layer routes every token of the micro-batch)
+    ep_collective = dispatch_bytes(c, layout.local_seq_length * layout.micro_batch_size, e, layout.ep,
+                                   layout.moe_token_dispatcher_type) / ep_bw
+    slowest = (0.0, 0.0, 0.0, 0.0)  # (compute, tp, pp, ep) of one microbatch on the slowest rank
     backward = 0.0
     for r in range(p):
         stages = rank_stages(cfg, layout, r)
@@ -163,7 +174,9 @@ def step_time(config: GPTConfig, layout: Layout, cluster: Cluster) -> StepTime:
         tp = (layers * tp_per_layer + again * 2 * all_reduce_seconds(activation, t, tp_bw)
               + (pre + post) * all_reduce_seconds(activation, t, tp_bw))
         boundaries = 2 * v - pre - post  # chunk inputs received + chunk outputs sent
-        times = (compute, tp, boundaries * 2 * p2p)  # each boundary: activation out, gradient back
+        moe_layers = sum(num_moe_layers(c, *st.layer_range) for st in stages)
+        times = (compute, tp, boundaries * 2 * p2p,  # each boundary: activation out, gradient back
+                 4 * moe_layers * ep_collective)
         if sum(times) > sum(slowest):
             slowest, backward = times, compute * 2 / 3
     name = schedule_name(p, v, layout.pipeline_schedule)
@@ -174,14 +187,17 @@ def step_time(config: GPTConfig, layout: Layout, cluster: Cluster) -> StepTime:
     distributed = layout.distributed_optimizer and d > 1
     stage = layout.zero_stage
     worst_dp, worst_opt = 0.0, 0.0
+    groups = [("all", d)] if layout.ep == 1 else [("dense", d), ("expert", d // layout.ep)]
     for r in range(p):
-        state = rank_parameter_state(cfg, layout, r)
-        numel, owned = state.buffer, state.masters
-        if distributed:
-            reduce = all_gather_seconds(4 * numel, d, dp_bw)
-            gather = all_gather_seconds(e * numel, d, dp_bw)
-        else:
-            reduce, gather = all_reduce_seconds(4 * numel, d, dp_bw), 0.0
+        reduce = gather = owned = 0.0
+        for part, n in groups:  # expert parallelism: dense buffers over DP, expert buffers over expert-DP
+            state = rank_parameter_state(cfg, layout, r, part=part)
+            numel, owned = state.buffer, owned + state.masters
+            if distributed and n > 1:
+                reduce += all_gather_seconds(4 * numel, n, dp_bw)
+                gather += all_gather_seconds(e * numel, n, dp_bw)
+            else:
+                reduce += all_reduce_seconds(4 * numel, n, dp_bw)
         if stage == 3:  # per microbatch: gather for forward and for backward, reduce-scatter in backward
             exposed = m * (max(0.0, gather - backward / 2) + max(0.0, gather + reduce - backward))
         elif stage == 2:  # a reduce-scatter after every microbatch's backward, the gather after the step
@@ -196,8 +212,8 @@ def step_time(config: GPTConfig, layout: Layout, cluster: Cluster) -> StepTime:
         if f > 0:  # gradients down and weights up over PCIe, the update in host memory
             opt += f * owned * ((4 + e) / (HOST_LINK_GBPS * 1e9) + touched / owned / (HOST_MEMORY_GBPS * 1e9))
         worst_dp, worst_opt = max(worst_dp, exposed), max(worst_opt, opt)
-    compute, tp, pp = (m * x for x in slowest)
-    return StepTime(compute, tp, pp, bubble_s, worst_dp, worst_opt)
+    compute, tp, pp, ep = (m * x for x in slowest)
+    return StepTime(compute, tp, pp, bubble_s, worst_dp, worst_opt, ep)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
 """Per-iteration training log: Megatron's stdout line plus tokens/s, TFLOP/s and MFU; the same
-figures to TensorBoard and to ``--log-jsonl`` (one JSON object per logged iteration).
+figures to TensorBoard and to ``--log-jsonl`` (one JSON object per logged iteration). MoE runs add
+the router losses to all three and, per MoE layer, the choices routed to each expert per iteration
+(TensorBoard ``moe/layer_{i}/tokens_per_expert/expert_{e}``, JSON ``tokens_per_expert``).
 
 Only one rank logs (the caller decides which); files are appended line by line and flushed, so
 a killed run leaves every completed line intact.
@@ -36,6 +38,8 @@ class IterationStats:
     task_losses: Optional[dict[str, float]] = None  # fine-tuning: mean loss of each task's answer tokens
     moe_losses: Optional[dict[str, float]] = None  # MoE: load_balancing_loss / z_loss (megafast.training.moe_metrics)
     epoch: Optional[float] = None  # --train-epochs: passes over the training data done (consumed / per epoch)
+    # MoE: layer -> choices routed to each expert per iteration (megafast.training.moe_metrics)
+    tokens_per_expert: Optional[dict[int, list[float]]] = None
 
     def line(self) -> str:
         grad_norm = "n/a" if self.grad_norm is None else f"{self.grad_norm:.3f}"
@@ -77,6 +81,8 @@ class IterationStats:
             **({"task_losses": self.task_losses} if self.task_losses is not None else {}),
             **(self.moe_losses or {}),
             **({"epoch": self.epoch} if self.epoch is not None else {}),
+            **({"tokens_per_expert": {str(i): v for i, v in self.tokens_per_expert.items()}}
+               if self.tokens_per_expert is not None else {}),
         }
 
 
@@ -112,6 +118,11 @@ class TrainingLogger:
                 if key == "task_losses":
                     for task, loss in value.items():
                         self.writer.add_scalar(f"train/task_loss/{task}", loss, stats.iteration)
+                elif key == "tokens_per_expert":  # one scalar per expert of each MoE layer
+                    for layer, counts in value.items():
+                        for e, count in enumerate(counts):
+                            self.writer.add_scalar(f"moe/layer_{layer}/tokens_per_expert/expert_{e}", count,
+                                                   stats.iteration)
                 elif key != "iteration" and value is not None:
                     self.writer.add_scalar(f"train/{key}", value, stats.iteration)
             self.writer.flush()

@@ -596,6 +596,7 @@ def _train_loop(run: Run, prefetcher: MicroBatchPrefetcher | InlineMicroBatchRea
                 skipped_iterations=step.num_skipped, nan_iterations=int(nan_iterations.item()),
                 task_losses=task_meter.means() if num_tasks else None,
                 moe_losses=moe_meter.means() or None,
+                tokens_per_expert=moe_meter.tokens_per_expert() or None,
                 epoch=run.consumed_samples / run.samples_per_epoch if run.samples_per_epoch else None,
             ))
             interval_loss.zero_()

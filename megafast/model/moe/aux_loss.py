@@ -11,7 +11,8 @@ trained objective is
 for which the pipeline engine sets ``backward_scale = loss_scale / (micro-batches * DP size)``
 before each step (DP gradients are summed, the LM loss being normalised by the global token
 count). One :class:`MoELossTracker` per model chunk (no module globals) holds that scale and the
-losses' values, summed on the device for logging.
+losses' values, summed on the device for logging, and, per MoE layer, how many token choices each
+expert received (after any capacity drop), for the log's tokens-per-expert figures.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class MoELossTracker:
         self.backward_scale: Scale = 1.0
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}  # records per name (MoE layers x micro-batches on this chunk)
+        self.tokens_per_expert: dict[int, torch.Tensor] = {}  # layer number -> [E] int64 (device)
 
     def record(self, name: str, layer_number: int, loss: torch.Tensor) -> None:
         """Add one layer's loss value (not when autograd reruns a forward for activation recompute)."""
@@ -41,9 +43,19 @@ class MoELossTracker:
         self.sums[name] = self.sums[name] + value if name in self.sums else value
         self.counts[name] = self.counts.get(name, 0) + 1
 
+    def record_tokens(self, layer_number: int, indices: torch.Tensor, num_experts: int) -> None:
+        """Add the routed choices of one forward, ``indices`` [T, k] (-1: dropped), as counts per expert
+        (on the device, no host synchronisation; not again when a recompute reruns the forward)."""
+        if torch._C._current_graph_task_id() != -1:
+            return
+        counts = torch.bincount((indices.detach() + 1).flatten(), minlength=num_experts + 1)[1:]  # [E]
+        seen = self.tokens_per_expert.get(layer_number)
+        self.tokens_per_expert[layer_number] = counts if seen is None else seen + counts
+
     def reset(self) -> None:
         self.sums.clear()
         self.counts.clear()
+        self.tokens_per_expert.clear()
 
 
 class _AttachLoss(torch.autograd.Function):

@@ -183,4 +183,6 @@ class TopKRouter(nn.Module):
                 probs = attach_loss(probs, loss, self.tracker)
                 if self.tracker is not None:
                     self.tracker.record(name, self.layer_number, loss)
+            if self.tracker is not None:
+                self.tracker.record_tokens(self.layer_number, indices, cfg.num_experts)
         return probs.to(x.dtype), indices
