@@ -102,8 +102,12 @@ def check_run_config(hf: GPTConfig, run: GPTConfig, where: str) -> list[str]:
 def open_hf_pretrained(directory: str, run: GPTConfig) -> tuple[HFSource, list[str]]:
     """The HF model as a converter source, checked against the run's config (config and weight
     index only: no tensor data is read). Returns (source, notes)."""
-    source = HFSource(directory, run.make_vocab_size_divisible_by)
-    return source, check_run_config(source.config, run, f"--pretrained-checkpoint {directory}")
+    where = f"--pretrained-checkpoint {directory}"
+    try:
+        source = HFSource(directory, run.make_vocab_size_divisible_by)
+    except ValueError as e:
+        raise ValueError(f"--pretrained-checkpoint: {e}") from None
+    return source, check_run_config(source.config, run, where)
 
 
 @torch.no_grad()
