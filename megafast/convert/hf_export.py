@@ -45,6 +45,9 @@ def export_hf_checkpoint(
     """
     if lora_format is not None and lora_format not in LORA_FORMATS:
         raise ValueError(f"--lora-format must be one of {', '.join(LORA_FORMATS)}, got {lora_format!r}")
+    if lora_format is not None and (not os.path.isdir(opts.load_dir) or committed(opts.load_dir) is None):
+        raise ValueError(f"--load-dir {opts.load_dir} holds no committed megafast checkpoint "
+                         "(latest_checkpointed_iteration.txt): give a LoRA run's --save directory")
     lora = is_lora_checkpoint(opts.load_dir)
     if lora_format is not None and not lora:
         raise ValueError(f"--lora-format {lora_format}: {opts.load_dir} holds no LoRA adapters (a full model): "
