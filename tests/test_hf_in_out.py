@@ -209,3 +209,42 @@ def test_bad_hf_directories_and_save_hf_flags(hf_dir, tmp_path, monkeypatch):
         base + ["--save-hf"], monkeypatch)
     assert "must differ from --save" in _setup_error(base + ["--save", str(tmp_path / "s"), "--save-hf",
                                                              str(tmp_path / "s")], monkeypatch)
+
+
+def _pp2_worker(rank: int, world: int, hf_dir: str, converted: str) -> bool:
+    """Both loads at PP = 2 (bf16 parameters from fp32 weights): every state-dict tensor equal."""
+    from megafast.config import ParallelConfig
+    from megafast.convert.hf_pretrained import load_hf_into_chunks, open_hf_pretrained
+    from megafast.parallel.state import ParallelState
+    from megafast.pipeline.partition import build_model_chunks
+    from megafast.training.checkpointing import load_checkpoint
+
+    state = ParallelState.create(ParallelConfig(pipeline_model_parallel_size=world))
+    source, _ = open_hf_pretrained(hf_dir, _tied_config(hf_dir))
+    models = []
+    for seed in (1, 2):
+        chunks = build_model_chunks(source.config, state, seed=seed, params_dtype=torch.bfloat16)
+        models.append(chunks)
+    load_hf_into_chunks(source, models[0], source.config, state.tp_rank, state.tp_size)
+    assert load_checkpoint(converted, models[1], None, None, state, finetune=True) is not None
+    a, b = models[0][0].state_dict(), models[1][0].state_dict()
+    assert a.keys() == b.keys() and ("output_layer.weight" in a) == (rank == world - 1)
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _tied_config(hf_dir: str):
+    from megafast.convert.converter import HFSource
+
+    return HFSource(hf_dir, 1).config
+
+
+def test_pp2_tied_embeddings_load_equals_the_converted_checkpoint(tmp_path):
+    """Each pipeline stage reads only its own layers; the last stage's tied output layer is the embedding."""
+    from dist import run_distributed
+
+    hf_dir = tmp_path / "tied"
+    hf_models.save(hf_models.build("llama_tied", seed=4), "llama_tied", str(hf_dir))
+    converted = tmp_path / "converted"
+    convert_checkpoint(ConvertOptions("hf", "megafast", str(hf_dir), str(converted), target_pipeline_parallel_size=2,
+                                      make_vocab_size_divisible_by=1, progress=False))
+    assert run_distributed(_pp2_worker, 2, str(hf_dir), str(converted)) == [True, True]

@@ -11,7 +11,7 @@
    this model's flags otherwise); RoPE base and scaling, window and dropout may differ on
    purpose (context extension) and are reported as notes. This runs before the model is built.
 3. :func:`load_hf_into_chunks` streams the converter's groups (one layer at a time, as
-   ``convert.py --loader hf`` does), shards each full tensor for this rank exactly as the
+   ``convert.py --loader hf`` does; a pipeline stage reads only its own layers), shards each full tensor for this rank exactly as the
    converter's megafast writer does (``layout.shard_full``, vocabulary padded to the run's
    multiple) and copies it into the rank's parameters. LoRA adapters keep their initial values
    (the frozen base is what is loaded); QLoRA quantizes afterwards, as after any load.
@@ -32,6 +32,7 @@ from torch import nn
 from megafast.checkpoint import layout
 from megafast.checkpoint.paths import TRACKER_FILE
 from megafast.config import GPTConfig
+from megafast.convert import hf_keymap
 from megafast.convert.converter import HFSource, model_flags
 from megafast.convert.hf_io import CONFIG_FILE
 from megafast.model.lora import is_adapter_name
@@ -126,7 +127,12 @@ def load_hf_into_chunks(
                 targets.setdefault(name, []).append(tensor)
     tied_output = run.tie_embeddings and layout.OUTPUT_LAYER in targets
     filled = set()
-    for _, tensors in source.groups():
+    specs = dict(layout.groups(source.config))
+    for label, rules in source.rules:  # only the groups this rank holds are read (pipeline stages)
+        rules = [r for r in rules if r.megafast in targets or (tied_output and r.megafast == layout.WORD_EMBEDDINGS)]
+        if not rules:
+            continue
+        tensors = hf_keymap.import_group(rules, specs[label], source.checkpoint.get, source.config, source.directory)
         for name, full in tensors.items():
             full = full.to(source.dtype)  # as the converter's writer stores it (mixed-dtype files too)
             names = [name] + ([layout.OUTPUT_LAYER] if tied_output and name == layout.WORD_EMBEDDINGS else [])
