@@ -4,17 +4,19 @@
 
 1. :func:`is_hf_model_dir` tells an HF directory (``config.json``, no megafast commit file) from a
    megafast checkpoint.
-2. :func:`open_hf_pretrained` reads only ``config.json`` and the weight index, builds the
+2. :func:`open_hf_pretrained` reads ``config.json``, the weight index and the weights' dtype, builds the
    model's GPTConfig with the converter's own family code (megafast.convert.hf_llama / hf_gpt2 /
    hf_moe) and compares it with the run's GPTConfig (:func:`check_run_config`): every field that
    shapes or computes the model must agree (a one-line ValueError naming the field, the flag and
-   this model's flags otherwise); RoPE base and scaling, window and dropout may differ on
-   purpose (context extension) and are reported as notes. This runs before the model is built.
+   this model's flags otherwise); RoPE base and scaling and the window may differ on purpose
+   (context extension) and are reported as notes; dropout and init are the run's own. This runs
+   before the model is built.
 3. :func:`load_hf_into_chunks` streams the converter's groups (one layer at a time, as
-   ``convert.py --loader hf`` does; a pipeline stage reads only its own layers), shards each full tensor for this rank exactly as the
-   converter's megafast writer does (``layout.shard_full``, vocabulary padded to the run's
-   multiple) and copies it into the rank's parameters. LoRA adapters keep their initial values
-   (the frozen base is what is loaded); QLoRA quantizes afterwards, as after any load.
+   ``convert.py --loader hf`` does; a pipeline stage reads only its own layers), shards each full
+   tensor for this rank exactly as the converter's megafast writer does (``layout.shard_full``,
+   vocabulary padded to the run's multiple) and copies it into the rank's parameters. LoRA
+   adapters keep their initial values (the frozen base is what is loaded); QLoRA quantizes
+   afterwards, as after any load.
 
 So the weights equal, bit for bit, those of ``convert.py --loader hf --saver megafast`` at the
 run's TP/PP followed by ``--pretrained-checkpoint`` of that checkpoint: the same exact transforms,
@@ -101,8 +103,8 @@ def check_run_config(hf: GPTConfig, run: GPTConfig, where: str) -> list[str]:
 
 
 def open_hf_pretrained(directory: str, run: GPTConfig) -> tuple[HFSource, list[str]]:
-    """The HF model as a converter source, checked against the run's config (config and weight
-    index only: no tensor data is read). Returns (source, notes)."""
+    """The HF model as a converter source, checked against the run's config (config.json, the
+    weight index and the embedding's dtype are read, no other tensor). Returns (source, notes)."""
     where = f"--pretrained-checkpoint {directory}"
     try:
         source = HFSource(directory, run.make_vocab_size_divisible_by)

@@ -73,7 +73,8 @@ def _full_adapters(lora_iter: str) -> dict[str, tuple[torch.Tensor, torch.Tensor
     out = {}
     for layer, ab in parts.items():
         if len(ab["a"]) != tp or len(ab["b"]) != tp:
-            raise ValueError(f"{lora_iter}: adapter {layer} is on {len(ab['a'])} of {tp} TP ranks: incomplete checkpoint")
+            raise ValueError(f"{lora_iter}: adapter {layer} is on {len(ab['a'])} of {tp} TP ranks: "
+                             "the checkpoint is incomplete")
         out[layer] = ab["a"], ab["b"]
     return out
 
@@ -91,7 +92,9 @@ def _gather(layer: str, a_parts: list[torch.Tensor], b_parts: list[torch.Tensor]
     return unshard(a_parts, 1, 1), b_parts[0]  # row-parallel: A split by input columns, B replicated
 
 
-def _peft_modules(rule: Rule, a: torch.Tensor, b: torch.Tensor, config: GPTConfig) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+def _peft_modules(
+    rule: Rule, a: torch.Tensor, b: torch.Tensor, config: GPTConfig
+) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """(HF module, A, B) of the PEFT adapters that compute megafast's s * B A on ``rule``'s weight."""
     modules = [name[: -len(".weight")] for name in rule.hf]
     if rule.kind in ("copy", "transpose"):
