@@ -35,6 +35,8 @@ from megafast.data.sft_format import sft_paths
 from megafast.training.data_parallel import SHARDING_STRATEGIES, resolve_sharding_strategy
 
 
+SAVE_HF_DEFAULT = "{save}/hf"  # --save-hf without a directory
+
 def _add_model(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--num-layers", type=int, required=True)
@@ -296,6 +298,10 @@ def _add_checkpoint_and_logging(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--finetune", action="store_true")
+    g.add_argument("--save-hf", nargs="?", const=SAVE_HF_DEFAULT, default=None, metavar="DIR",
+                   help="after each committed checkpoint also write Hugging Face weights (merged for LoRA) to "
+                        "DIR/iter_NNNNNNN, DIR/latest linking the newest (DIR default: {save}/hf); "
+                        "megafast.training.hf_weights")
     g = p.add_argument_group("logging and evaluation")
     g.add_argument("--log-interval", type=int, default=100)
     g.add_argument("--eval-interval", type=int, default=1000)
@@ -735,12 +741,25 @@ def validate_args(args: argparse.Namespace, world_size: int, vocab_size: Optiona
               "implemented yet; use 1 (every rank holds every expert)")
     _check_data_files(args)
     _check_finetuning(args)
+    _check_save_hf(args)
     try:
         config = model_config(args, model_vocab_size(args, vocab_size))
         validate_layout(config, pconf, world_size)
         validate_context_parallel(config, pconf, args.seq_length)
     except ValueError as e:
         _fail(str(e))
+
+
+def _check_save_hf(args: argparse.Namespace) -> None:
+    """--save-hf [DIR]: needs --save (the export follows each committed checkpoint); DIR defaults to {save}/hf."""
+    if args.save_hf is None:
+        return
+    if not args.save:
+        _fail("--save-hf writes HF weights after each committed checkpoint: add --save DIR")
+    if args.save_hf == SAVE_HF_DEFAULT:
+        args.save_hf = os.path.join(args.save, "hf")
+    if os.path.realpath(args.save_hf) == os.path.realpath(args.save):
+        _fail(f"--save-hf {args.save_hf} must differ from --save: give a directory of its own (default {{save}}/hf)")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

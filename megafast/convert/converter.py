@@ -210,6 +210,22 @@ class MegafastSink:
         self.writer.close()
 
 
+def export_family(config: GPTConfig, metadata: dict[str, Any]) -> ModuleType:
+    """The HF family a model exports as: the one it was converted from when it still fits, else the
+    first that fits; ValueError when none does."""
+    arch = metadata.get("architecture")
+    fitting = [f for f in FAMILIES if f.architecture_for(config) is not None]
+    if arch in architectures() and family_of(arch) in fitting:
+        return family_of(arch)
+    if fitting:
+        return fitting[0]
+    raise ValueError(
+        "the model has no Hugging Face equivalent among "
+        f"{', '.join(architectures())} (position embedding {config.position_embedding_type}, "
+        f"{config.normalization}, {config.activation}): it cannot be exported"
+    )
+
+
 class HFSink:
     """Writes the groups as an HF model directory (config, generation config, shards, tokenizer)."""
 
@@ -217,18 +233,7 @@ class HFSink:
         self, opts: ConvertOptions, source: MegafastSource, config: GPTConfig, dtype: torch.dtype
     ) -> None:
         self.opts, self.source, self.config, self.dtype = opts, source, config, dtype
-        arch = source.metadata.get("architecture")
-        fitting = [f for f in FAMILIES if f.architecture_for(config) is not None]
-        if arch in architectures() and family_of(arch) in fitting:
-            self.family = family_of(arch)
-        elif fitting:
-            self.family = fitting[0]
-        else:
-            raise ValueError(
-                "the model has no Hugging Face equivalent among "
-                f"{', '.join(architectures())} (position embedding {config.position_embedding_type}, "
-                f"{config.normalization}, {config.activation}): it cannot be exported"
-            )
+        self.family = export_family(config, source.metadata)
         self.hf_config = self.family.config_to_hf(config, source.metadata, dtype)  # raises if it cannot
         self.rules = dict(self.family.rule_groups(config))
         specs = hf_keymap.hf_specs(list(self.rules.items()), config)

@@ -16,13 +16,21 @@ run's args without the LoRA flags, so it loads as an ordinary model.
 A QLoRA run (``--qlora``) trained its adapters on the NF4 round trip of the base, so that is what
 they are merged into: each rank's base shard is quantized and dequantized exactly as the run did
 (megafast.model.qlora.dequantize_base_state, in the run's model dtype) before W_hat + s B A.
+
+The base may be a Hugging Face model directory (a run started with ``--pretrained-checkpoint
+HF_DIR``): it is converted first (``convert.py --loader hf --saver megafast`` at the LoRA run's
+TP/PP and vocabulary padding, into a temporary directory), exactly the weights that run loaded.
+``merge=False`` writes the base alone (dequantized for QLoRA): the unmerged base a PEFT export
+needs (megafast.convert.peft_export).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-from typing import Any
+import tempfile
+from typing import Any, Iterator
 
 import torch
 
@@ -62,12 +70,39 @@ def base_checkpoint_of(lora_args: dict[str, Any], lora_dir: str) -> str | None:
     return None
 
 
-def merge_lora_checkpoint(lora_dir: str, save_dir: str, base_dir: str | None = None) -> str:
-    """Write ``save_dir`` (a ``release`` checkpoint): the base with the adapters of ``lora_dir`` merged.
+@contextlib.contextmanager
+def megafast_base(base_dir: str, tp: int, pp: int, run_args: dict[str, Any], next_to: str) -> Iterator[str]:
+    """``base_dir`` itself when it is a megafast checkpoint; an HF model directory converted to a
+    temporary megafast checkpoint at (tp, pp) with the run's vocabulary padding (removed after)."""
+    from megafast.convert.hf_pretrained import is_hf_model_dir
+
+    if not is_hf_model_dir(base_dir):
+        yield base_dir
+        return
+    from megafast.convert.converter import ConvertOptions, convert_checkpoint
+
+    parent = os.path.dirname(os.path.abspath(next_to))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".hf-base-", dir=parent)
+    try:
+        convert_checkpoint(ConvertOptions(
+            loader="hf", saver="megafast", load_dir=base_dir, save_dir=tmp, target_tensor_parallel_size=tp,
+            target_pipeline_parallel_size=pp, overwrite=True, progress=False,
+            make_vocab_size_divisible_by=run_args.get("make_vocab_size_divisible_by"),
+        ))
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def merge_lora_checkpoint(lora_dir: str, save_dir: str, base_dir: str | None = None, merge: bool = True) -> str:
+    """Write ``save_dir`` (a ``release`` checkpoint): the base with the adapters of ``lora_dir`` merged
+    (``merge=False``: the base alone, dequantized for a QLoRA run).
 
     ``base_dir`` defaults to the run's ``--pretrained-checkpoint`` (or its ``--load`` with
-    ``--finetune``). Returns the written iteration directory. ValueError (one line) when the
-    checkpoint holds no adapters, the base is unknown or its layout or weights do not match.
+    ``--finetune``); a megafast checkpoint or an HF model directory. Returns the written iteration
+    directory. ValueError (one line) when the checkpoint holds no adapters, the base is unknown or
+    its layout or weights do not match.
     """
     lora_iter = _committed_dir(lora_dir, "LoRA checkpoint")
     lora_files = _rank_files(lora_iter)
@@ -80,18 +115,27 @@ def merge_lora_checkpoint(lora_dir: str, save_dir: str, base_dir: str | None = N
     if base_dir is None:
         raise ValueError(f"{lora_dir}: its args name no base checkpoint (--pretrained-checkpoint): pass the "
                          "checkpoint the LoRA run started from")
+    if os.path.realpath(save_dir) in (os.path.realpath(lora_dir), os.path.realpath(base_dir)):
+        raise ValueError(f"--save-dir {save_dir} must differ from the LoRA and base checkpoints")
+    tp, pp = max(t for t, _ in lora_files) + 1, max(p for _, p in lora_files) + 1
+    with megafast_base(base_dir, tp, pp, run_args, save_dir) as base:
+        return _merge(lora_files, lora_iter, base, save_dir, lora, run_args, merge)
+
+
+def _merge(lora_files: dict[tuple[int, int], str], lora_iter: str, base_dir: str, save_dir: str, lora: LoRAConfig,
+           run_args: dict[str, Any], merge: bool) -> str:
     base_files = _rank_files(_committed_dir(base_dir, "base checkpoint"))
     if set(base_files) != set(lora_files):
         raise ValueError(f"base checkpoint {base_dir} has (tp, pp) ranks {sorted(base_files)} but the LoRA "
                          f"checkpoint {sorted(lora_files)}: reshard the base with tools/checkpoint/convert.py")
-    if os.path.realpath(save_dir) in (os.path.realpath(lora_dir), os.path.realpath(base_dir)):
-        raise ValueError(f"--save-dir {save_dir} must differ from the LoRA and base checkpoints")
     qlora = QLoRAConfig.from_args(run_args)  # a QLoRA run trained on the NF4 round trip of the base
     run_dtype = (torch.bfloat16 if run_args.get("bf16") else
                  torch.float16 if run_args.get("fp16") else torch.float32)
     args = {k: v for k, v in run_args.items() if k not in LORA_ARGS}
     args.update(lora_rank=0, merged_lora=lora.to_dict())
-    if qlora is not None:
+    if not merge:
+        args.pop("merged_lora")
+    elif qlora is not None:
         args["merged_lora"]["qlora"] = {"block_size": qlora.block_size, "double_quant": qlora.double_quant}
     base_args = dict(load_file(next(iter(base_files.values()))).get("args") or {})
     if base_args.get(HF_METADATA):  # a base converted from HF: keep what its export needs
@@ -111,7 +155,8 @@ def merge_lora_checkpoint(lora_dir: str, save_dir: str, base_dir: str | None = N
             state.update(adapters[key])
             if qlora is not None:
                 state = dequantize_base_state(state, qlora, run_dtype)
-            merged[key] = merge_state_dict(state, lora.scale)
+            merged[key] = (merge_state_dict(state, lora.scale) if merge else
+                           {k: v for k, v in state.items() if not is_adapter_name(k)})
         rel = os.path.relpath(os.path.dirname(lora_path), lora_iter)
         layout = dict(adapters.get("parallel_layout") or {}, distributed_optimizer=False)
         path = os.path.join(out_dir, rel, MODEL_FILE)
@@ -123,4 +168,4 @@ def merge_lora_checkpoint(lora_dir: str, save_dir: str, base_dir: str | None = N
     return out_dir
 
 
-__all__ = ["base_checkpoint_of", "merge_lora_checkpoint"]
+__all__ = ["base_checkpoint_of", "megafast_base", "merge_lora_checkpoint"]

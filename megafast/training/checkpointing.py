@@ -40,7 +40,7 @@ import threading
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 import torch
@@ -178,6 +178,7 @@ class Checkpointer:
     With ``async_save`` :meth:`save` snapshots everything to CPU and returns while a thread
     writes; call :meth:`maybe_finalize` every iteration (it commits once all ranks are done) and
     :meth:`finalize` at the end. ``max_checkpoints`` keeps only the newest K committed iterations.
+    ``on_commit(iteration)`` runs on every rank once an iteration is committed (``--save-hf``).
     """
 
     def __init__(
@@ -187,6 +188,7 @@ class Checkpointer:
         *,
         async_save: bool = False,
         max_checkpoints: Optional[int] = None,
+        on_commit: Optional[Callable[[int], None]] = None,
     ) -> None:
         if max_checkpoints is not None and max_checkpoints < 1:
             raise ValueError(f"max_checkpoints must be >= 1 (or None to keep all), got {max_checkpoints}")
@@ -194,6 +196,7 @@ class Checkpointer:
         self.state = state
         self.async_save = async_save
         self.max_checkpoints = max_checkpoints
+        self.on_commit = on_commit  # called on every rank with each committed iteration (--save-hf)
         self._pending: Optional[_PendingSave] = None
         self._group: Optional[dist.ProcessGroup] = None  # None only when running as a single process
         self._dp_group: Optional[dist.ProcessGroup] = None  # None when dp == 1
@@ -346,6 +349,8 @@ class Checkpointer:
                 f"checkpoint {where} was written but rank 0 could not commit it to "
                 f"{os.path.join(self.save_dir, TRACKER_FILE)}" + (f": {commit_error}" if commit_error else "")
             ) from commit_error
+        if self.on_commit is not None:
+            self.on_commit(pending.iteration)
         return True
 
     def finalize(self) -> None:

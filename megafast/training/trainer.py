@@ -54,6 +54,7 @@ from megafast.planner.flops import device_peak_tflops, training_flops_per_token
 from megafast.training.checkpointing import Checkpointer, load_checkpoint
 from megafast.training.data_parallel import DataParallel
 from megafast.training.early_stopping import EarlyStopping
+from megafast.training.hf_weights import HFExporter, check_pretrained_hf, is_hf_model_dir, load_pretrained_hf
 from megafast.training.logging import IterationStats, Timer, TrainingLogger
 from megafast.training.lr_schedule import LRScheduler, ScheduleSteps, megatron_schedule_steps
 from megafast.training.moe_metrics import MoELossMeter
@@ -249,6 +250,7 @@ def setup(argv: Optional[Sequence[str]] = None) -> Run:
     vocab_size = model_vocab_size(args, tok_vocab)
     config = model_config(args, vocab_size)
     _check_parquet_dirs(args, vocab_size)
+    hf_notes = check_pretrained_hf(args.pretrained_checkpoint, config)  # an HF start: config.json vs the flags
 
     try:  # pure configuration: fail here, before any process group exists (--train-epochs: after the data)
         opt_config = _optimizer_config(args)
@@ -282,7 +284,10 @@ def setup(argv: Optional[Sequence[str]] = None) -> Run:
                        args.overlap_grad_reduce, sharding_strategy=args.data_parallel_sharding_strategy)
     optimizer = build_optimizer(chunks, ddp, replicas, opt_config)
     logger = TrainingLogger(state.rank == state.world_size - 1, args.tensorboard_dir, args.log_jsonl)
-    checkpointer = (Checkpointer(args.save, replicas, async_save=args.async_save, max_checkpoints=args.max_checkpoints)
+    hf_exporter = (HFExporter(args.save, args.save_hf, state, args.max_checkpoints)
+                   if args.save and args.save_hf else None)  # --save-hf: after each commit
+    checkpointer = (Checkpointer(args.save, replicas, async_save=args.async_save, max_checkpoints=args.max_checkpoints,
+                                 on_commit=hf_exporter)
                     if args.save else None)
     seq_local = args.seq_length // state.cp_size // (state.tp_size if state.sequence_parallel else 1)
     engine = PipelineEngine(chunks, state, (seq_local, args.micro_batch_size, config.hidden_size), dtype, device,
@@ -306,6 +311,8 @@ def setup(argv: Optional[Sequence[str]] = None) -> Run:
         run.early_stopping = EarlyStopping(args.early_stopping_patience, args.early_stopping_min_delta)
     if args.pretrained_checkpoint:
         _load_pretrained(run)
+    for note in hf_notes or []:
+        logger.info(f"note: --pretrained-checkpoint: {note}")
     if args.load:
         loaded = load_checkpoint(args.load, chunks, optimizer, scheduler, replicas, no_load_optim=args.no_load_optim,
                                  no_load_rng=args.no_load_rng, finetune=args.finetune,
@@ -353,6 +360,11 @@ def setup(argv: Optional[Sequence[str]] = None) -> Run:
 def _load_pretrained(run: Run) -> None:
     """``--pretrained-checkpoint``: model weights only (the frozen base of a LoRA run, or a start point)."""
     path = run.args.pretrained_checkpoint
+    if is_hf_model_dir(path):  # converted in memory to this run's layout (megafast.training.hf_weights)
+        run.args.hf_metadata, _ = load_pretrained_hf(path, run.chunks, run.config, run.state, run.ddp)
+        run.optimizer.reload_model_params()
+        run.logger.info(f"loaded pretrained weights from the Hugging Face model {path}")
+        return
     try:
         loaded = load_checkpoint(path, run.chunks, None, None, run.state.with_context_in_data(), finetune=True,
                                  ddp=run.ddp)
@@ -643,6 +655,8 @@ def pretrain(argv: Optional[Sequence[str]] = None) -> None:
     finally:
         if run.checkpointer is not None:
             run.checkpointer.close()
+            if run.checkpointer.on_commit is not None:
+                run.checkpointer.on_commit.close()
         run.logger.close()
     if dist.is_initialized():
         dist.barrier()

@@ -8,6 +8,8 @@
         --load-dir CKPT --save-dir CKPT_TP1 --target-tensor-parallel-size 1 --target-pipeline-parallel-size 1
     python tools/checkpoint/convert.py --model-type GPT --loader megafast --saver hf --merge-lora \
         --load-dir LORA_CKPT --save-dir HF_OUT        # a LoRA run: adapters merged into its base first
+    python tools/checkpoint/convert.py --model-type GPT --loader megafast --saver hf --lora-format peft \
+        --load-dir LORA_CKPT --save-dir ADAPTER      # PEFT adapter files + the unmerged base in ADAPTER/base
 
 HF models: LlamaForCausalLM (Llama 2/3, GQA), MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel,
 from model.safetensors (single or sharded with its index) or pytorch_model.bin. A megafast
@@ -25,6 +27,7 @@ from typing import Optional, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from megafast.convert.converter import ConvertOptions, convert_checkpoint, finetune_flags  # noqa: E402
+from megafast.convert.hf_export import export_hf_checkpoint  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="megafast loader: --load-dir is a LoRA run's checkpoint (adapters only); merge the "
                         "adapters into its base model first (megafast.convert.lora_merge)")
     p.add_argument("--lora-base-dir", default=None,
-                   help="with --merge-lora: the base checkpoint (default: the run's --pretrained-checkpoint)")
+                   help="with --merge-lora / --lora-format: the base (a megafast checkpoint or an HF model directory; "
+                        "default: the run's --pretrained-checkpoint)")
+    p.add_argument("--lora-format", choices=["merged", "peft"], default=None,
+                   help="--saver hf of a LoRA run's checkpoint: merged (the default, as --merge-lora) writes "
+                        "the merged model; peft writes PEFT's adapter_config.json + adapter_model.safetensors "
+                        "and the unmerged base model in SAVE_DIR/base (megafast.convert.peft_export)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -71,11 +79,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         max_shard_size=a.max_shard_size, tokenizer_type=a.tokenizer_type, tokenizer_model=a.tokenizer_model,
         vocab_file=a.vocab_file, merge_file=a.merge_file, overwrite=a.overwrite, progress=not a.no_progress,
     )
-    if a.merge_lora:
+    if a.lora_format is not None and (a.loader, a.saver) != ("megafast", "hf"):
+        raise SystemExit("error: --lora-format applies to --loader megafast --saver hf (a LoRA run's checkpoint)")
+    if a.merge_lora and a.lora_format == "peft":
+        raise SystemExit("error: --merge-lora and --lora-format peft contradict each other: choose one")
+    if a.merge_lora and (a.loader, a.saver) != ("megafast", "hf"):
         written = _convert_merged(a, opts)
     else:
         try:
-            written = convert_checkpoint(opts)
+            if (a.loader, a.saver) == ("megafast", "hf"):  # a LoRA checkpoint: merged unless --lora-format peft
+                lora_format = a.lora_format or ("merged" if a.merge_lora else None)
+                written = export_hf_checkpoint(opts, lora_format, a.lora_base_dir)
+            else:
+                written = convert_checkpoint(opts)
         except ValueError as exc:
             raise SystemExit(f"error: {exc}") from None
     print(f"wrote {written}")
