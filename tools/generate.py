@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from megafast.checkpoint.args import HF_METADATA, tokenizer_from_args  # noqa: E402
+from megafast.checkpoint.megatron_format import megatron_format, open_megatron_checkpoint  # noqa: E402
 from megafast.checkpoint.reader import MegafastCheckpointReader  # noqa: E402
 from megafast.config import ParallelConfig  # noqa: E402
 from megafast.generation.generator import Generator, load_for_generation  # noqa: E402
@@ -109,7 +110,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise SystemExit("error: --bf16 and --fp16 are exclusive: choose one")
     try:
         sampling = SamplingConfig(a.temperature, a.top_k, a.top_p)
-        reader = MegafastCheckpointReader(a.load, a.true_vocab_size)
+        if megatron_format(a.load):  # a Megatron-LM checkpoint (legacy or torch_dist), read as is
+            reader = open_megatron_checkpoint(a.load, a.true_vocab_size)
+        else:
+            reader = MegafastCheckpointReader(a.load, a.true_vocab_size)
         tokenizer = None
         try:
             tokenizer = _tokenizer(a, reader)
