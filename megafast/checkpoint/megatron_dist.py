@@ -102,11 +102,13 @@ class MegatronDistReader(MegatronReader):
 
     def _load(self, state_dict: dict[str, Any], planner: Any = None) -> None:
         dcp, _ = _dcp()
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
         try:
             with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": single process, on purpose
                 warnings.simplefilter("ignore")
                 dcp.load(state_dict, storage_reader=self._storage, planner=planner, no_dist=True)
-        except Exception as exc:  # noqa: BLE001 - missing or truncated .distcp files
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001 - missing or truncated .distcp files
             raise ValueError(
                 f"cannot read {', '.join(list(state_dict)[:2])} from {self.directory} ({reason(exc)}): "
                 "the checkpoint is truncated or corrupted"
