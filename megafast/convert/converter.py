@@ -171,11 +171,12 @@ class MegatronSource:
         self.directory = directory
 
     def tokenizer(self) -> dict[str, Any]:
-        """The run's tokenizer entries when they can be used here (NullTokenizer, or files that exist)."""
+        """The run's tokenizer entries when its files exist here. A NullTokenizer is left out: the
+        vocabulary size stays in the args (its EOD convention changed between Megatron versions)."""
         args = self.reader.args
         kind = args.get("tokenizer_type")
         paths = [args.get(k) for k in ("tokenizer_model", "vocab_file", "merge_file") if args.get(k)]
-        if kind is None or (kind != "NullTokenizer" and not all(os.path.exists(p) for p in paths)):
+        if kind in (None, "NullTokenizer") or not all(os.path.exists(p) for p in paths):
             return {}
         return {k: args.get(k) for k in TOKENIZER_ARGS}
 
