@@ -193,7 +193,7 @@ def test_pretrain_loads_a_megatron_checkpoint_directly(megatron, tmp_path):
     from megafast.training.checkpointing import load_checkpoint
 
     with pytest.raises(ValueError, match="pass --finetune"):
-        load_checkpoint(str(out / "torch"), [], None, None, ParallelState.single())
+        load_checkpoint(str(out / "torch"), [torch.nn.Linear(1, 1)], None, None, ParallelState.single())
 
 
 def test_saver_megatron_is_read_by_megatron_lm(megatron, tmp_path):
