@@ -106,6 +106,12 @@ def _worker(rank: int, world: int, opts: argparse.Namespace) -> None:
 
         args.load, args.ckpt_format, args.use_dist_ckpt = opts.load, "torch", False
         args.finetune, args.no_load_optim, args.no_load_rng = True, True, True
+        make_tensor = torch.tensor  # its read_metadata all-reduces the iteration in a device="cuda" tensor
+
+        def cpu_tensor(*a, **k):
+            return make_tensor(*a, **{**k, "device": "cpu"} if k.get("device") == "cuda" else k)
+
+        torch.tensor = cpu_tensor
         iteration, _ = load_checkpoint([model], None, None, strict=True)
         assert iteration == 0, iteration
     else:
