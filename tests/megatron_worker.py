@@ -9,8 +9,8 @@ TP x PP spawned ranks, and saves it twice with Megatron-LM's own ``save_checkpoi
 Megatron model's own forward (pipeline stages joined by send/recv) on fixed tokens and writes
 ``DIR/reference.pt``: the tokens, the logits [1, s, V] (fp32, padding columns cut) and the greedy
 continuation of a prompt (full forward per new token). Megatron's CPU path needs a few stand-ins
-(``torch.cuda.current_device``, ``get_rng_state``, ``synchronize``, ``get_device_properties``, torch.compile off; ``typing.override`` on
-Python 3.11): they live in this process only. This file is a script run as a subprocess (the
+(``torch.cuda.current_device``, ``get_rng_state``, ``synchronize``, ``get_device_properties``,
+torch.compile off; ``typing.override`` on Python 3.11): they live in this process only. This file is a script run as a subprocess (the
 torch_dist save re-imports ``__main__``), never imported by the tests. With ``--load CKPT`` it
 reads CKPT with Megatron-LM's own ``load_checkpoint`` (as ``--finetune``) instead of saving, and
 writes the same forward results to ``DIR/loaded.pt``.

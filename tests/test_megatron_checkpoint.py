@@ -266,7 +266,8 @@ def _nothing_valid(directory: Path) -> None:
 
 
 def test_bad_megatron_checkpoints_are_one_line_errors(megatron, tmp_path):
-    from megafast.checkpoint.megatron_args import load_megatron_pickle
+    def load_megatron_pickle(p: str):  # megatron-core is installed here: real classes, so it saves again
+        return torch.load(p, weights_only=False)
 
     out, _ = megatron["gpt"]
     legacy = tmp_path / "legacy"

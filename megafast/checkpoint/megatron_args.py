@@ -3,7 +3,8 @@
 Megatron-LM pickles the ``argparse.Namespace`` of its run into every checkpoint, with values that
 are megatron-core objects (``AttnBackend`` and other enums). :func:`load_megatron_pickle` reads
 such files without megatron-core installed: :class:`StandInUnpickler` replaces every class it
-cannot import by an inert stand-in that keeps its constructor arguments and state.
+cannot import, and every class of Megatron's own packages (never imported: heavy, and not needed
+for the weights), by an inert stand-in that keeps its constructor arguments and state.
 
 :func:`config_from_megatron_args` maps the namespace onto a GPTConfig with Megatron's own names
 and traps: the epsilon is ``layernorm_epsilon`` (the dest of ``--norm-epsilon``), biases are
@@ -49,6 +50,9 @@ class StandIn:
         return f"<{self.qualname}({inner})>"
 
 
+STAND_IN_PACKAGES = ("megatron", "transformer_engine", "apex")  # stood in for even when installed
+
+
 class StandInUnpickler(pickle.Unpickler):
     """``pickle.Unpickler`` that stands in for classes it cannot import (one stand-in class each)."""
 
@@ -58,6 +62,8 @@ class StandInUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         try:
+            if module.split(".")[0] in STAND_IN_PACKAGES:
+                raise ImportError(module)  # never import them: heavy, and not needed to read weights
             return super().find_class(module, name)
         except (ImportError, AttributeError):
             key = (module, name)
@@ -221,7 +227,8 @@ def config_from_megatron_args(
             qk_layernorm=bool(args.get("qk_layernorm", False)),
         )
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{where}: its Megatron args describe no valid model: {' '.join(str(exc).split())}") from None
+        reason = " ".join(str(exc).split())
+        raise ValueError(f"{where}: its Megatron args describe no valid model: {reason}") from None
 
 
 def megatron_vocab_size(

@@ -28,8 +28,14 @@ import torch
 
 from megafast.checkpoint import layout
 from megafast.checkpoint.commit import committed
-from megafast.checkpoint.megatron_args import args_dict, config_from_megatron_args, load_megatron_pickle, megatron_vocab_size
+from megafast.checkpoint.megatron_args import (
+    args_dict,
+    config_from_megatron_args,
+    load_megatron_pickle,
+    megatron_vocab_size,
+)
 from megafast.checkpoint.megatron_format import EXTRA_STATE, MegatronReader, megafast_suffix
+from megafast.checkpoint.paths import TRACKER_FILE
 from megafast.checkpoint.state_dict import reason
 from megafast.config import GPTConfig
 
@@ -56,8 +62,9 @@ class MegatronDistReader(MegatronReader):
         dcp, _ = _dcp()
         commit = committed(root)
         if commit is None:
-            raise ValueError(f"{root} has no latest_checkpointed_iteration.txt: not a committed Megatron-LM checkpoint")
-        self.root, self.iteration, self.release, self.directory = root, commit.iteration, commit.release, commit.directory
+            raise ValueError(f"{root} has no {TRACKER_FILE}: not a committed Megatron-LM checkpoint")
+        self.root, self.directory = root, commit.directory
+        self.iteration, self.release = commit.iteration, commit.release
         try:
             self._storage = dcp.FileSystemReader(self.directory)
             metadata = self._storage.read_metadata()
@@ -92,7 +99,9 @@ class MegatronDistReader(MegatronReader):
             else:
                 self._names[key] = (key, None)
         if layout.WORD_EMBEDDINGS not in self._names:
-            raise ValueError(f"{self.directory}: tensor {layout.WORD_EMBEDDINGS} is missing: the checkpoint is incomplete")
+            raise ValueError(
+                f"{self.directory}: tensor {layout.WORD_EMBEDDINGS} is missing: the checkpoint is incomplete"
+            )
         embedding = self._entries[layout.WORD_EMBEDDINGS]
         vocab = megatron_vocab_size(self.args, embedding.size[0], true_vocab_size, self.directory)
         self.config: GPTConfig = config_from_megatron_args(self.args, vocab, self.directory)

@@ -70,7 +70,8 @@ class MegatronLegacyReader(MegatronReader):
         commit = committed(root)
         if commit is None:
             raise ValueError(f"{root} has no {TRACKER_FILE}: not a committed Megatron-LM checkpoint")
-        self.root, self.iteration, self.release, self.directory = root, commit.iteration, commit.release, commit.directory
+        self.root, self.directory = root, commit.directory
+        self.iteration, self.release = commit.iteration, commit.release
         ranks = rank_dirs(self.directory)
         self.tp, self.pp = max(t for t, _ in ranks) + 1, max(p for _, p in ranks) + 1
         self._files: dict[tuple[int, int], dict[str, Any]] = {}
@@ -92,7 +93,10 @@ class MegatronLegacyReader(MegatronReader):
                 f"{self.directory}: Megatron checkpoint_version {version} is older than 3.0 (another QKV "
                 "layout): convert it with Megatron-LM's own tools first"
             )
-        saved = (self.args.get("tensor_model_parallel_size", self.tp), self.args.get("pipeline_model_parallel_size", self.pp))
+        saved = (
+            self.args.get("tensor_model_parallel_size", self.tp),
+            self.args.get("pipeline_model_parallel_size", self.pp),
+        )
         if saved != (self.tp, self.pp):
             raise ValueError(
                 f"{self.directory}: its args say tp={saved[0]}, pp={saved[1]} but it holds files for "
@@ -111,7 +115,9 @@ class MegatronLegacyReader(MegatronReader):
                     continue
                 self._where.setdefault(to_global(key, offsets[p]), (p, key))
         if layout.WORD_EMBEDDINGS not in self._where:
-            raise ValueError(f"{self.directory}: tensor {layout.WORD_EMBEDDINGS} is missing: the checkpoint is incomplete")
+            raise ValueError(
+                f"{self.directory}: tensor {layout.WORD_EMBEDDINGS} is missing: the checkpoint is incomplete"
+            )
         padded = self._part(layout.WORD_EMBEDDINGS, 0).shape[0] * self.tp
         vocab = megatron_vocab_size(self.args, padded, true_vocab_size, self.directory)
         self.config: GPTConfig = config_from_megatron_args(self.args, vocab, self.directory)
@@ -124,7 +130,9 @@ class MegatronLegacyReader(MegatronReader):
         try:
             return load_megatron_pickle(path, mmap=True)
         except Exception as exc:  # noqa: BLE001 - any unpickling failure means a damaged file
-            raise ValueError(f"cannot read checkpoint file {path} ({reason(exc)}): it is truncated or corrupted") from None
+            raise ValueError(
+                f"cannot read checkpoint file {path} ({reason(exc)}): it is truncated or corrupted"
+            ) from None
 
     def _model(self, t: int, p: int) -> dict[str, Any]:
         model = self._files[(t, p)].get("model")
