@@ -2,8 +2,10 @@
 
     loader hf        -> HFSource        (hf_io.HFCheckpoint + the family's key map)
     loader megafast  -> MegafastSource  (megafast.checkpoint.reader.MegafastCheckpointReader)
+    loader megatron  -> MegatronSource  (Megatron-LM's legacy or torch_dist format: megafast.checkpoint.megatron_*)
     saver megafast   -> MegafastSink    (megafast_checkpoint.MegafastCheckpointWriter at the target TP/PP)
     saver hf         -> HFSink          (the family's key map + hf_io.SafetensorsShardWriter)
+    saver megatron   -> MegatronSink    (Megatron-LM's legacy format at the target TP/PP, a release checkpoint)
 
 megafast -> megafast is re-sharding (unshard every tensor, shard it for the new layout) with no
 HF format in between. Groups (embedding, each layer, final) stream through one at a time under
@@ -21,7 +23,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 import torch
 
@@ -50,7 +52,8 @@ from megafast.convert.megafast_checkpoint import MegafastCheckpointWriter
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FAMILIES: tuple[ModuleType, ...] = (hf_llama, hf_gpt2, hf_moe)
-LOADERS = SAVERS = ("hf", "megafast")
+LOADERS = SAVERS = ("hf", "megafast", "megatron")
+TOKENIZER_ARGS = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file")
 
 
 @dataclass
@@ -155,13 +158,56 @@ class MegafastSource:
         return self.reader.groups()
 
 
+class MegatronSource:
+    """A Megatron-LM checkpoint (legacy ``torch`` or ``torch_dist``) as groups of full tensors."""
+
+    def __init__(self, directory: str, true_vocab_size: Optional[int]) -> None:
+        from megafast.checkpoint.megatron_format import open_megatron_checkpoint
+
+        self.reader = open_megatron_checkpoint(directory, true_vocab_size)
+        self.config = self.reader.config
+        self.metadata: dict[str, Any] = {}
+        self.dtype = self.reader.dtype
+        self.directory = directory
+
+    def tokenizer(self) -> dict[str, Any]:
+        """The run's tokenizer entries when its files exist here. A NullTokenizer is left out: the
+        vocabulary size stays in the args (its EOD convention changed between Megatron versions)."""
+        args = self.reader.args
+        kind = args.get("tokenizer_type")
+        paths = [args.get(k) for k in ("tokenizer_model", "vocab_file", "merge_file") if args.get(k)]
+        if kind in (None, "NullTokenizer") or not all(os.path.exists(p) for p in paths):
+            return {}
+        return {k: args.get(k) for k in TOKENIZER_ARGS}
+
+    def groups(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+        return self.reader.groups()
+
+
+Source = Union[HFSource, MegafastSource, MegatronSource]
+
+
+def _source_tokenizer(opts: ConvertOptions, source: Source) -> dict[str, Any]:
+    """Tokenizer entries for a written checkpoint's args (HF files are copied into save_dir/tokenizer)."""
+    if isinstance(source, MegatronSource):
+        return source.tokenizer()
+    if isinstance(source, MegafastSource):
+        args = source.reader.args
+        return {k: resolve_path(args.get(k), source.directory) if k != "tokenizer_type" else args.get(k)
+                for k in TOKENIZER_ARGS if args.get(k) is not None}
+    target = os.path.join(opts.save_dir, TOKENIZER_DIR)
+    if copy_hf_tokenizer_files(source.directory, target):
+        return {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": TOKENIZER_DIR}
+    return {}
+
+
 class MegafastSink:
     """Writes the groups as a megafast checkpoint at (tp, pp)."""
 
     def __init__(
         self,
         opts: ConvertOptions,
-        source: HFSource | MegafastSource,
+        source: Source,
         config: GPTConfig,
         tp: int,
         pp: int,
@@ -180,9 +226,7 @@ class MegafastSink:
             if os.path.isdir(tokenizer_src):
                 shutil.copytree(tokenizer_src, os.path.join(opts.save_dir, TOKENIZER_DIR))
         else:
-            tokenizer = {}
-            if copy_hf_tokenizer_files(source.directory, os.path.join(opts.save_dir, TOKENIZER_DIR)):
-                tokenizer = {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": TOKENIZER_DIR}
+            tokenizer = _source_tokenizer(opts, source)
             args = args_from_config(
                 config, tp, pp, params_dtype=dtype, tokenizer=tokenizer, hf_metadata=source.metadata
             )
@@ -226,11 +270,37 @@ def export_family(config: GPTConfig, metadata: dict[str, Any]) -> ModuleType:
     )
 
 
+class MegatronSink:
+    """Writes the groups as a Megatron-LM legacy (``torch`` format) release checkpoint at (tp, pp)."""
+
+    def __init__(self, opts: ConvertOptions, source: Source, config: GPTConfig, tp: int, pp: int,
+                 dtype: torch.dtype) -> None:
+        from megafast.checkpoint.megatron_args import megatron_args_from_config
+        from megafast.checkpoint.megatron_legacy import MegatronLegacyWriter
+
+        tokenizer = _source_tokenizer(opts, source)
+        model = tokenizer.get("tokenizer_model")
+        if model and not os.path.isabs(model) and os.path.exists(os.path.join(opts.save_dir, model)):
+            tokenizer["tokenizer_model"] = os.path.abspath(os.path.join(opts.save_dir, model))  # Megatron: a path
+        args = megatron_args_from_config(config, tp, pp, params_dtype=dtype, tokenizer=tokenizer)
+        self.writer = MegatronLegacyWriter(opts.save_dir, config, tp, pp, args, params_dtype=dtype)
+
+    def add_group(self, label: str, tensors: dict[str, torch.Tensor]) -> None:
+        for name, tensor in tensors.items():
+            self.writer.add(name, tensor)
+
+    def finish(self) -> str:
+        return self.writer.commit()
+
+    def abort(self) -> None:
+        self.writer.close()
+
+
 class HFSink:
     """Writes the groups as an HF model directory (config, generation config, shards, tokenizer)."""
 
     def __init__(
-        self, opts: ConvertOptions, source: MegafastSource, config: GPTConfig, dtype: torch.dtype
+        self, opts: ConvertOptions, source: MegafastSource | MegatronSource, config: GPTConfig, dtype: torch.dtype
     ) -> None:
         self.opts, self.source, self.config, self.dtype = opts, source, config, dtype
         self.family = export_family(config, source.metadata)
@@ -323,8 +393,11 @@ def convert_checkpoint(opts: ConvertOptions) -> str:
         raise ValueError(f"--target-params-dtype must be one of {', '.join(DTYPE_NAMES)}")
     _check_target(opts)
     if opts.loader == "hf":
-        source: HFSource | MegafastSource = HFSource(opts.load_dir, opts.make_vocab_size_divisible_by)
+        source: Source = HFSource(opts.load_dir, opts.make_vocab_size_divisible_by)
         default_tp = default_pp = 1
+    elif opts.loader == "megatron":
+        source = MegatronSource(opts.load_dir, opts.true_vocab_size)
+        default_tp, default_pp = source.reader.tp, source.reader.pp
     else:
         source = MegafastSource(opts.load_dir, opts.true_vocab_size)
         default_tp, default_pp = source.reader.tp, source.reader.pp
@@ -334,15 +407,17 @@ def convert_checkpoint(opts: ConvertOptions) -> str:
     dtype = DTYPE_NAMES[opts.target_params_dtype] if opts.target_params_dtype else source.dtype
     tp = opts.target_tensor_parallel_size or default_tp
     pp = opts.target_pipeline_parallel_size or default_pp
-    if opts.saver == "megafast":
+    if opts.saver in ("megafast", "megatron"):
         validate_layout(config, ParallelConfig(tp, pp))
     elif (opts.target_tensor_parallel_size or 1) > 1 or (opts.target_pipeline_parallel_size or 1) > 1:
         raise ValueError(
-            "--target-tensor/pipeline-parallel-size apply to --saver megafast; HF checkpoints are unsharded"
+            "--target-tensor/pipeline-parallel-size apply to --saver megafast/megatron; HF checkpoints are unsharded"
         )
     _clear_target(opts.save_dir)
     if opts.saver == "megafast":
-        sink: MegafastSink | HFSink = MegafastSink(opts, source, config, tp, pp, dtype)
+        sink: MegafastSink | MegatronSink | HFSink = MegafastSink(opts, source, config, tp, pp, dtype)
+    elif opts.saver == "megatron":
+        sink = MegatronSink(opts, source, config, tp, pp, dtype)
     else:
         sink = HFSink(opts, source, config, dtype)
     try:

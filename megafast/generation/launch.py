@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 
 from megafast.checkpoint.args import HF_METADATA, tokenizer_from_args
+from megafast.checkpoint.megatron_format import megatron_format, open_megatron_checkpoint
 from megafast.checkpoint.reader import MegafastCheckpointReader
 from megafast.config import ParallelConfig
 from megafast.data.tokenizer import Tokenizer
@@ -113,7 +114,10 @@ def load(a: argparse.Namespace, *, need_tokenizer: bool) -> Loaded:
     Without a tokenizer the output has no text; ``need_tokenizer`` makes that an error."""
     if a.bf16 and a.fp16:
         raise ValueError("--bf16 and --fp16 are exclusive: choose one")
-    reader = MegafastCheckpointReader(a.load, a.true_vocab_size)
+    if megatron_format(a.load):  # a Megatron-LM checkpoint (legacy or torch_dist), read as is
+        reader = open_megatron_checkpoint(a.load, a.true_vocab_size)
+    else:
+        reader = MegafastCheckpointReader(a.load, a.true_vocab_size)
     tokenizer = None
     try:
         tokenizer = _tokenizer(a, reader)

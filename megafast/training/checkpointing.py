@@ -27,6 +27,10 @@ a dedicated gloo group held by :class:`Checkpointer`) that their writes succeede
 rank 0 writes the commit file (megafast.checkpoint.commit). :func:`load_checkpoint` reads only
 the committed iteration, so a half-written iteration directory is never loaded; saving that
 iteration again first removes it.
+
+A Megatron-LM checkpoint (legacy ``torch`` or ``torch_dist`` format, saved at any TP/PP) given to
+``--load`` (with ``--finetune`` or ``--no-load-optim``) or ``--pretrained-checkpoint`` is detected
+and its weights converted in memory to this run's layout (megafast.checkpoint.megatron_format).
 """
 
 from __future__ import annotations
@@ -47,7 +51,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megafast.checkpoint.args import model_args
 from megafast.checkpoint.commit import committed, read_latest_checkpoint, write_commit
+from megafast.checkpoint.megatron_format import load_megatron_model, megatron_format
 from megafast.checkpoint.paths import (
     MODEL_FILE,
     TRACKER_FILE,
@@ -470,6 +476,9 @@ def load_checkpoint(
     commit = committed(load_dir)
     if commit is None:
         return None
+    megatron = megatron_format(load_dir)
+    if megatron is not None:
+        return _load_megatron(load_dir, megatron, as_chunks(chunks), state, finetune, no_load_optim, ddp)
     iteration, release, directory = commit.iteration, commit.release, commit.directory
     here = f"tp={state.tp_size}, pp={state.pp_size}, dp={state.dp_size}"
     saved_tp, saved_pp = saved_layout(directory)
@@ -518,6 +527,32 @@ def load_checkpoint(
     consumed = ckpt["consumed_samples"]
     args = ckpt.get("args", {})
     return LoadResult(ckpt["iteration"], consumed["train"], consumed["valid"], args, directory)
+
+
+def _load_megatron(
+    load_dir: str,
+    fmt: str,
+    chunks: list[nn.Module],
+    state: ParallelState,
+    finetune: bool,
+    no_load_optim: bool,
+    ddp: Optional[DataParallel],
+) -> LoadResult:
+    """A Megatron-LM checkpoint (legacy or torch_dist, any TP/PP) loaded straight into this run's
+    chunks: the model only (its optimizer and RNG states are Megatron's own), converted in memory."""
+    if not finetune and not no_load_optim:
+        raise ValueError(
+            f"{load_dir} is a Megatron-LM checkpoint ({fmt} format): megafast loads its model weights only; "
+            "pass --finetune (start at iteration 0) or --no-load-optim (continue its iteration count)"
+        )
+    with ddp.unsharded_params(write_back=True) if ddp is not None else contextlib.nullcontext():
+        reader = load_megatron_model(load_dir, chunks, state)
+    args = model_args(reader.config, state.tp_size, state.pp_size)
+    if finetune or reader.release:
+        return LoadResult(0, 0, 0, args, reader.directory)
+    saved = reader.args
+    return LoadResult(reader.iteration, int(saved.get("consumed_train_samples") or 0),
+                      int(saved.get("consumed_valid_samples") or 0), args, reader.directory)
 
 
 def _load_optimizer(

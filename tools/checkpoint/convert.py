@@ -1,4 +1,4 @@
-"""Convert checkpoints between Hugging Face and megafast, or re-shard megafast ones (Megatron's flags).
+"""Convert checkpoints between Hugging Face, megafast and Megatron-LM, or re-shard them (Megatron's flags).
 
     python tools/checkpoint/convert.py --model-type GPT --loader hf --saver megafast \
         --load-dir HF_DIR --save-dir CKPT --target-tensor-parallel-size 2 --target-pipeline-parallel-size 2
@@ -10,6 +10,15 @@
         --load-dir LORA_CKPT --save-dir HF_OUT        # a LoRA run: adapters merged into its base first
     python tools/checkpoint/convert.py --model-type GPT --loader megafast --saver hf --lora-format peft \
         --load-dir LORA_CKPT --save-dir ADAPTER      # PEFT adapter files + the unmerged base in ADAPTER/base
+
+    python tools/checkpoint/convert.py --model-type GPT --loader megatron --saver hf \
+        --load-dir MEGATRON_CKPT --save-dir HF_OUT     # Megatron-LM's legacy torch or torch_dist format
+    python tools/checkpoint/convert.py --model-type GPT --loader megafast --saver megatron \
+        --load-dir CKPT --save-dir MEGATRON_OUT --target-tensor-parallel-size 2   # Megatron-LM's legacy format
+
+Megatron-LM's and Fast-LLM's spellings are accepted: ``--loader llama_mistral`` / ``llama2_hf`` (a
+Hugging Face Llama/Mistral directory: ``hf``), ``--loader mcore`` / ``legacy`` (``megatron``: either
+format is detected), ``--saver mcore`` / ``legacy`` (``megatron``: the legacy torch format).
 
 HF models: LlamaForCausalLM (Llama 2/3, GQA), MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel,
 from model.safetensors (single or sharded with its index) or pytorch_model.bin. A megafast
@@ -30,23 +39,30 @@ from megafast.convert.converter import ConvertOptions, convert_checkpoint, finet
 from megafast.convert.hf_export import export_hf_checkpoint  # noqa: E402
 
 
+LOADER_ALIASES = {"llama_mistral": "hf", "llama2_hf": "hf", "mcore": "megatron", "legacy": "megatron"}
+SAVER_ALIASES = {"mcore": "megatron", "legacy": "megatron"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--model-type", required=True, choices=["GPT"], help="the model family (GPT: decoder-only)")
-    p.add_argument("--loader", required=True, choices=["hf", "megafast"], help="format of --load-dir")
-    p.add_argument("--saver", required=True, choices=["hf", "megafast"], help="format to write to --save-dir")
+    p.add_argument("--loader", required=True, choices=["hf", "megafast", "megatron", *LOADER_ALIASES],
+                   help="format of --load-dir (aliases: llama_mistral, llama2_hf = hf; mcore, legacy = megatron)")
+    p.add_argument("--saver", required=True, choices=["hf", "megafast", "megatron", *SAVER_ALIASES],
+                   help="format to write to --save-dir (aliases: mcore, legacy = megatron, Megatron-LM's legacy format)")
     p.add_argument("--load-dir", required=True)
     p.add_argument("--save-dir", required=True)
     p.add_argument("--target-tensor-parallel-size", type=int, default=None,
-                   help="megafast saver: TP size (default: the source's, 1 from HF)")
+                   help="megafast/megatron saver: TP size (default: the source's, 1 from HF)")
     p.add_argument("--target-pipeline-parallel-size", type=int, default=None,
-                   help="megafast saver: PP size (default: the source's, 1 from HF)")
+                   help="megafast/megatron saver: PP size (default: the source's, 1 from HF)")
     p.add_argument("--target-params-dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="dtype of the written weights (default: the source's)")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
                    help="megafast saver: pad the vocabulary to a multiple of this x TP (default: source's, 128)")
     p.add_argument("--true-vocab-size", type=int, default=None,
-                   help="megafast loader: the unpadded vocabulary, when the checkpoint's tokenizer is unavailable")
+                   help="megafast/megatron loader: the unpadded vocabulary, when the checkpoint's tokenizer is "
+                        "unavailable (a Megatron checkpoint otherwise keeps its padding rows)")
     p.add_argument("--max-shard-size", default="5GB", help="hf saver: largest safetensors shard (default 5GB)")
     p.add_argument("--tokenizer-type", default=None,
                    choices=["SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer"],
@@ -66,11 +82,42 @@ def build_parser() -> argparse.ArgumentParser:
                         "the merged model; peft writes PEFT's adapter_config.json + adapter_model.safetensors "
                         "and the unmerged base model in SAVE_DIR/base (megafast.convert.peft_export)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # Megatron-LM's converter flags, so its command lines run unchanged
+    p.add_argument("--megatron-path", default=None, help="accepted for Megatron-LM's command lines; not needed")
+    p.add_argument("--model-size", default=None,
+                   help="accepted for Megatron-LM's llama_mistral loader; the size is read from config.json")
+    p.add_argument("--checkpoint-type", choices=["hf", "meta"], default=None,
+                   help="llama_mistral loader: hf (Meta's original consolidated.*.pth files are not read)")
+    p.add_argument("--bf16", action="store_true", help="same as --target-params-dtype bf16")
+    p.add_argument("--fp16", action="store_true", help="same as --target-params-dtype fp16")
+    p.add_argument("--loader-transformer-impl", choices=["local", "transformer_engine"], default=None,
+                   help="accepted: the megatron loader reads either implementation's names")
+    p.add_argument("--saver-transformer-impl", choices=["local", "transformer_engine"], default=None,
+                   help="megatron saver: local (the only one written)")
     return p
+
+
+def _megatron_flags(a: argparse.Namespace) -> None:
+    """Megatron-LM's converter flags onto ours (one-line errors for what we do not do)."""
+    if a.checkpoint_type == "meta":
+        raise SystemExit("error: --checkpoint-type meta (Meta's consolidated.*.pth) is not supported: "
+                         "convert the Hugging Face release (--checkpoint-type hf)")
+    if a.saver_transformer_impl == "transformer_engine":
+        raise SystemExit("error: --saver-transformer-impl transformer_engine is not written: the megatron saver "
+                         "writes --transformer-impl local names (Megatron's TE models load torch_dist, convert from it)")
+    if a.bf16 and a.fp16:
+        raise SystemExit("error: --bf16 and --fp16 both given: choose one")
+    dtype = "bf16" if a.bf16 else ("fp16" if a.fp16 else None)
+    if dtype and a.target_params_dtype not in (None, dtype):
+        raise SystemExit(f"error: --{dtype} contradicts --target-params-dtype {a.target_params_dtype}")
+    a.target_params_dtype = a.target_params_dtype or dtype
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     a = build_parser().parse_args(argv)
+    a.loader = LOADER_ALIASES.get(a.loader, a.loader)
+    a.saver = SAVER_ALIASES.get(a.saver, a.saver)
+    _megatron_flags(a)
     opts = ConvertOptions(
         loader=a.loader, saver=a.saver, load_dir=a.load_dir, save_dir=a.save_dir,
         target_tensor_parallel_size=a.target_tensor_parallel_size,
