@@ -207,7 +207,9 @@ def report(a: argparse.Namespace, results: list[list[dict]]) -> str:
         f"{'bf16' if a.bf16 else 'fp32'}, Adam; DP={a.dp}, {a.microbatches} micro-batch(es) of 1 x {a.seq_length} "
         f"tokens per rank, --ddp-bucket-size-mb {a.bucket_size_mb}",
         f"- command: `python benchmarks/bench_memory.py --dp {a.dp} --seq-length {a.seq_length} --microbatches "
-        f"{a.microbatches} --steps {a.steps}{' --bf16' if a.bf16 else ''} --device {a.device}`",
+        f"{a.microbatches} --steps {a.steps}{' --bf16' if a.bf16 else ''} --device {a.device}"
+        + (f" --num-layers {a.num_layers} --hidden-size {a.hidden_size}" if (a.num_layers, a.hidden_size) != (12, 768)
+           else "") + "`",
         "- each cell: measured / planner, GB (10^9 bytes) on DP rank 0. Model state: allocated tensors after a "
         "step (parameters incl. ZeRO buffers/shards, fp32 gradient buffers or shards, fp32 masters + optimizer "
         "states; host = offloaded masters, states and host gradient copies). Peak: "

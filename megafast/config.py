@@ -284,11 +284,6 @@ class GPTConfig:
                 )
             window = None if window[0] == -1 else window  # -1: infinite (Megatron), plain causal
             object.__setattr__(self, "window_size", window)
-        if self.window_size is not None and self.attention_backend == "triton":
-            raise ValueError(
-                "--attention-backend triton has no sliding window: use --attention-backend sdpa/flash/auto "
-                "with --window-size"
-            )
 
     @property
     def kernel_config(self) -> KernelConfig:
@@ -409,11 +404,6 @@ def validate_context_parallel(model: GPTConfig, parallel: ParallelConfig, seq_le
         raise ValueError(
             f"--attention-dropout {model.attention_dropout} is not supported with --context-parallel-size {cp}: "
             "pass --attention-dropout 0"
-        )
-    if model.window_size is not None:
-        raise ValueError(
-            f"--window-size {model.window_size[0]},{model.window_size[1]} (sliding-window attention) is not "
-            f"supported with --context-parallel-size {cp} yet: drop one of them"
         )
 
 

@@ -111,6 +111,28 @@ def test_context_parallel_layouts_train_the_same_model(sft_prefix, tmp_path):
             assert a[it][key] == b[it][key], f"resume at CP=2, iteration {it} {key}: {a[it][key]} != {b[it][key]}"
 
 
+def test_sliding_window_with_context_parallelism_trains_the_same_model(tmp_path):
+    """--window-size at CP=2 (p2p ring with the window per block, and a2a) equals CP=1 with the
+    same window over 4 iterations at seq 128 (chunks of 32: the window of 40 cuts some chunk pairs
+    and hides others entirely); the window itself changes the losses."""
+    base = MODEL + TRAIN + MOCK + NO_DROPOUT + ["--train-iters", "4", "--seq-length", "128"]
+    window = ["--window-size", "40,0"]
+    logs = {name: tmp_path / f"{name}.jsonl" for name in ("cp1", "no_window", "p2p", "a2a")}
+    runs = {1: [base + window + ["--log-jsonl", str(logs["cp1"])], base + ["--log-jsonl", str(logs["no_window"])]],
+            2: [base + window + ["--context-parallel-size", "2", "--log-jsonl", str(logs["p2p"])],
+                base + window + ["--context-parallel-size", "2", "--cp-comm-type", "a2a",
+                                 "--log-jsonl", str(logs["a2a"])]]}
+    for world, argvs in runs.items():
+        run_distributed(_train_all, world, argvs, timeout=600)
+    ref = np.array(_losses(logs["cp1"]))
+    assert len(ref) == 4
+    assert np.max(np.abs(np.array(_losses(logs["no_window"])) - ref)) > 1e-4, "the window changed nothing"
+    for name in ("p2p", "a2a"):
+        got = np.array(_losses(logs[name]))
+        err = np.max(np.abs(got - ref) / np.abs(ref))
+        assert err <= 1e-5, f"window at CP=2 {name}: lm_loss relative error {err:.2e}\n{got.tolist()}\n{ref.tolist()}"
+
+
 @pytest.mark.parametrize("world,flags,message", [
     (2, ["--context-parallel-size", "2", "--seq-length", "250"],
      "--seq-length 250 is not divisible by 2 x context parallel size 2 = 4"),

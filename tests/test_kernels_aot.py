@@ -27,7 +27,8 @@ def test_every_launch_compiles_fits_and_does_not_spill(record_property):
             "gelu_erf bwd", "cross_entropy stats", "cross_entropy grad", "flash_attn fwd",
             "flash_attn bwd_delta", "flash_attn bwd_dkdv", "flash_attn bwd_dq", "grouped_gemm fwd",
             "grouped_gemm dx", "grouped_gemm dw", "moe gather_rows (permute)", "moe combine_rows (unpermute)",
-            "moe gather_rows (d expert_out)", "moe combine_rows (d hidden)", "moe prob_grad", "nf4_dequantize"} <= kernels
+            "moe gather_rows (d expert_out)", "moe combine_rows (d hidden)", "moe prob_grad", "nf4_dequantize",
+            "flash_attn fwd window", "flash_attn bwd_dkdv window", "flash_attn bwd_dq window"} <= kernels
     dots = [r for r in results if r.arch == "sm_90a" and r.wgmma is not None]
     assert dots and all(r.wgmma for r in dots)
 
@@ -73,6 +74,12 @@ def test_attention_autotune_candidates_are_the_pruned_ones():
         seen = {(s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.num_warps, s.num_stages) for s in specs}
         for hd in (64, 128):
             kept = set(fa.prune_attention_configs(fa.DKDV_CONFIGS, torch.bfloat16, hd, cc, "dkdv"))
+            assert kept and kept <= seen
+        windowed = [s for s in aot_specs.launch_specs(cc) if s.name == "flash_attn bwd_dkdv window"]
+        seen = {(s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.num_warps, s.num_stages) for s in windowed}
+        assert windowed and all(s.constexprs["WINDOW"] for s in windowed)
+        for hd in (64, 128):
+            kept = set(fa.prune_attention_configs(fa.DKDV_CONFIGS, torch.bfloat16, hd, cc, "dkdv", window=True))
             assert kept and kept <= seen
     with pytest.raises(ValueError, match="bf16/fp16"):
         fa.prune_attention_configs(fa.FWD_CONFIGS, torch.float32, 64, 90)

@@ -54,3 +54,46 @@ def test_triton_attention_refuses_dropout():
     q = torch.randn(1, 1, 4, 16)
     with pytest.raises(ValueError, match="dropout"):
         attention(q, q, q, dropout_p=0.1, backend="triton")
+
+
+def _windowed_reference(q, k, v, left):
+    """Plain attention with the sliding-window mask written out: query i sees keys i - left .. i."""
+    heads, groups, s = q.shape[1], k.shape[1], q.shape[2]
+    k, v = k.repeat_interleave(heads // groups, dim=1), v.repeat_interleave(heads // groups, dim=1)
+    i = torch.arange(s)[:, None]
+    j = torch.arange(s)[None, :]
+    visible = (j <= i) & (j >= i - left)  # [s, s]
+    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    return scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "b,heads,groups,s,d,left",
+    [
+        (1, 4, 2, 77, 64, 5),  # window far below the 32-row tiles: most key blocks skipped
+        (2, 2, 1, 45, 40, 33),  # window just over one tile, odd head dim
+        (1, 2, 2, 37, 64, 0),  # each token sees only itself
+        (1, 1, 1, 20, 64, 100),  # window wider than the sequence: plain causal
+    ],
+)
+def test_flash_attention_sliding_window(b, heads, groups, s, d, left, dtype):
+    seed = fresh_seed()
+    q = torch.randn(b, heads, s, d).to(dtype).requires_grad_()
+    k = torch.randn(b, groups, s, d).to(dtype).requires_grad_()
+    v = torch.randn(b, groups, s, d).to(dtype).requires_grad_()
+    check_against_reference(
+        lambda *a: flash_attention_triton(*a, causal=True, window=left),
+        lambda *a: _windowed_reference(*a, left),
+        (q, k, v),
+        what=f"flash window {(b, heads, groups, s, d, left)} {dtype} seed={seed}",
+    )
+
+
+def test_flash_attention_window_changes_the_result_and_needs_causal():
+    """Guards the test above: the window must mask something (else it would pass with no window)."""
+    seed = fresh_seed()
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    assert rel_err(flash_attention_triton(q, k, v, window=4), attention_torch(q, k, v)) > 1e-2, f"seed={seed}"
+    with pytest.raises(ValueError, match="sliding window needs causal"):
+        flash_attention_triton(q, k, v, causal=False, window=4)

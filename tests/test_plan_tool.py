@@ -285,3 +285,46 @@ def test_without_num_gpus_reports_size_and_memory(plan_tool, tmp_path, capsys):
     assert "memory per module" in text and "memory per GPU" in text and "--num-gpus N adds" in text
     with pytest.raises(SystemExit, match="--tokens .* needs --num-gpus"):
         plan_tool.main(["--hf-config", str(path), "--tokens", "1T"])
+
+
+def test_qlora_row_and_explanation(plan_tool, capsys):
+    """The per-strategy table has a QLoRA row: Llama-3-70B's adapted weights in NF4 (0.5 byte per
+    element + a 4-byte fp32 absmax per 64), the rest frozen in bf16, rank-16 adapters with fp32
+    gradients, masters and Adam moments (counted here from the model's shapes); and the layout
+    search says where QLoRA stands (70B on 8 GPUs without offload: no full-training layout fits,
+    QLoRA does)."""
+    assert plan_tool.main([*LLAMA_70B, "--json", "--tensor-model-parallel-size", "1",
+                           "--pipeline-model-parallel-size", "1"]) == 0
+    rows = json.loads(capsys.readouterr().out)["sharding"]
+    h, ffn, layers, vocab, r = 8192, 28672, 80, 128256, 16
+    qkv_out = (64 + 2 * 8) * 128
+    shapes = [(qkv_out, h), (h, h), (2 * ffn, h), (h, ffn)]  # [out, in] of qkv, proj, fc1 ([gate; up]), fc2
+    nf4 = layers * sum(o * i for o, i in shapes)
+    adapters = layers * sum(r * (o + i) for o, i in shapes)
+    frozen = 2 * vocab * h + (2 * layers + 1) * h
+    want = {
+        "weights": nf4 // 2 + 4 * (nf4 // 64) + 2 * frozen + 2 * adapters,
+        "gradients": 4 * adapters,
+        "master_weights": 4 * adapters,
+        "optimizer_states": 8 * adapters + 4 * 2 * len(shapes) * layers,
+    }
+    q = rows["qlora"]
+    for key, value in want.items():
+        assert q[key] * GB == pytest.approx(value, rel=1e-12), key
+    assert q["total"] * GB == pytest.approx(sum(want.values()), rel=1e-12)
+    assert q["total"] < rows["no_shard"]["total"] / 10  # ~48 GB against 1.1 TB
+
+    assert plan_tool.main([*LLAMA_70B, "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1",
+                           "--lora-rank", "8"]) == 0
+    assert "QLoRA (NF4 base, LoRA rank 8; fine-tuning)" in capsys.readouterr().out
+
+    assert plan_tool.main([*LLAMA_70B, "--num-gpus", "8", "--micro-batch-size", "1", "--no-optimizer-cpu-offload",
+                           "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert not plan["feasible"]
+    assert "no full-training layout fits; a QLoRA fine-tune holds" in plan["explanation"][-1]
+    assert "which fits 72.0 GB usable" in plan["explanation"][-1]
+    assert plan_tool.main([*LLAMA_70B, "--num-gpus", "64", "--tensor-model-parallel-size", "8",
+                           "--micro-batch-size", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "QLoRA (NF4 base + rank-16 adapters)" in text and "not a candidate here" in text

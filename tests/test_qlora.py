@@ -5,16 +5,18 @@ by their NF4 round trip, in loss and adapter gradients (also double-quantized); 
 base weight is left as a parameter or in the state dict; TP = 2 equals TP = 1 (gloo); merging
 adapters into the dequantized base reproduces the QLoRA logits.
 
-End to end (pretrain_gpt.py under torchrun, learnable corpus): QLoRA lowers the loss from a saved
-base; TP = 2 and PP = 2 equal TP = 1 to 1e-5 per iteration, the TP = 1 run resumed from its
-adapters-only checkpoint; ``convert.py --merge-lora`` of the TP = 2 run exports an HF model whose
-logits equal the QLoRA model's (1e-5, fp32).
+Packed rows: a QLoRA model's per-token losses and adapter gradients on a packed row equal those of
+its samples one by one.
+
+End to end (pretrain_gpt.py's loop in two launches, learnable corpus): QLoRA lowers the loss from
+a saved base; TP = 2 and PP = 2 equal TP = 1 to 1e-5 per iteration, the TP = 1 run resumed from its
+adapters-only checkpoint; a packed SFT run trains; ``convert.py --merge-lora`` of the TP = 2 run
+exports an HF model whose logits equal the QLoRA model's (1e-5, fp32).
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import importlib.util
 import zlib
 from pathlib import Path
 
@@ -22,8 +24,9 @@ import numpy as np
 import pytest
 import torch
 from dist import run_distributed
-from pretrain_run import torchrun, train_records
+from pretrain_run import train_records
 from seeding import draw_seed
+from sft_data import random_records, write_sft_dataset
 
 from megafast.config import GPTConfig, LoRAConfig, ParallelConfig, QLoRAConfig
 from megafast.data.indexed_dataset import IndexedDatasetBuilder
@@ -147,6 +150,39 @@ def test_qlora_tp2_equals_tp1():
     assert sum(r["quantized"] for r in tp2) == tp1["quantized"]  # each rank quantized its own shard
 
 
+def test_qlora_packed_rows_equal_their_samples_one_by_one():
+    """Packing (megafast.model.packing) under QLoRA: per-token losses of a packed row equal each
+    sample's alone, and the adapters' gradients of the row's summed loss the sum over the samples."""
+    from megafast.model.packing import PackedSeqParams, segment_ids_from_lengths
+
+    seed = draw_seed()
+    model = GPTModel(config(), ParallelState.single(), seed=seed)
+    apply_lora(model, LORA, seed)
+    fill_b(model, 0, 1)
+    assert quantize_base_(model, QLoRAConfig(), backend="torch") > 0
+    lengths, s = [[5, 9, 2], [16]], 16
+    segments = segment_ids_from_lengths(lengths, s)
+    positions = torch.cat([torch.cat([torch.arange(n) for n in row])[None] for row in lengths])
+    ids, labels = batch()
+    adapters = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    packed = model(ids, position_ids=positions, labels=labels, packed_seq_params=PackedSeqParams(segments))
+    packed.sum().backward()
+    want = {n: p.grad.clone() for n, p in adapters.items()}
+    model.zero_grad()
+    for r, row in enumerate(lengths):
+        start = 0
+        for n in row:
+            alone = model(ids[r:r + 1, start:start + n], labels=labels[r:r + 1, start:start + n])
+            torch.testing.assert_close(packed[r:r + 1, start:start + n], alone, rtol=1e-5, atol=1e-6,
+                                       msg=f"seed={seed}")
+            alone.sum().backward()
+            start += n
+    for n, p in adapters.items():
+        assert rel_err(p.grad, want[n]) <= 1e-5, f"seed={seed}: {n}"
+    # the packing mask matters: the same row unpacked gives other losses
+    assert rel_err(model(ids, labels=labels), packed) > 1e-3
+
+
 def test_flags_need_lora_and_quantization_keeps_trainable_weights_out():
     from megafast.arguments import parse_args, validate_args
 
@@ -249,10 +285,25 @@ def token_loss(logits: torch.Tensor, ids: torch.Tensor) -> float:
 
 
 def convert(args: list[str]) -> None:
-    cmd = [sys.executable, str(ROOT / "tools/checkpoint/convert.py"), "--model-type", "GPT", "--loader", "megafast",
-           "--no-progress", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    """tools/checkpoint/convert.py in this process (its imports are already paid for)."""
+    spec = importlib.util.spec_from_file_location("convert_tool", ROOT / "tools/checkpoint/convert.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tool.main(["--model-type", "GPT", "--loader", "megafast", "--no-progress", *args])
+
+
+def train_runs(argvs: list[list[str]]) -> None:
+    """pretrain_gpt.py's setup/train for each argv in turn, in this process group."""
+    from megafast.training.trainer import setup, train
+
+    for argv in argvs:
+        run = setup(argv)
+        try:
+            train(run)
+        finally:
+            if run.checkpointer is not None:
+                run.checkpointer.close()
+            run.logger.close()
 
 
 def qlora_logits_worker(rank: int, world: int, base: str, adapters: str, ids: torch.Tensor) -> torch.Tensor:
@@ -270,46 +321,76 @@ def qlora_logits_worker(rank: int, world: int, base: str, adapters: str, ids: to
         return gather_from_tensor_parallel_region(model.eval()(ids), state.tp_group)[..., :VOCAB]
 
 
+def single_process_runs(rank: int, world: int, argvs: list[list[str]], base: str, adapters: str,
+                        held: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one-process runs, then the QLoRA logits on ``held`` at the start (the base's checkpoint:
+    adapters at their init) and with the trained ``adapters``."""
+    train_runs(argvs)
+    return tuple(qlora_logits_worker(rank, world, base, a, held) for a in (base, adapters))
+
+
+def two_process_runs(rank: int, world: int, argvs: list[list[str]], base: str, adapters: str,
+                     ids: torch.Tensor) -> torch.Tensor:
+    """The TP = 2 and PP = 2 runs, then the TP = 2 run's QLoRA logits on ``ids``."""
+    train_runs(argvs)
+    return qlora_logits_worker(rank, world, base, adapters, ids)
+
+
 def test_qlora_runs_lower_the_loss_agree_across_layouts_and_export(tmp_path):
+    """Two launches (one process, then two) run pretrain_gpt.py's loop for every run in turn."""
     from transformers import AutoModelForCausalLM
+
+    from megafast.training.checkpointing import load_checkpoint  # noqa: F401  (imported before the spawns)
 
     seed = draw_seed("corpus_seed")
     data = corpus(tmp_path, seed)
     base = tmp_path / "base"
-    torchrun(1, MODEL + TRAIN + data + ["--train-iters", "2", "--save", str(base)])
+    common = MODEL + TRAIN + data + QLORA
+    log = {name: tmp_path / f"{name}.jsonl" for name in ("tp1", "tp2", "pp2", "sft")}
+    sft = write_sft_dataset(str(tmp_path / "sft"), random_records(300, VOCAB, 2, seed=seed, max_prompt=12,
+                                                                  max_answer=24), ["a", "b"])
+    one = [MODEL + TRAIN + data + ["--train-iters", "2", "--save", str(base)],
+           common + ["--pretrained-checkpoint", str(base), "--train-iters", "8", "--exit-interval", "4",
+                     "--save", str(tmp_path / "tp1"), "--log-jsonl", str(log["tp1"])],
+           common + ["--pretrained-checkpoint", str(base), "--train-iters", "8", "--load", str(tmp_path / "tp1"),
+                     "--save", str(tmp_path / "tp1"), "--log-jsonl", str(log["tp1"])],  # resumed from adapters
+           # packed SFT samples under QLoRA
+           MODEL + TRAIN + QLORA + ["--data-path", sft, "--split", "98,2,0", "--data-cache-path",
+                                    str(tmp_path / "cache"), "--tokenizer-type", "NullTokenizer", "--vocab-size",
+                                    str(VOCAB - 1), "--dataset-type", "sft", "--packing", "--train-iters", "8",
+                                    "--pretrained-checkpoint", str(base), "--log-jsonl", str(log["sft"])]]
+    held = corpus_sequences(seed)
+    # the base is saved by the first run; the runs after it only read it
+    before, after = run_distributed(single_process_runs, 1, one, str(base), str(tmp_path / "tp1"), held)[0]
+    before, after = token_loss(before, held), token_loss(after, held)
+    assert after < before - 0.1, f"QLoRA did not lower the loss: {before:.4f} -> {after:.4f} (corpus_seed={seed})"
+
     for name, flag in (("tp2", "--target-tensor-parallel-size"), ("pp2", "--target-pipeline-parallel-size")):
         convert(["--saver", "megafast", "--load-dir", str(base), "--save-dir", str(tmp_path / f"base_{name}"), flag, "2"])
-    common = MODEL + TRAIN + data + QLORA
+    two = [common + ["--train-iters", "8", "--tensor-model-parallel-size", "2", "--pretrained-checkpoint",
+                     str(tmp_path / "base_tp2"), "--save", str(tmp_path / "tp2"), "--log-jsonl", str(log["tp2"])],
+           common + ["--train-iters", "8", "--pipeline-model-parallel-size", "2", "--pretrained-checkpoint",
+                     str(tmp_path / "base_pp2"), "--log-jsonl", str(log["pp2"])]]
+    ids = batch()[0] % (VOCAB - 1)
+    want = run_distributed(two_process_runs, 2, two, str(tmp_path / "base_tp2"), str(tmp_path / "tp2"), ids)[0]
+
     losses = {}
-    for name, nproc, extra in (("tp1", 1, ["--train-iters", "8", "--exit-interval", "4"]),  # resumed below
-                               ("tp2", 2, ["--train-iters", "8", "--tensor-model-parallel-size", "2"]),
-                               ("pp2", 2, ["--train-iters", "8", "--pipeline-model-parallel-size", "2"])):
-        start = base if name == "tp1" else tmp_path / f"base_{name}"  # the same base, resharded
-        torchrun(nproc, common + extra + ["--pretrained-checkpoint", str(start), "--save", str(tmp_path / name),
-                                          "--log-jsonl", str(tmp_path / f"{name}.jsonl")])
-    torchrun(1, common + ["--pretrained-checkpoint", str(base), "--train-iters", "8", "--load", str(tmp_path / "tp1"),
-                          "--save", str(tmp_path / "tp1"), "--log-jsonl", str(tmp_path / "tp1.jsonl")])
-    for name in ("tp1", "tp2", "pp2"):
-        recs = train_records(tmp_path / f"{name}.jsonl")
+    for name in ("tp1", "tp2", "pp2", "sft"):
+        recs = train_records(log[name])
         assert sorted(recs) == list(range(1, 9)), name
         losses[name] = np.array([recs[i]["lm_loss"] for i in range(1, 9)])
     ref = losses["tp1"]
-    # the loss falls: on fixed sequences of the corpus (8 iterations of single batches are too noisy to
-    # compare), the trained adapters against the start (the base's checkpoint: adapters at their init)
-    held = corpus_sequences(seed)
-    before, after = (token_loss(run_distributed(qlora_logits_worker, 1, str(base), str(a), held)[0], held)
-                     for a in (base, tmp_path / "tp1"))
-    assert after < before - 0.1, f"QLoRA did not lower the loss: {before:.4f} -> {after:.4f} (corpus_seed={seed})"
     for name in ("tp2", "pp2"):
         err = np.max(np.abs(losses[name] - ref) / np.abs(ref))
         assert err <= 1e-5, f"{name}: lm_loss relative error {err:.2e} (corpus_seed={seed})\n{losses[name]}\n{ref}"
+    # packed SFT trains too (the packed rows' per-token equality: test_qlora_packed_rows_equal_their_samples)
+    first, last = losses["sft"][:3].mean(), losses["sft"][-3:].mean()
+    assert np.isfinite(losses["sft"]).all() and last < first, f"packed QLoRA SFT: {losses['sft']} (corpus_seed={seed})"
 
     ckpt = torch.load(tmp_path / "tp2" / "iter_0000008" / "mp_rank_01_000" / "model_optim_rng.pt", weights_only=False)
     assert ckpt["model"] and all(is_adapter_name(k) for k in ckpt["model"])  # adapters only, no NF4 buffers
     hf = tmp_path / "hf"
     convert(["--saver", "hf", "--merge-lora", "--load-dir", str(tmp_path / "tp2"), "--save-dir", str(hf)])
-    ids = batch()[0] % (VOCAB - 1)
-    want = run_distributed(qlora_logits_worker, 2, str(tmp_path / "base_tp2"), str(tmp_path / "tp2"), ids)[0]
     hf_model = AutoModelForCausalLM.from_pretrained(str(hf), torch_dtype=torch.float32).eval()
     with torch.no_grad():
         got = hf_model(ids).logits[..., :VOCAB]

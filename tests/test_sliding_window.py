@@ -86,6 +86,23 @@ def test_packed_rows_with_a_window_equal_their_samples_one_by_one():
             start += n
 
 
+def test_triton_backend_window_equals_the_sdpa_mask():
+    """--attention-backend triton with a window (the flash-attention kernel's window, in the
+    interpreter) gives the loss and gradients of the SDPA masked path."""
+    seed = draw_seed("seed")
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(draw_seed("data_seed")))
+    grads = []
+    for backend in ("triton", "sdpa"):
+        model = GPTModel(llama(window_size=(5, 0), attention_backend=backend, max_position_embeddings=64), seed=seed)
+        loss = model(ids, labels=ids).mean()
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (lt, gt), (ls, gs) = grads
+    torch.testing.assert_close(lt, ls, rtol=1e-5, atol=1e-6, msg=f"seed={seed}")
+    for a, b in zip(gt, gs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=f"seed={seed}")
+
+
 def test_kv_cache_decoding_with_a_window_equals_the_full_forward():
     model = GPTModel(llama(window_size=(3, 0)), seed=draw_seed("seed")).eval()
     ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(draw_seed("data_seed")))

@@ -36,7 +36,7 @@ from typing import NamedTuple, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megafast.config import GPTConfig  # noqa: E402
+from megafast.config import GPTConfig, LoRAConfig, QLoRAConfig  # noqa: E402
 from megafast.planner import (  # noqa: E402
     GB,
     Cluster,
@@ -55,6 +55,7 @@ from megafast.planner import (  # noqa: E402
 )
 from megafast.planner.layout import SHARDING_STRATEGIES  # noqa: E402
 from megafast.planner.memory import strategy_table  # noqa: E402
+from megafast.planner.qlora import qlora_memory  # noqa: E402
 from megafast.planner.search import STRATEGY_NAMES, explain  # noqa: E402
 
 SUFFIXES = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
@@ -176,6 +177,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="print the longest --seq-length that fits --gpu-memory-gb on every GPU under the "
                         "given layout (TP, PP, CP, micro-batch, recompute, distributed optimizer; unset "
                         "ones: 1, 1, 1, 1, none, off; DP from --num-gpus) and exit")
+
+    g = p.add_argument_group("QLoRA row (fine-tuning: NF4 base + LoRA adapters, megafast.planner.qlora)")
+    g.add_argument("--lora-rank", type=int, default=16, help="adapter rank of the QLoRA row")
+    g.add_argument("--qlora-double-quant", action="store_true", help="the QLoRA row with 8-bit block scales")
 
     g = p.add_argument_group("cluster")
     g.add_argument("--num-gpus", type=int, default=None,
@@ -400,9 +405,38 @@ def sharding_rows(args: argparse.Namespace, config: GPTConfig, seq_length: int) 
                     dp=args.data_parallel_size, seq_length=seq_length, dtype=args.dtype, optimizer=args.optimizer)
     layout.check(config)
     table = strategy_table(config, layout)
-    return layout, {k: {"weights": m.weights / GB, "gradients": m.gradients / GB, "master_weights":
-                        m.master_weights / GB, "optimizer_states": m.optimizer_states / GB, "host": m.host / GB,
-                        "total": m.total / GB} for k, m in table.items()}
+    rows = {k: {"weights": m.weights / GB, "gradients": m.gradients / GB, "master_weights":
+                m.master_weights / GB, "optimizer_states": m.optimizer_states / GB, "host": m.host / GB,
+                "total": m.total / GB} for k, m in table.items()}
+    q = qlora_row(args, config, layout)
+    rows["qlora"] = {"weights": (q.base_nf4 + q.frozen + q.adapters) / GB, "gradients": q.gradients / GB,
+                     "master_weights": q.master_weights / GB, "optimizer_states": q.optimizer_states / GB,
+                     "host": 0.0, "total": q.total / GB}
+    return layout, rows
+
+
+def qlora_row(args: argparse.Namespace, config: GPTConfig, layout: Layout):
+    """Model state per GPU of a QLoRA fine-tune (--lora-rank, --qlora-double-quant) at ``layout``."""
+    if args.lora_rank < 1:
+        raise SystemExit(f"error: --lora-rank must be >= 1, got {args.lora_rank}")
+    lora, qlora = LoRAConfig(rank=args.lora_rank), QLoRAConfig(double_quant=args.qlora_double_quant)
+    return qlora_memory(config, layout, lora, qlora)
+
+
+def qlora_explanation(args: argparse.Namespace, config: GPTConfig, plan: Plan, usable_gb: float) -> str:
+    """Where QLoRA stands against the chosen layout (it trains only adapters: fine-tuning, not
+    pretraining, so the search never picks it for a full training run)."""
+    name = f"QLoRA (NF4 base + rank-{args.lora_rank} adapters)"
+    if plan.feasible:
+        best = plan.feasible[0]
+        q = qlora_row(args, config, best.layout)
+        full = best.memory.static.total
+        return (f"  {name}: {q.total / GB:.2f} GB of model state per GPU at this layout against {full / GB:.2f} GB; "
+                "it trains adapters only (fine-tuning, not pretraining), so it is not a candidate here")
+    q = qlora_row(args, config, Layout(dtype=args.dtype, optimizer=args.optimizer))
+    verdict = "fits" if q.total / GB <= usable_gb else "does not fit"
+    return (f"  {name}: no full-training layout fits; a QLoRA fine-tune holds {q.total / GB:.2f} GB of model "
+            f"state on one GPU (TP 1 x PP 1, before activations), which {verdict} {usable_gb:.1f} GB usable")
 
 
 def _recompute(layout: Layout) -> str:
@@ -489,6 +523,7 @@ def print_tables(
     console.print(table)
     for line in explain(plan, cluster.usable_memory_bytes / GB):
         console.print(line)
+    console.print(qlora_explanation(args, config, plan, cluster.usable_memory_bytes / GB))
     if not plan.feasible:
         console.print("[bold red]no layout fits[/bold red]: the closest ones are listed below")
     if args.show_rejected or not plan.feasible:
@@ -637,6 +672,8 @@ def print_model_tables(
         table.add_column(col, justify="left" if col == "strategy" else "right")
     for name, r in rows.items():
         label = STRATEGY_NAMES.get(name, name.replace("optim_grads_params+offload", "ZeRO-3 + CPU offload"))
+        if name == "qlora":
+            label = f"QLoRA (NF4 base, LoRA rank {args.lora_rank}; fine-tuning)"
         table.add_row(label, *(f"{r[k]:.2f}" for k in ("weights", "gradients", "master_weights",
                                                        "optimizer_states", "host", "total")))
     console.print(table)
@@ -758,7 +795,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "tokens": args.tokens,
             "feasible": [estimate_dict(e, args.tokens) for e in plan.feasible],
             "rejected": [estimate_dict(e, args.tokens) for e in plan.rejected],
-            "explanation": explain(plan, cluster.usable_memory_bytes / GB),
+            "explanation": explain(plan, cluster.usable_memory_bytes / GB)
+            + [qlora_explanation(args, config, plan, cluster.usable_memory_bytes / GB)],
         }
         json.dump(out, sys.stdout, indent=1)
         sys.stdout.write("\n")

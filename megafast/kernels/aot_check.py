@@ -201,15 +201,18 @@ def _run_one(item: tuple[int, int]) -> Result:
     return compile_spec(launch_specs(capability)[index], capability)
 
 
-def check_all(capabilities=(90, 80), jobs: Optional[int] = None) -> list[Result]:
+def check_all(capabilities=(90, 80), jobs: Optional[int] = None, only: Optional[str] = None) -> list[Result]:
     """Compile every launch for every capability, each distinct specialisation once (``jobs``
-    processes; default: the CPUs); one :class:`Result` per launch, in :func:`launch_specs` order."""
+    processes; default: the CPUs); one :class:`Result` per launch, in :func:`launch_specs` order.
+    ``only``: just the launches whose kernel name contains this text (e.g. "flash_attn")."""
     from megafast.kernels.aot_specs import launch_specs
 
     specs = {cc: launch_specs(cc) for cc in capabilities}
     launches, first = [], {}  # (capability, spec index, key); key -> its first launch
     for cc in capabilities:
         for i, spec in enumerate(specs[cc]):
+            if only is not None and only not in spec.name:
+                continue
             key = compile_key(spec, cc)
             first.setdefault(key, (cc, i))
             launches.append((cc, i, key))
@@ -286,8 +289,9 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SHARED_LIMIT))
     p.add_argument("--jobs", type=int, default=None)
     p.add_argument("--json", help="write every result here")
+    p.add_argument("--only", help="check only the kernels whose name contains this text, e.g. 'flash_attn'")
     args = p.parse_args(argv)
-    results = check_all(tuple(args.arch), args.jobs)
+    results = check_all(tuple(args.arch), args.jobs, args.only)
     print(table(results))
     print()
     print(summary(results))

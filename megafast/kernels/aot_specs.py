@@ -47,6 +47,12 @@ ATTENTION_SHAPES = (
     (4, 32, 32, 4096, 128),  # Llama-2 7B class, no GQA
     (1, 64, 8, 8192, 128),  # 70B class (TP 1 slice), GQA 8
 )
+# the same kernels with a causal sliding window (left width): Mistral-7B's 4096 (HF 4096 - 1) at
+# seq 8192 with GQA 4, and a 1k window at head dim 64
+ATTENTION_WINDOWS = (
+    ((2, 32, 8, 8192, 128), 4095),
+    ((8, 16, 16, 2048, 64), 1023),
+)
 # MoE layers (tokens, hidden, expert FFN, experts, top-k): Mixtral-8x7B-like and Qwen2-MoE-like
 MOE_SHAPES = (
     (TOKENS, 4096, 14336, 8, 2),
@@ -181,36 +187,44 @@ def _quant_kernels() -> list[LaunchSpec]:
 
 
 def _attention_kernels(capability: int) -> list[LaunchSpec]:
-    """Flash attention forward, D, dK/dV and dQ: every autotune candidate the launcher may pick."""
+    """Flash attention forward, D, dK/dV and dQ: every autotune candidate the launcher may pick,
+    causal, and with a sliding window (launch names end in " window")."""
     f32, specs = torch.float32, []
+    cases = [(shape, None) for shape in ATTENTION_SHAPES] + list(ATTENTION_WINDOWS)
     for dt in fa.attention_dtypes():
-        for b, heads, groups, s, hd in ATTENTION_SHAPES:
+        for (b, heads, groups, s, hd), window in cases:
+            windowed = window is not None
             precision, block_d = fa.attention_settings(dt, hd)
             d, shape = _SHORT[dt], f"b{b} H{heads} G{groups} s{s} d{hd}"
+            tag = "" if window is None else " window"
+            if window is not None:
+                shape += f" W{window}"
             q_strides = (heads * hd, hd, b * heads * hd)  # [b, H, s, d] views of [s, b, H, d] memory
             kv_strides = (groups * hd, hd, b * groups * hd)
-            flags = {"CAUSAL": True, "PRECISION": precision, "BLOCK_D": block_d}
-            scales = (1.0 / hd**0.5, 1.0 / hd**0.5 * fa.LOG2E)
-            for m, n, w, st in fa.prune_attention_configs(fa.FWD_CONFIGS, dt, hd, capability):
+            flags = {"CAUSAL": True, "WINDOW": windowed, "PRECISION": precision, "BLOCK_D": block_d}
+            left = 0 if window is None else window
+            scales = (1.0 / hd**0.5, 1.0 / hd**0.5 * fa.LOG2E, left)
+            for m, n, w, st in fa.prune_attention_configs(fa.FWD_CONFIGS, dt, hd, capability, "fwd", windowed):
                 specs.append(LaunchSpec(
-                    "flash_attn fwd", fa._attn_fwd_kernel,
+                    "flash_attn fwd" + tag, fa._attn_fwd_kernel,
                     (_t(dt), _t(dt), _t(dt), _t(dt), _t(f32), *q_strides, *kv_strides, *kv_strides,
-                     *q_strides, heads, heads // groups, s, hd, scales[1]),
+                     *q_strides, heads, heads // groups, s, hd, scales[1], left),
                     {**flags, "BLOCK_M": m, "BLOCK_N": n}, shape, d, w, st, uses_dot=True))
-            specs.append(LaunchSpec(
-                "flash_attn bwd_delta", fa._attn_bwd_delta_kernel,
-                (_t(dt), _t(dt), _t(f32), *q_strides, *q_strides, heads, s, hd),
-                {"BLOCK_M": fa.DELTA_BLOCK_M, "BLOCK_D": block_d}, shape, d, 4))
-            common = (*q_strides, *kv_strides, *kv_strides, *q_strides)
-            for m, n, w, st in fa.prune_attention_configs(fa.DKDV_CONFIGS, dt, hd, capability, "dkdv"):
+            if window is None:  # D = rowsum(dO * O) knows nothing of masks
                 specs.append(LaunchSpec(
-                    "flash_attn bwd_dkdv", fa._attn_bwd_dkdv_kernel,
+                    "flash_attn bwd_delta", fa._attn_bwd_delta_kernel,
+                    (_t(dt), _t(dt), _t(f32), *q_strides, *q_strides, heads, s, hd),
+                    {"BLOCK_M": fa.DELTA_BLOCK_M, "BLOCK_D": block_d}, shape, d, 4))
+            common = (*q_strides, *kv_strides, *kv_strides, *q_strides)
+            for m, n, w, st in fa.prune_attention_configs(fa.DKDV_CONFIGS, dt, hd, capability, "dkdv", windowed):
+                specs.append(LaunchSpec(
+                    "flash_attn bwd_dkdv" + tag, fa._attn_bwd_dkdv_kernel,
                     (_t(dt), _t(dt), _t(dt), _t(dt), _t(f32), _t(f32), _t(dt), _t(dt), *common, *kv_strides,
                      *kv_strides, heads, groups, heads // groups, s, hd, *scales),
                     {**flags, "BLOCK_M": m, "BLOCK_N": n}, shape, d, w, st, uses_dot=True))
-            for m, n, w, st in fa.prune_attention_configs(fa.DQ_CONFIGS, dt, hd, capability, "dq"):
+            for m, n, w, st in fa.prune_attention_configs(fa.DQ_CONFIGS, dt, hd, capability, "dq", windowed):
                 specs.append(LaunchSpec(
-                    "flash_attn bwd_dq", fa._attn_bwd_dq_kernel,
+                    "flash_attn bwd_dq" + tag, fa._attn_bwd_dq_kernel,
                     (_t(dt), _t(dt), _t(dt), _t(dt), _t(f32), _t(f32), _t(dt), *common, *q_strides,
                      heads, heads // groups, s, hd, *scales),
                     {**flags, "BLOCK_M": m, "BLOCK_N": n}, shape, d, w, st, uses_dot=True))

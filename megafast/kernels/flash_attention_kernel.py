@@ -1,9 +1,15 @@
-"""Flash attention (FlashAttention-2 algorithm) in Triton: forward and backward, causal, GQA.
+"""Flash attention (FlashAttention-2 algorithm) in Triton: forward and backward, causal, GQA,
+causal sliding window.
 
 q [b, H, s, d], k/v [b, G, s, d] (any strides, last dimension contiguous; query heads
 h*G/H .. share kv head h // (H/G), the model's grouped layout), scale = 1/sqrt(d) by default:
 
     S = scale * q k^T (causal: -inf above the diagonal),  P = softmax(S),  O = P v
+
+Sliding window (``window_left`` = W, with ``WINDOW``; causal only, megafast.model.sliding_window):
+query i also masks keys j < i - W, i.e. it sees i - W <= j <= i (HF's ``sliding_window`` is W + 1).
+Key blocks entirely left of a query block's window (and, in dK/dV, query blocks entirely right of
+a key block's reach) are skipped, so the work is O(s W) instead of O(s^2).
 
 Forward walks the key blocks with an online softmax (running max m and sum l, base-2
 exponentials) and saves only lse2 = m + log2(l) per query row (fp32). Backward, with
@@ -63,7 +69,9 @@ def _attn_fwd_kernel(
     seq_len,
     head_dim,
     qk_scale,
+    window_left,
     CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -92,7 +100,11 @@ def _attn_fwd_kernel(
         hi = tl.minimum((start_m + 1) * BLOCK_M, seq_len)
     else:
         hi = seq_len
-    for start_n in range(0, hi, BLOCK_N):
+    if WINDOW:  # the first key block that any query of this block can see
+        lo = (tl.maximum(start_m * BLOCK_M - window_left, 0) // BLOCK_N) * BLOCK_N
+    else:
+        lo = 0
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kt = tl.load(
             k_base + cols[None, :] * stride_ks + offs_d[:, None],
@@ -103,8 +115,12 @@ def _attn_fwd_kernel(
         valid = cols[None, :] < seq_len
         if CAUSAL:
             valid = valid & (offs_m[:, None] >= cols[None, :])
+        if WINDOW:
+            valid = valid & (offs_m[:, None] - cols[None, :] <= window_left)
         qk = tl.where(valid, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        if WINDOW:  # a row may see no key of its first blocks yet: exp2(-inf - -inf) must be 0, not NaN
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -197,7 +213,9 @@ def _attn_bwd_dkdv_kernel(
     head_dim,
     sm_scale,
     qk_scale,
+    window_left,
     CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -230,7 +248,11 @@ def _attn_bwd_dkdv_kernel(
         lo = 0
     # One flat loop over (query head of this group, query block): nested loops keep the outer loop's
     # state live across the pipelined inner loop and spill registers at head dim 128 with GQA.
-    m_blocks = tl.cdiv(seq_len - lo, BLOCK_M)
+    if WINDOW:  # later query blocks are past these keys' window
+        hi = tl.minimum((start_n + 1) * BLOCK_N + window_left, seq_len)
+    else:
+        hi = seq_len
+    m_blocks = tl.cdiv(hi - lo, BLOCK_M)
     for it in range(0, group_size * m_blocks):
         hh = it // m_blocks
         start_m = lo + (it - hh * m_blocks) * BLOCK_M
@@ -250,6 +272,8 @@ def _attn_bwd_dkdv_kernel(
         valid = rmask[None, :] & (cols[:, None] < seq_len)
         if CAUSAL:
             valid = valid & (rows[None, :] >= cols[:, None])
+        if WINDOW:
+            valid = valid & (rows[None, :] - cols[:, None] <= window_left)
         pt = tl.where(valid, pt, 0.0)
         do = tl.load(
             do_base + rows[:, None] * stride_dos + offs_d[None, :],
@@ -303,7 +327,9 @@ def _attn_bwd_dq_kernel(
     head_dim,
     sm_scale,
     qk_scale,
+    window_left,
     CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -337,7 +363,11 @@ def _attn_bwd_dq_kernel(
         hi = tl.minimum((start_m + 1) * BLOCK_M, seq_len)
     else:
         hi = seq_len
-    for start_n in range(0, hi, BLOCK_N):
+    if WINDOW:
+        lo = (tl.maximum(start_m * BLOCK_M - window_left, 0) // BLOCK_N) * BLOCK_N
+    else:
+        lo = 0
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kvmask = (cols[None, :] < seq_len) & dmask[:, None]
         kt = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None], mask=kvmask, other=0.0)  # [D, N]
@@ -346,6 +376,8 @@ def _attn_bwd_dq_kernel(
         valid = rmask[:, None] & (cols[None, :] < seq_len)
         if CAUSAL:
             valid = valid & (rows[:, None] >= cols[None, :])
+        if WINDOW:
+            valid = valid & (rows[:, None] - cols[None, :] <= window_left)
         p = tl.where(valid, p, 0.0)
         dp = tl.dot(do, vt, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -383,6 +415,13 @@ _SPILLING = {
     ("dq", 128, "sm_90a"): {(128, 32, 4, 3)},
     ("dq", 128, "sm_80"): {(128, 32, 4, 3), (128, 64, 8, 3)},
 }
+# ... and the further ones that spill with the sliding-window mask (one more live comparison)
+_SPILLING_WINDOW = {
+    ("dkdv", 64, "sm_80"): {(64, 64, 8, 3)},
+    ("dkdv", 128, "sm_90a"): {(32, 64, 4, 3)},
+    ("dq", 64, "sm_80"): {(128, 32, 4, 3)},
+    ("dq", 128, "sm_80"): {(64, 64, 4, 3)},
+}
 
 
 def prune_attention_configs(
@@ -391,17 +430,22 @@ def prune_attention_configs(
     head_dim: int,
     capability: int,
     kind: str = "fwd",
+    window: bool = False,
 ) -> list[tuple[int, int, int, int]]:
     """The candidates of ``configs`` that neither spill nor overflow shared memory on ``capability``.
 
-    ``kind``: 'fwd', 'dkdv' or 'dq'. Verified at BLOCK_D 64 and 128 (head dims 33-128); smaller
-    head dims use the BLOCK_D 64 rule, larger ones (up to 256) the BLOCK_D 128 rule.
+    ``kind``: 'fwd', 'dkdv' or 'dq'; ``window``: the sliding-window specialisation. Verified at
+    BLOCK_D 64 and 128 (head dims 33-128); smaller head dims use the BLOCK_D 64 rule, larger ones
+    (up to 256) the BLOCK_D 128 rule.
     """
     if dtype not in attention_dtypes():
         raise ValueError(f"the Triton flash attention takes bf16/fp16 on a GPU, got {dtype}")
     block_d = 64 if head_dim <= 64 else 128
     arch = "sm_90a" if capability >= 90 else "sm_80"
-    kept = [c for c in configs if tuple(c) not in _SPILLING.get((kind, block_d, arch), set())]
+    spilling = _SPILLING.get((kind, block_d, arch), set())
+    if window:
+        spilling = spilling | _SPILLING_WINDOW.get((kind, block_d, arch), set())
+    kept = [c for c in configs if tuple(c) not in spilling]
     return kept or [min(configs, key=lambda c: c[0] * c[1])]
 
 
@@ -411,17 +455,18 @@ def _autotuned(kernel, configs: list[tuple[int, int, int, int]], kind: str):
     if not HAS_TRITON:
         return kernel
 
-    def prune(candidates, named_args, **_kw):
+    def prune(candidates, named_args, **kw):
         q = named_args["Q"]
         major, minor = torch.cuda.get_device_capability(q.device)
         cc = 10 * major + minor
-        keep = set(prune_attention_configs(configs, q.dtype, named_args["head_dim"], cc, kind))
+        window = bool(kw.get("WINDOW", named_args.get("WINDOW", False)))
+        keep = set(prune_attention_configs(configs, q.dtype, named_args["head_dim"], cc, kind, window))
         return [c for c in candidates
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
 
     return triton.autotune(
         [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in configs],
-        key=["seq_len", "head_dim", "CAUSAL", "BLOCK_D"],
+        key=["seq_len", "head_dim", "CAUSAL", "WINDOW", "BLOCK_D"],
         prune_configs_by={"early_config_prune": prune},
     )(kernel)
 
@@ -481,8 +526,19 @@ def _launch_args(q: torch.Tensor) -> tuple[str, int]:
     return attention_settings(q.dtype, q.shape[-1])
 
 
-def flash_attention_forward(q, k, v, causal: bool, sm_scale: float):
-    """-> (o [b, H, s, d] (an [s, b, H, d]-contiguous view), lse2 [b, H, s] fp32)."""
+def _window_args(causal: bool, window: Optional[int]) -> tuple[int, bool]:
+    """(window_left, WINDOW) kernel arguments of a left ``window`` (None: no window)."""
+    if window is None:
+        return 0, False
+    if not causal or window < 0:
+        raise ValueError(f"a sliding window needs causal attention and a left width >= 0, got {window}")
+    return int(window), True
+
+
+def flash_attention_forward(q, k, v, causal: bool, sm_scale: float, window: Optional[int] = None):
+    """-> (o [b, H, s, d] (an [s, b, H, d]-contiguous view), lse2 [b, H, s] fp32). ``window``: query
+    i sees keys i - window .. i (causal only)."""
+    window_left, has_window = _window_args(causal, window)
     b, heads, groups, s, d = _check(q, k, v)
     q, k, v = _last_contiguous(q, k, v)
     o = _like_sbhd(b, heads, s, d, q)
@@ -503,21 +559,24 @@ def flash_attention_forward(q, k, v, causal: bool, sm_scale: float):
         s,
         d,
         sm_scale * LOG2E,
+        window_left,
     )
     if s * b * heads == 0:
         return o, lse
+    flags = dict(CAUSAL=causal, WINDOW=has_window, PRECISION=precision, BLOCK_D=block_d)
     if q.is_cuda:
         grid = lambda meta: (triton.cdiv(s, meta["BLOCK_M"]), b * heads)  # noqa: E731
-        _FWD_TUNED[grid](*args, CAUSAL=causal, PRECISION=precision, BLOCK_D=block_d)
+        _FWD_TUNED[grid](*args, **flags)
     else:
         _attn_fwd_kernel[(triton.cdiv(s, CPU_BLOCK), b * heads)](
-            *args, CAUSAL=causal, PRECISION=precision, BLOCK_D=block_d, BLOCK_M=CPU_BLOCK, BLOCK_N=CPU_BLOCK
+            *args, **flags, BLOCK_M=CPU_BLOCK, BLOCK_N=CPU_BLOCK
         )
     return o, lse
 
 
-def flash_attention_backward(do, q, k, v, o, lse, causal: bool, sm_scale: float):
+def flash_attention_backward(do, q, k, v, o, lse, causal: bool, sm_scale: float, window: Optional[int] = None):
     """-> (dq, dk, dv), each an [s, b, heads, d]-contiguous view shaped like q, k, v."""
+    window_left, has_window = _window_args(causal, window)
     b, heads, groups, s, d = _check(q, k, v)
     q, k, v, do = _last_contiguous(q, k, v, do)
     precision, block_d = _launch_args(q)
@@ -530,7 +589,7 @@ def flash_attention_backward(do, q, k, v, o, lse, causal: bool, sm_scale: float)
         o, do, delta, *_strides(o), *_strides(do), heads, s, d, BLOCK_M=block_m, BLOCK_D=block_d
     )
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    scales = (sm_scale, sm_scale * LOG2E)
+    scales = (sm_scale, sm_scale * LOG2E, window_left)
     dkdv_args = (
         q,
         k,
@@ -551,7 +610,7 @@ def flash_attention_backward(do, q, k, v, o, lse, causal: bool, sm_scale: float)
         *scales,
     )
     dq_args = (q, k, v, do, lse, delta, dq, *common, *_strides(dq), heads, heads // groups, s, d, *scales)
-    flags = dict(CAUSAL=causal, PRECISION=precision, BLOCK_D=block_d)
+    flags = dict(CAUSAL=causal, WINDOW=has_window, PRECISION=precision, BLOCK_D=block_d)
     if q.is_cuda:
         _DKDV_TUNED[lambda meta: (triton.cdiv(s, meta["BLOCK_N"]), b * groups)](*dkdv_args, **flags)
         _DQ_TUNED[lambda meta: (triton.cdiv(s, meta["BLOCK_M"]), b * heads)](*dq_args, **flags)
@@ -567,17 +626,17 @@ def flash_attention_backward(do, q, k, v, o, lse, causal: bool, sm_scale: float)
 
 class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, sm_scale):
-        o, lse = flash_attention_forward(q, k, v, causal, sm_scale)
+    def forward(ctx, q, k, v, causal, sm_scale, window=None):
+        o, lse = flash_attention_forward(q, k, v, causal, sm_scale, window)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.meta = (causal, sm_scale)
+        ctx.meta = (causal, sm_scale, window)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = flash_attention_backward(do, q, k, v, o, lse, *ctx.meta)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
 def flash_attention_triton(
@@ -586,10 +645,12 @@ def flash_attention_triton(
     v: torch.Tensor,
     causal: bool = True,
     softmax_scale: Optional[float] = None,
+    window: Optional[int] = None,
 ) -> torch.Tensor:
-    """softmax(scale q k^T, causal) v for q [b, H, s, d], k/v [b, G, s, d] (GQA when G < H)."""
+    """softmax(scale q k^T, causal) v for q [b, H, s, d], k/v [b, G, s, d] (GQA when G < H);
+    ``window``: the left width of a causal sliding window (query i sees keys i - window .. i)."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return FlashAttentionFunction.apply(q, k, v, causal, scale)
+    return FlashAttentionFunction.apply(q, k, v, causal, scale, window)
 
 
 # ------------------------------------------------------------------------------------------ torch

@@ -106,7 +106,8 @@ class SelfAttention(nn.Module):
         """Causal attention of this CP rank's tokens over the whole sequence: q [b, H/p, s/C, d],
         k/v [b, G/p, s/C, d] -> [b, H/p, s/C, d]. 'p2p': ring attention (per-block kernel: the
         Triton flash attention where --attention-backend resolves to triton or flash, else torch);
-        'a2a': all-to-all over heads around the ordinary attention of the whole sequence."""
+        'a2a': all-to-all over heads around the ordinary attention of the whole sequence. A sliding
+        window applies to the global positions either way."""
         st = self.state
         segments = gather_sequence(packed.segment_ids, st.cp_group, st.cp_size) if packed is not None else None
         if st.cp_comm_type == "a2a":
@@ -115,10 +116,13 @@ class SelfAttention(nn.Module):
                                      lambda q_, k_, v_: self._attend(q_, k_, v_, full))
         chosen = kernels.resolve_attention(self.config.attention_backend, q)
         spec = RingSpec(st.cp_group, tuple(st.cp_ranks), st.cp_rank, "triton" if chosen in ("triton", "flash") else "torch")
-        return ring_attention(q, k, v, spec, segments)
+        window = self.config.window_size[0] if self.config.window_size is not None else None
+        return ring_attention(q, k, v, spec, segments, window=window)
 
     def _attend(self, q, k, v, packed: Optional[PackedSeqParams]) -> torch.Tensor:
         """Causal attention of whole sequences (the a2a path's inner attention)."""
+        if self.config.window_size is not None:
+            return self.windowed_attention(q, k, v, packed)
         if packed is not None:
             return self.packed_attention(q, k, v, packed)
         return kernels.attention(q, k, v, causal=True, dropout_p=0.0, backend=self.config.attention_backend)

@@ -11,8 +11,11 @@ so every token sees itself and the ``left`` tokens before it. HF's ``sliding_win
 each query inside its own sample; positions there are token offsets in the row, which within one
 sample differ exactly as the sample's own positions do.
 
-flash-attn takes the window natively (``window_size=(left, 0)``); every other backend runs SDPA
-with the boolean mask built here ([s_q, s_k] or [b, 1, s_q, s_k], True = may attend).
+flash-attn takes the window natively (``window_size=(left, 0)``), and so does megafast's Triton
+flash attention (``--attention-backend triton``, unpacked rows, no dropout: it skips the key blocks
+outside the window); every other case runs SDPA with the boolean mask built here ([s_q, s_k] or
+[b, 1, s_q, s_k], True = may attend). Under context parallelism the window applies to global
+positions (megafast.parallel.ring_attention; the a2a path calls this on whole sequences).
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from megafast.kernels.dispatch import resolve_attention
+from megafast.kernels.flash_attention_kernel import flash_attention_triton
 
 try:
     from flash_attn import flash_attn_func
@@ -67,6 +73,8 @@ def sliding_window_attention(
     """q [b, H, s, d], k/v [b, G, s, d] -> [b, H, s, d], causal within the window (and within each
     packed sample when ``segment_ids`` [b, s] is given). Dropout uses the caller's RNG state."""
     s = q.shape[2]
+    if segment_ids is None and backend == "triton" and resolve_attention(backend, q, dropout_p) == "triton":
+        return flash_attention_triton(q, k, v, causal=True, window=window[0])
     if segment_ids is None and _use_flash(q, backend):
         out = flash_attn_func(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),

@@ -23,7 +23,15 @@ arrive home one hop after the last step). Per block, with P = exp(S - L), D = ro
     dV = P^T dO,  dS = P * (dO V^T - D),  dQ = dS K * scale,  dK = dS^T Q * scale
 
 Packed samples (segment ids) add "same segment" to every block's mask; every query still sees
-itself at t = 0, so merged rows stay finite. Blocks are computed in plain torch (any device and
+itself at t = 0, so merged rows stay finite.
+
+A causal sliding window W (query position i sees keys i - W .. i, megafast.model.sliding_window)
+is applied per block with the blocks' global positions, chunk pair by chunk pair (each of the
+block's query chunks against each of its key chunks is entirely visible, entirely hidden, or cut
+by the window): blocks with no visible pair are skipped (no compute; in backward the K/V gradient
+accumulator still travels on), a block is narrowed to the chunks that see anything, and only a
+block with a pair cut by the window needs the position mask (torch blocks); blocks the window
+leaves whole keep the unmasked (or plain causal) kernel. Blocks are computed in plain torch (any device and
 dtype; fp32 accumulation, in query tiles; on CPU without packing, torch's CPU flash-attention
 kernel, which returns the LSE and takes the final O and LSE in backward) or by the Triton
 flash-attention kernels (their forward returns the
@@ -32,6 +40,7 @@ base-2 LSE, their backward takes the final O and LSE), which need no mask: packe
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -73,19 +82,27 @@ TILE_ELEMENTS = 1 << 22  # score elements per query tile of a torch block (16 Mi
 
 @dataclass(frozen=True)
 class BlockMask:
-    """Which keys each query of a block may see: ``causal`` (same local positions: key <= query)
-    and/or ``q_seg`` [b, sq] == ``k_seg`` [b, sk] (packed samples); built per query tile, so that
-    no [sq, sk] mask is ever materialised whole."""
+    """Which keys each query of a block may see: ``causal`` (same local positions: key <= query),
+    and/or the sliding window over global positions ``q_pos`` [sq], ``k_pos`` [sk] (0 <= q - k <=
+    ``window``), and/or ``q_seg`` [b, sq] == ``k_seg`` [b, sk] (packed samples); built per query
+    tile, so that no [sq, sk] mask is ever materialised whole."""
 
     causal: bool = False
     q_seg: Optional[torch.Tensor] = None
     k_seg: Optional[torch.Tensor] = None
+    window: Optional[int] = None
+    q_pos: Optional[torch.Tensor] = None
+    k_pos: Optional[torch.Tensor] = None
 
     def tile(self, rows: slice, sk: int, device) -> Optional[torch.Tensor]:
         """[rows, sk] or [b, rows, sk] bool (True = may attend), or None (everything)."""
         m = None
         if self.causal:
             m = torch.arange(sk, device=device)[None, :] <= torch.arange(rows.start, rows.stop, device=device)[:, None]
+        if self.window is not None:
+            distance = self.q_pos[rows, None] - self.k_pos[None, :]  # [rows, sk]
+            near = (distance >= 0) & (distance <= self.window)
+            m = near if m is None else near & m
         if self.q_seg is not None:
             same = self.q_seg[:, rows, None] == self.k_seg[:, None, :]
             m = same if m is None else same & m
@@ -186,24 +203,62 @@ def _merge_(out, lse, blk_out, blk_lse, rows: slice) -> None:
     lse[:, :, rows] = new
 
 
-class _Block:
-    """The attention of local queries against the K/V of CP rank ``src`` at one ring step."""
+def _pair_visibility(a: int, b: int, c: int, window: int) -> str:
+    """How query chunk ``a`` sees key chunk ``b`` (chunks of ``c`` tokens) under the causal window:
+    'all', 'none', 'causal' (a == b, the window wider than a chunk: just the triangle) or 'cut'."""
+    lo, hi = (a - b) * c - (c - 1), (a - b) * c + (c - 1)  # the range of query - key positions
+    if hi < 0 or lo > window:
+        return "none"
+    if lo >= 0 and hi <= window:
+        return "all"
+    return "causal" if a == b and hi <= window else "cut"
 
-    def __init__(self, spec: RingSpec, src: int, c: int, segments: Optional[torch.Tensor]):
+
+class _Block:
+    """The attention of local queries against the K/V of CP rank ``src`` at one ring step
+    (``window``: the left width of a causal sliding window, or None)."""
+
+    def __init__(self, spec: RingSpec, src: int, c: int, segments: Optional[torch.Tensor],
+                 window: Optional[int] = None, device=None):
         me = spec.cp_rank
         self.diagonal = src == me
         self.q_rows = slice(0, 2 * c) if src <= me else slice(c, 2 * c)  # queries that see anything
         self.kv_cols = slice(0, 2 * c) if src == me or src > me else slice(0, c)  # keys seen
-        self.mask = BlockMask(causal=self.diagonal)
-        if segments is not None:  # packed: same segment (and causal on the diagonal)
+        self.skip = False
+        windowed = window is not None and self._apply_window(spec, src, c, window)
+        self.mask = BlockMask(causal=self.diagonal and not windowed)
+        if windowed:
+            total = 2 * c * spec.size
+            q_pos = local_token_index(total, spec.size, me, device)[self.q_rows]
+            k_pos = local_token_index(total, spec.size, src, device)[self.kv_cols]
+            self.mask = BlockMask(window=window, q_pos=q_pos, k_pos=k_pos)
+        if segments is not None:  # packed: same segment (and causal on the diagonal, or the window)
             sq = segments.index_select(1, local_token_index(segments.shape[1], spec.size, me, segments.device))
             sk = segments.index_select(1, local_token_index(segments.shape[1], spec.size, src, segments.device))
-            self.mask = BlockMask(self.diagonal, sq[:, self.q_rows], sk[:, self.kv_cols])
-        self.use_triton = spec.backend == "triton" and segments is None
+            self.mask = dataclasses.replace(self.mask, q_seg=sq[:, self.q_rows], k_seg=sk[:, self.kv_cols])
+        self.use_triton = spec.backend == "triton" and segments is None and not windowed
+
+    def _apply_window(self, spec: RingSpec, src: int, c: int, window: int) -> bool:
+        """Narrow ``q_rows``/``kv_cols`` to the chunks that see anything in the window (``skip``
+        when none does); True when a position mask is needed beyond the unwindowed block's."""
+        me, size = spec.cp_rank, spec.size
+        q_chunks, k_chunks = (me, 2 * size - 1 - me), (src, 2 * size - 1 - src)
+        q_slots = [i for i in (0, 1) if self.q_rows.start <= i * c < self.q_rows.stop]
+        k_slots = [j for j in (0, 1) if self.kv_cols.start <= j * c < self.kv_cols.stop]
+        seen = {(i, j): _pair_visibility(q_chunks[i], k_chunks[j], c, window) for i in q_slots for j in k_slots}
+        rows = [i for i in q_slots if any(seen[i, j] != "none" for j in k_slots)]
+        cols = [j for j in k_slots if any(seen[i, j] != "none" for i in q_slots)]
+        if not rows:
+            self.skip = True
+            return False
+        self.q_rows, self.kv_cols = slice(rows[0] * c, (rows[-1] + 1) * c), slice(cols[0] * c, (cols[-1] + 1) * c)
+        # what the unwindowed kernel computes for each kept chunk pair: everything, or (diagonal) causal
+        plain = {(0, 0): "causal", (1, 1): "causal", (1, 0): "all", (0, 1): "none"} if self.diagonal else {}
+        return any(seen[i, j] != plain.get((i, j), "all") for i in rows for j in cols)
 
     def cpu_flash(self, q: torch.Tensor) -> bool:
-        """torch backend, CPU, no packed mask: torch's CPU flash-attention kernel (causal or none)."""
-        return q.device.type == "cpu" and self.mask.q_seg is None and hasattr(
+        """torch backend, CPU, no packed or window mask: torch's CPU flash-attention kernel (causal or none)."""
+        return q.device.type == "cpu" and self.mask.q_seg is None and self.mask.window is None and hasattr(
             torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
     def forward(self, q, k, v, scale):
@@ -266,7 +321,7 @@ class RingAttentionFunction(torch.autograd.Function):
     order), or None."""
 
     @staticmethod
-    def forward(ctx, q, k, v, segments, spec: RingSpec, scale: float):
+    def forward(ctx, q, k, v, segments, spec: RingSpec, scale: float, window: Optional[int] = None):
         b, heads, s_local, d = q.shape
         c = s_local // 2
         kv = torch.stack([k, v]).contiguous()  # [2, b, G, 2c, d]
@@ -274,11 +329,14 @@ class RingAttentionFunction(torch.autograd.Function):
         lse = torch.full((b, heads, s_local), float("-inf"), dtype=torch.float32, device=q.device)
         for t in range(spec.size):
             nxt = _start_ring_shift(spec, kv) if t < spec.size - 1 else None  # overlapped with compute
-            block = _Block(spec, (spec.cp_rank - t) % spec.size, c, segments)
-            blk_out, blk_lse = block.forward(q, kv[0], kv[1], scale)
-            if t == 0:
-                out, lse = blk_out.clone(), blk_lse.clone()  # the diagonal covers every query
+            block = _Block(spec, (spec.cp_rank - t) % spec.size, c, segments, window, q.device)
+            if block.skip:  # entirely outside the window
+                pass
+            elif t == 0:
+                out, lse = block.forward(q, kv[0], kv[1], scale)  # the diagonal covers every query
+                out, lse = out.clone(), lse.clone()
             else:
+                blk_out, blk_lse = block.forward(q, kv[0], kv[1], scale)
                 _merge_(out, lse, blk_out, blk_lse, block.q_rows)
             if nxt is not None:
                 kv, works = nxt
@@ -286,7 +344,7 @@ class RingAttentionFunction(torch.autograd.Function):
         # laid out as [2c, b, H, d] in memory, so that the caller's [s, b, H * d] view is free
         out = torch.empty(s_local, b, heads, d, dtype=q.dtype, device=q.device).permute(1, 2, 0, 3).copy_(out)
         ctx.save_for_backward(q, k, v, out, lse, segments)
-        ctx.spec, ctx.scale = spec, scale
+        ctx.spec, ctx.scale, ctx.window = spec, scale, window
         return out
 
     @staticmethod
@@ -301,23 +359,25 @@ class RingAttentionFunction(torch.autograd.Function):
         pending = None  # (tensor, works) of the accumulator in flight
         for t in range(spec.size):
             nxt = _start_ring_shift(spec, kv) if t < spec.size - 1 else None
-            block = _Block(spec, (spec.cp_rank - t) % spec.size, c, segments)
-            bdq, bdk, bdv = block.backward(do, q, kv[0], kv[1], out, lse, scale)
-            dq[:, :, block.q_rows] += bdq
+            block = _Block(spec, (spec.cp_rank - t) % spec.size, c, segments, ctx.window, q.device)
+            if not block.skip:
+                bdq, bdk, bdv = block.backward(do, q, kv[0], kv[1], out, lse, scale)
+                dq[:, :, block.q_rows] += bdq
             if pending is None:
                 dkv = torch.zeros((2, *k.shape), dtype=torch.float32, device=k.device)
             else:
                 dkv, works = pending
                 _wait(works)
-            dkv[0][:, :, block.kv_cols] += bdk
-            dkv[1][:, :, block.kv_cols] += bdv
+            if not block.skip:
+                dkv[0][:, :, block.kv_cols] += bdk
+                dkv[1][:, :, block.kv_cols] += bdv
             pending = _start_ring_shift(spec, dkv)  # on to the next rank (home after the last step)
             if nxt is not None:
                 kv, works = nxt
                 _wait(works)
         dkv, works = pending
         _wait(works)
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
 
 
 def ring_attention(
@@ -327,18 +387,22 @@ def ring_attention(
     spec: RingSpec,
     segments: Optional[torch.Tensor] = None,
     softmax_scale: Optional[float] = None,
+    window: Optional[int] = None,
 ) -> torch.Tensor:
     """Causal attention of this CP rank's queries over the whole sequence (see the module docstring).
 
     q [b, H, 2c, d], k/v [b, G, 2c, d] (GQA: query head h uses kv head h // (H/G)) -> [b, H, 2c, d].
     ``segments`` [b, 2cC]: segment ids of the whole packed sequence in natural order, or None.
+    ``window``: the left width W of a causal sliding window (position i sees i - W .. i), or None.
     """
     if spec.backend not in BLOCK_BACKENDS:
         raise ValueError(f"ring attention block backend {spec.backend!r}: choose one of {', '.join(BLOCK_BACKENDS)}")
     if q.shape[2] % 2:
         raise ValueError(f"a context-parallel rank holds two equal chunks, got {q.shape[2]} tokens")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return RingAttentionFunction.apply(q, k, v, segments, spec, scale)
+    if window is not None and window < 0:
+        raise ValueError(f"a sliding window's left width must be >= 0, got {window}")
+    return RingAttentionFunction.apply(q, k, v, segments, spec, scale, window)
 
 
 __all__ = ["BLOCK_BACKENDS", "RingAttentionFunction", "RingSpec", "ring_attention"]
