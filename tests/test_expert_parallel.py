@@ -94,22 +94,108 @@ def test_dispatchers_equal_the_single_rank_layer(world):
             assert err <= 1e-5, f"{name}: max abs error {err:.2e}"
 
 
-def _groups(rank: int, world: int, tp: int, pp: int, ep: int) -> tuple:
+def _groups(rank: int, world: int) -> tuple:
     import torch.distributed as dist
 
     from megafast.config import ParallelConfig
     from megafast.parallel.state import ParallelState
 
-    st = ParallelState.create(ParallelConfig(tp, pp, expert_model_parallel_size=ep))
+    st = ParallelState.create(ParallelConfig(expert_model_parallel_size=2))
     ranks = lambda g: None if g is None else dist.get_process_group_ranks(g)  # noqa: E731
-    return (st.ep_rank, st.expert_dp_rank, ranks(st.ep_group), ranks(st.expert_dp_group))
+    return (st.ep_rank, st.expert_dp_rank, st.expert_dp_size, ranks(st.ep_group), ranks(st.expert_dp_group))
 
 
 def test_expert_groups_follow_megatron():
-    # world 8: TP 2, PP 1, DP 4, EP 2. dp_rank = rank // 2; EP = consecutive DP ranks of equal TP rank
-    got = run_distributed(_groups, 8, 2, 1, 2)
-    for rank, (ep_rank, edp_rank, ep_group, edp_group) in enumerate(got):
-        tp_rank, dp_rank = rank % 2, rank // 2
-        assert ep_rank == dp_rank % 2 and edp_rank == dp_rank // 2
-        assert ep_group == [(dp_rank // 2 * 2 + e) * 2 + tp_rank for e in range(2)]
-        assert edp_group == [(x * 2 + dp_rank % 2) * 2 + tp_rank for x in range(2)]
+    # world 4 = DP 4, EP 2: EP groups are consecutive DP ranks, expert-DP groups the ranks of equal EP rank
+    got = run_distributed(_groups, 4)
+    for rank, (ep_rank, edp_rank, edp_size, ep_group, edp_group) in enumerate(got):
+        assert (ep_rank, edp_rank, edp_size) == (rank % 2, rank // 2, 2)
+        assert ep_group == [rank // 2 * 2, rank // 2 * 2 + 1]
+        assert edp_group == [rank % 2, rank % 2 + 2]
+
+
+# ----------------------------------------------------------------------- training under torchrun
+
+MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32",
+       "--moe-aux-loss-coeff", "0.01", "--moe-z-loss-coeff", "0.001"]
+EP_LAYOUTS = [  # (nproc, flags): (TP, PP, DP, EP) in the comment
+    (1, []),  # (1,1,1,1): the reference
+    (2, ["--expert-model-parallel-size", "2", "--use-distributed-optimizer"]),  # (1,1,2,2)
+    (4, ["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2",
+         "--moe-token-dispatcher-type", "allgather"]),  # (1,2,2,2)
+    (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--expert-model-parallel-size", "2",
+         "--use-distributed-optimizer"]),  # (2,1,2,2)
+    (4, ["--expert-model-parallel-size", "4", "--use-distributed-optimizer"]),  # (1,1,4,4)
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[str, int]:
+    """Learnable documents (each counts up from a random start with a random stride)."""
+    import numpy as np
+
+    from megafast.data.indexed_dataset import IndexedDatasetBuilder
+    from pretrain_run import VOCAB
+
+    seed = draw_seed("corpus_seed")
+    prefix = str(tmp_path_factory.mktemp("ep_corpus") / "corpus_text_document")
+    rng = np.random.default_rng(seed)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for _ in range(200):
+        start, stride, length = rng.integers(0, VOCAB - 1), rng.integers(1, 4), rng.integers(5, 60)
+        doc = ((start + stride * np.arange(length)) % (VOCAB - 1)).tolist() + [VOCAB - 1]
+        builder.add_document(doc, [len(doc)])
+    builder.finalize(prefix + ".idx")
+    return prefix, seed
+
+
+def test_expert_parallel_layouts_train_the_same(corpus, tmp_path):
+    import numpy as np
+
+    from pretrain_run import MODEL, TRAIN, data_args, torchrun, train_records
+
+    prefix, seed = corpus
+    runs = []
+    for i, (nproc, extra) in enumerate(EP_LAYOUTS):
+        log = tmp_path / f"layout{i}.jsonl"
+        torchrun(nproc, MODEL + MOE + TRAIN + data_args(prefix, tmp_path) + extra +
+                 ["--train-iters", "10", "--attention-dropout", "0", "--hidden-dropout", "0", "--log-jsonl", str(log)])
+        recs = train_records(log)
+        assert sorted(recs) == list(range(1, 11))
+        runs.append({key: np.array([recs[it][key] for it in range(1, 11)])
+                     for key in ("lm_loss", "load_balancing_loss", "grad_norm")})
+    ref = runs[0]
+    assert ref["lm_loss"][-1] < ref["lm_loss"][0], f"loss did not fall: {ref['lm_loss']} (corpus seed {seed})"
+    for (nproc, extra), got in zip(EP_LAYOUTS[1:], runs[1:]):
+        for key, want in ref.items():
+            err = np.max(np.abs(got[key] - want) / np.abs(want))
+            assert err <= 1e-5, (f"{nproc} procs {extra}: {key} relative error {err:.2e} (corpus seed {seed})\n"
+                                 f"{got[key].tolist()}\n{want.tolist()}")
+
+
+def test_resume_at_expert_parallel_2_is_bit_exact(corpus, tmp_path):
+    """EP = 2 with the distributed optimizer, async save and dropout on: a run resumed from the
+    iteration-4 checkpoint logs exactly what the straight run logged."""
+    import os
+
+    from megafast.checkpoint.commit import write_commit
+    from pretrain_run import MODEL, TRAIN, data_args, torchrun, train_records
+
+    prefix, seed = corpus
+    common = (MODEL + MOE + TRAIN + data_args(prefix, tmp_path) +
+              ["--expert-model-parallel-size", "2", "--use-distributed-optimizer", "--async-save",
+               "--train-iters", "8", "--save-interval", "4"])
+    straight, resumed = tmp_path / "straight.jsonl", tmp_path / "resumed.jsonl"
+    torchrun(2, common + ["--save", str(tmp_path / "a"), "--log-jsonl", str(straight)])
+    iter4 = tmp_path / "a" / "iter_0000004"
+    assert sorted(os.listdir(iter4)) == ["mp_rank_00_000_000", "mp_rank_00_000_001"]
+    for ep in range(2):
+        assert sorted(os.listdir(iter4 / f"mp_rank_00_000_{ep:03d}")) == [
+            f"distrib_optim_dp{ep:03d}.pt", "model_optim_rng.pt"]
+    write_commit(str(tmp_path / "a"), 4)  # resume from iteration 4
+    torchrun(2, common + ["--load", str(tmp_path / "a"), "--log-jsonl", str(resumed)])
+    a, b = train_records(straight), train_records(resumed)
+    assert sorted(b) == list(range(5, 9))
+    for it in range(5, 9):
+        for key in ("lm_loss", "grad_norm", "lr", "consumed_samples", "load_balancing_loss"):
+            assert a[it][key] == b[it][key], f"iteration {it} {key}: {a[it][key]} != {b[it][key]} (corpus seed {seed})"
