@@ -43,7 +43,7 @@ VARIANTS = [  # MoE config overrides checked for each dispatcher
 ]
 
 
-def _layer_vs_reference(rank: int, world: int, seed: int) -> list[tuple[str, float]]:
+def _layer_vs_reference(rank: int, world: int, seed: int) -> tuple[list[tuple[str, float]], object]:
     from megafast.config import ParallelConfig
     from megafast.model.moe import MoELayer
     from megafast.parallel.state import ParallelState
@@ -83,18 +83,23 @@ def _layer_vs_reference(rank: int, world: int, seed: int) -> list[tuple[str, flo
                 errors.append((f"{name} {n} value", (p.detach() - full_ref[rank * local:(rank + 1) * local]).abs().max().item()))
                 want_grad = ref_expert_grads[n][rank * local:(rank + 1) * local]
                 errors.append((f"{name} {n}.grad", (p.grad - want_grad).abs().max().item()))
-    return errors
+    return errors, _groups() if world == 4 else None
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_dispatchers_equal_the_single_rank_layer(world):
     seed = draw_seed("seed")
-    for rank_errors in run_distributed(_layer_vs_reference, world, seed):
+    for rank, (rank_errors, groups) in enumerate(run_distributed(_layer_vs_reference, world, seed)):
         for name, err in rank_errors:
             assert err <= 1e-5, f"{name}: max abs error {err:.2e}"
+        if world == 4:  # DP 4, EP 2: EP groups are consecutive DP ranks, expert-DP ones those of equal EP rank
+            ep_rank, edp_rank, edp_size, ep_group, edp_group = groups
+            assert (ep_rank, edp_rank, edp_size) == (rank % 2, rank // 2, 2)
+            assert ep_group == [rank // 2 * 2, rank // 2 * 2 + 1]
+            assert edp_group == [rank % 2, rank % 2 + 2]
 
 
-def _groups(rank: int, world: int) -> tuple:
+def _groups() -> tuple:
     import torch.distributed as dist
 
     from megafast.config import ParallelConfig
@@ -103,15 +108,6 @@ def _groups(rank: int, world: int) -> tuple:
     st = ParallelState.create(ParallelConfig(expert_model_parallel_size=2))
     ranks = lambda g: None if g is None else dist.get_process_group_ranks(g)  # noqa: E731
     return (st.ep_rank, st.expert_dp_rank, st.expert_dp_size, ranks(st.ep_group), ranks(st.expert_dp_group))
-
-
-def test_expert_groups_follow_megatron():
-    # world 4 = DP 4, EP 2: EP groups are consecutive DP ranks, expert-DP groups the ranks of equal EP rank
-    got = run_distributed(_groups, 4)
-    for rank, (ep_rank, edp_rank, edp_size, ep_group, edp_group) in enumerate(got):
-        assert (ep_rank, edp_rank, edp_size) == (rank % 2, rank // 2, 2)
-        assert ep_group == [rank // 2 * 2, rank // 2 * 2 + 1]
-        assert edp_group == [rank % 2, rank % 2 + 2]
 
 
 # ----------------------------------------------------------------------- training under torchrun
@@ -199,3 +195,24 @@ def test_resume_at_expert_parallel_2_is_bit_exact(corpus, tmp_path):
     for it in range(5, 9):
         for key in ("lm_loss", "grad_norm", "lr", "consumed_samples", "load_balancing_loss"):
             assert a[it][key] == b[it][key], f"iteration {it} {key}: {a[it][key]} != {b[it][key]} (corpus seed {seed})"
+
+
+def test_expert_parallel_flag_errors_are_one_line():
+    from megafast.arguments import parse_args, validate_args
+    from pretrain_run import MODEL, TRAIN
+
+    base = MODEL + TRAIN + ["--mock-data", "--vocab-size", "100", "--train-iters", "1"]
+    for flags, world, message in (
+        (MOE + ["--expert-model-parallel-size", "3"], 1, "--expert-model-parallel-size 3 does not divide --num-experts 4"),
+        (MOE + ["--expert-model-parallel-size", "4"], 2, "--expert-model-parallel-size 4 does not divide the data-parallel size 2"),
+        (MOE + ["--expert-model-parallel-size", "2", "--tensor-model-parallel-size", "2"], 2,
+         "--expert-model-parallel-size 2 does not divide the data-parallel size 1"),
+        (["--expert-model-parallel-size", "2"], 2, "--expert-model-parallel-size 2 needs a mixture-of-experts model"),
+        (MOE + ["--expert-model-parallel-size", "0"], 1, "--expert-model-parallel-size must be >= 1"),
+    ):
+        with pytest.raises(SystemExit) as err:
+            validate_args(parse_args(base + flags), world)
+        assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+    with pytest.raises(SystemExit):  # argparse: not a dispatcher
+        parse_args(base + MOE + ["--moe-token-dispatcher-type", "flex"])
+    validate_args(parse_args(base + MOE + ["--expert-model-parallel-size", "2"]), 4)  # DP 4, EP 2: fine
