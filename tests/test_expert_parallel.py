@@ -216,3 +216,123 @@ def test_expert_parallel_flag_errors_are_one_line():
     with pytest.raises(SystemExit):  # argparse: not a dispatcher
         parse_args(base + MOE + ["--moe-token-dispatcher-type", "flex"])
     validate_args(parse_args(base + MOE + ["--expert-model-parallel-size", "2"]), 4)  # DP 4, EP 2: fine
+
+
+# ------------------------------------------------------------------------------- conversion
+
+def _tiny_mixtral(path: str) -> None:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=101, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+                           intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
+    model = MixtralForCausalLM(config)
+    g = torch.Generator().manual_seed(draw_seed("mixtral_seed"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.15 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(path, max_shard_size="40KB")
+
+
+def _safetensors(directory: str) -> dict:
+    import os
+
+    from safetensors import safe_open
+
+    out = {}
+    for file in sorted(os.listdir(directory)):
+        if file.endswith(".safetensors"):
+            with safe_open(os.path.join(directory, file), "pt") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def _load_at_ep2(rank: int, world: int, ckpt: str) -> dict:
+    from megafast.config import ParallelConfig
+    from megafast.parallel.state import ParallelState
+    from megafast.pipeline.partition import build_model_chunks
+    from megafast.checkpoint import layout
+    from megafast.checkpoint.reader import MegafastCheckpointReader
+    from megafast.training.checkpointing import load_checkpoint
+
+    state = ParallelState.create(ParallelConfig(expert_model_parallel_size=2))
+    reader = MegafastCheckpointReader(ckpt)
+    chunks = build_model_chunks(reader.config, state, seed=3)
+    assert load_checkpoint(ckpt, chunks, None, None, state, finetune=True) is not None
+    errors = {}
+    for name, tensor in chunks[0].state_dict().items():
+        full = layout.shard_full(name, reader.full(name), reader.config, 0, 1)  # vocabulary padded
+        want = full[rank * 2:(rank + 1) * 2] if ".mlp.experts." in name else full
+        errors[name] = bool(torch.equal(tensor, want.to(tensor.dtype)))
+    return errors
+
+
+def test_hf_to_megafast_at_ep2_and_back_is_bit_identical(tmp_path):
+    import os
+
+    from megafast.checkpoint.reader import MegafastCheckpointReader
+    from megafast.convert.converter import ConvertOptions, convert_checkpoint
+
+    hf_dir = str(tmp_path / "hf")
+    _tiny_mixtral(hf_dir)
+    ep2 = str(tmp_path / "ep2")
+    convert_checkpoint(ConvertOptions("hf", "megafast", hf_dir, ep2, target_tensor_parallel_size=2,
+                                      target_pipeline_parallel_size=2, target_expert_parallel_size=2, progress=False))
+    iteration = os.path.join(ep2, "release")
+    assert sorted(os.listdir(iteration)) == [f"mp_rank_{t:02d}_{p:03d}_{e:03d}" for t in range(2) for p in range(2)
+                                             for e in range(2)]
+    part = torch.load(os.path.join(iteration, "mp_rank_01_001_001", "model_optim_rng.pt"), weights_only=False)
+    assert part["model"]["decoder.layers.3.mlp.experts.linear_fc1.weight"].shape == (2, 48, 32)  # 2 of 4 experts
+    assert MegafastCheckpointReader(ep2).ep == 2
+
+    back = convert_checkpoint(ConvertOptions("megafast", "hf", ep2, str(tmp_path / "back"), progress=False))
+    got, want = _safetensors(back), _safetensors(hf_dir)
+    assert len([k for k in want if ".experts." in k]) == 3 * 4 * 4
+    assert set(got) == set(want), sorted(set(got) ^ set(want))[:4]
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), f"{k} differs after HF -> EP=2 -> HF"
+
+    # re-shard EP=2 (TP=2, PP=2) -> EP=1 (TP=1, PP=1) -> EP=4: the same full tensors
+    ep1, ep4 = str(tmp_path / "ep1"), str(tmp_path / "ep4")
+    convert_checkpoint(ConvertOptions("megafast", "megafast", ep2, ep1, target_tensor_parallel_size=1,
+                                      target_pipeline_parallel_size=1, target_expert_parallel_size=1, progress=False))
+    convert_checkpoint(ConvertOptions("megafast", "megafast", ep1, ep4, target_expert_parallel_size=4, progress=False))
+    readers = [MegafastCheckpointReader(d) for d in (ep2, ep1, ep4)]
+    assert [r.ep for r in readers] == [2, 1, 4]
+    for (label, tensors), *others in zip(readers[0].groups(), readers[1].groups(), readers[2].groups()):
+        for (_, other) in others:
+            assert set(other) == set(tensors) and all(torch.equal(other[k], v) for k, v in tensors.items()), label
+
+    # a training run at DP=2, EP=2 loads the EP=2 checkpoint (TP=1, PP=1: re-sharded from ep1) with its experts
+    ep2_tp1 = str(tmp_path / "ep2_tp1")
+    convert_checkpoint(ConvertOptions("megafast", "megafast", ep1, ep2_tp1, target_expert_parallel_size=2,
+                                      progress=False))
+    for rank_ok in run_distributed(_load_at_ep2, 2, ep2_tp1):
+        assert all(rank_ok.values()), [n for n, ok in rank_ok.items() if not ok]
+
+
+def test_conversion_layout_errors(tmp_path):
+    import os
+    import shutil
+
+    from megafast.convert.converter import ConvertOptions, convert_checkpoint
+
+    hf_dir = str(tmp_path / "hf")
+    _tiny_mixtral(hf_dir)
+    with pytest.raises(ValueError, match="--expert-model-parallel-size 3 does not divide --num-experts 4"):
+        convert_checkpoint(ConvertOptions("hf", "megafast", hf_dir, str(tmp_path / "x"), target_expert_parallel_size=3,
+                                          progress=False))
+    ep2 = str(tmp_path / "ep2")
+    convert_checkpoint(ConvertOptions("hf", "megafast", hf_dir, ep2, target_expert_parallel_size=2, progress=False))
+    with pytest.raises(ValueError, match="apply to --saver megafast"):
+        convert_checkpoint(ConvertOptions("megafast", "hf", ep2, str(tmp_path / "y"), target_expert_parallel_size=2,
+                                          progress=False))
+    path = os.path.join(ep2, "release", "mp_rank_00_000_001", "model_optim_rng.pt")
+    state = torch.load(path, weights_only=False)
+    del state["model"]["decoder.layers.2.mlp.experts.linear_fc2.weight"]  # one EP rank lost an expert stack
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"decoder\.layers\.2\.mlp\.experts\.linear_fc2\.weight"):
+        convert_checkpoint(ConvertOptions("megafast", "hf", ep2, str(tmp_path / "z"), progress=False))
+    shutil.rmtree(os.path.dirname(path))  # a missing EP rank's file
+    with pytest.raises(ValueError, match="is missing|incomplete"):
+        convert_checkpoint(ConvertOptions("megafast", "hf", ep2, str(tmp_path / "w"), progress=False))
