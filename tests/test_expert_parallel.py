@@ -7,7 +7,9 @@
 - Process groups: EP and expert-data-parallel ranks as Megatron draws them from the DP ranks.
 - A tiny MoE Llama trained by pretrain_gpt.py: per-iteration lm_loss at (TP, PP, DP, EP) =
   (1,1,2,2), (1,2,2,2), (2,1,2,2) (+ sequence parallelism), (1,1,4,4), with the distributed
-  optimizer, equals (1,1,1,1) within 1e-5 over 10 iterations; exact resume at EP = 2.
+  optimizer (ZeRO-1; ZeRO-3 at (1,1,4,4)) and both dispatchers, equals (1,1,1,1) within 1e-5
+  over 10 iterations, and so do the load-balancing loss and the gradient norm; exact resume at
+  EP = 2.
 - Configuration errors are one line.
 """
 
@@ -121,7 +123,7 @@ EP_LAYOUTS = [  # (nproc, flags): (TP, PP, DP, EP) in the comment
          "--moe-token-dispatcher-type", "allgather"]),  # (1,2,2,2)
     (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--expert-model-parallel-size", "2",
          "--use-distributed-optimizer"]),  # (2,1,2,2)
-    (4, ["--expert-model-parallel-size", "4", "--use-distributed-optimizer"]),  # (1,1,4,4)
+    (4, ["--expert-model-parallel-size", "4", "--data-parallel-sharding-strategy", "optim_grads_params"]),  # (1,1,4,4), ZeRO-3
 ]
 
 
