@@ -8,6 +8,9 @@
         --load-dir CKPT --save-dir CKPT_TP1 --target-tensor-parallel-size 1 --target-pipeline-parallel-size 1
     python tools/checkpoint/convert.py --model-type GPT --loader megafast --saver hf --merge-lora \
         --load-dir LORA_CKPT --save-dir HF_OUT        # a LoRA run: adapters merged into its base first
+    python tools/checkpoint/convert.py --model-type GPT --loader hf --saver megafast \
+        --load-dir MIXTRAL_HF --save-dir CKPT_EP2 --target-tensor-parallel-size 2 \
+        --target-pipeline-parallel-size 2 --target-expert-parallel-size 2   # MoE: each EP rank's experts apart
 
 HF models: LlamaForCausalLM (Llama 2/3, GQA), MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel,
 from model.safetensors (single or sharded with its index) or pytorch_model.bin. A megafast
