@@ -18,9 +18,15 @@ implementation of one shape, all timed in the same run so the ratios compare lik
   Megatron's SequentialMLP, ``--moe-grouped-gemm`` off) or the grouped GEMM (``grouped``: the torch
   twin on CPU, the Triton kernel on a GPU). Tokens/s counts the T tokens.
 
-Later parts (another change) slot into :data:`PARTS` with the same :class:`Row` (``part`` names
-them; ``impl`` the variant, e.g. the MoE layer, or the all-to-all vs all-gather dispatchers at
-EP 2/4 with ``ranks`` set), and share the timing, the table and the docs section.
+- ``dispatcher``: the MoE layer (router, token dispatcher, experts, combine) forward + backward
+  at expert-parallel size EP = 2 and 4, one process per EP rank (gloo on CPU, nccl on GPUs), with
+  the ``alltoall`` and the ``allgather`` token dispatcher (megafast.model.moe), T tokens per rank.
+  Tokens/s counts the tokens of all EP ranks (EP x T) over the slowest rank's median step; the
+  ratio is all-gather's time over this dispatcher's. The layer's outputs at EP are checked
+  against the EP = 1 layer on each rank's tokens first. Its table is the ``bench_moe_ep`` section.
+
+Later parts slot into :data:`PARTS` with the same :class:`Row` (``part`` names them; ``impl`` the
+variant, ``ranks`` the EP size) and share the timing and the table.
 
 CPU: fp32 at small shapes (about a minute). GPU: bf16 at Mixtral-like (hidden 4096, expert FFN
 14336, 8 experts, top-2, 16k tokens) and Qwen2-MoE-like (2048, 1408, 60 experts, top-4) shapes.
@@ -64,6 +70,7 @@ GPU_SHAPES = (
     ("qwen2-moe-like", 16384, 2048, 1408, 60, 4),
 )
 SMOKE_SHAPES = (("smoke", 64, 32, 48, 4, 2),)
+EP_SIZES = (2, 4)  # dispatcher part: expert-parallel sizes (one process each)
 
 
 @dataclass
@@ -206,7 +213,98 @@ def bench_moe_layer(rows: list[Row], shapes, dtype: torch.dtype, device: torch.d
                 r.baseline, r.vs_baseline = "loop", base.ms / r.ms
 
 
-PARTS = {"grouped_gemm": bench_grouped_gemm, "moe_layer": bench_moe_layer}
+
+# -------------------------------------------------------------------------- EP token dispatchers
+
+
+def _dispatcher_worker(rank: int, world: int, init_file: str, shape: tuple, dtype: str, reps: int, queue) -> None:
+    """One EP rank: time the MoE layer with each dispatcher; put (rank, {impl: (ms, max err)})."""
+    import torch.distributed as dist
+
+    from megafast.config import GPTConfig, ParallelConfig
+    from megafast.model.moe import MoELayer
+    from megafast.parallel.state import ParallelState
+
+    torch.set_num_threads(1)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        _, tokens, hidden, ffn, experts, top_k = shape
+        state = ParallelState.create(ParallelConfig(expert_model_parallel_size=world))
+        dt = getattr(torch, dtype)
+        gen = torch.Generator().manual_seed(1234 + rank)
+        x = torch.randn(tokens, 1, hidden, generator=gen).to(device=device, dtype=dt)
+        dy = torch.randn(tokens, 1, hidden, generator=gen).to(device=device, dtype=dt)
+        steps, errors = {}, {}
+        for impl in ("alltoall", "allgather"):
+            config = GPTConfig(num_layers=2, hidden_size=hidden, num_attention_heads=4, vocab_size=128,
+                               ffn_hidden_size=ffn, position_embedding_type="rope", normalization="RMSNorm",
+                               activation="swiglu", add_bias_linear=False, num_experts=experts,
+                               moe_ffn_hidden_size=ffn, moe_router_topk=top_k, moe_grouped_gemm=True,
+                               moe_token_dispatcher_type=impl)
+            layer = MoELayer(config, state, 1, seed=7, params_dtype=dt, device=device)
+            reference = MoELayer(config, ParallelState.single(), 1, seed=7, params_dtype=dt, device=device)
+            with torch.no_grad():
+                errors[impl] = rel_err(layer(x), reference(x))
+            xg = x.clone().requires_grad_()
+
+            def step(layer=layer, xg=xg) -> None:
+                layer(xg).backward(dy)
+
+            steps[impl] = step
+        # the two dispatchers take turns in every repetition (same order on every rank: the collectives match)
+        out = {impl: (ms, errors[impl]) for impl, ms in time_ms(steps, device, reps).items()}
+        queue.put((rank, True, out))
+    except BaseException as exc:  # noqa: BLE001 - reported by the parent
+        queue.put((rank, False, repr(exc)))
+    finally:
+        dist.destroy_process_group()
+
+
+def bench_dispatcher(rows: list[Row], shapes, dtype: torch.dtype, device: torch.device, reps: int) -> None:
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    for shape in shapes[:1]:  # the first (Mixtral-like) shape
+        name, tokens, hidden, ffn, experts, top_k = shape
+        for ep in EP_SIZES:
+            if experts % ep or (device.type == "cuda" and torch.cuda.device_count() < ep):
+                print(f"dispatcher EP={ep}: skipped ({experts} experts, {torch.cuda.device_count()} GPUs)")
+                continue
+            queue = ctx.Queue()
+            with tempfile.TemporaryDirectory(prefix="bench-moe-ep-") as tmp:
+                args = (os.path.join(tmp, "store"), shape, str(dtype).replace("torch.", ""), reps, queue)
+                procs = [ctx.Process(target=_dispatcher_worker, args=(r, ep) + args) for r in range(ep)]
+                for proc in procs:
+                    proc.start()
+                results = [queue.get(timeout=3600) for _ in procs]
+                for proc in procs:
+                    proc.join()
+            failed = [r for r in results if not r[1]]
+            if failed:
+                raise RuntimeError(f"dispatcher EP={ep} rank {failed[0][0]} failed: {failed[0][2]}")
+            label = f"{name}: T={tokens}/rank k={top_k} E={experts} h={hidden} F={ffn}"
+            for impl in ("alltoall", "allgather"):
+                ms = max(r[2][impl][0] for r in results)  # the slowest rank's median step
+                err = max(r[2][impl][1] for r in results)
+                rows.append(Row("dispatcher", label, impl, str(dtype).replace("torch.", ""), ms,
+                                ep * tokens / (ms / 1e3), max_rel_err=err, ranks=ep))
+                print(f"{label} EP={ep} {impl}: {ms:.2f} ms fwd+bwd, {ep * tokens / (ms / 1e3):,.0f} tokens/s, "
+                      f"max rel err vs EP=1 {err:.1e}", flush=True)
+            base = next(r for r in rows if r.part == "dispatcher" and r.ranks == ep and r.shape == label
+                        and r.impl == "allgather")
+            for r in rows:
+                if r.part == "dispatcher" and r.ranks == ep and r.shape == label:
+                    r.baseline, r.vs_baseline = "allgather", base.ms / r.ms
+
+
+PARTS = {"grouped_gemm": bench_grouped_gemm, "moe_layer": bench_moe_layer, "dispatcher": bench_dispatcher}
+SECTIONS = {"grouped_gemm": SECTION, "moe_layer": SECTION, "dispatcher": "bench_moe_ep"}
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
@@ -226,6 +324,28 @@ def versions(device: torch.device) -> dict:
     info["device"] = (torch.cuda.get_device_name() if device.type == "cuda"
                       else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
     return info
+
+
+def render_dispatcher_markdown(info: dict, rows: list[Row], command: str, note: str = "") -> str:
+    lines = [f"### MoE expert parallelism: all-to-all vs all-gather token dispatcher ({info['date']}, "
+             f"{info['device']})", "",
+             f"- command: `{command}`",
+             f"- versions: torch {info['torch']}, Python {info['python']}, one torch thread per EP rank "
+             "(one process each; gloo on CPU)",
+             "- the MoE layer (router, dispatch, grouped-GEMM experts, combine) forward + backward at EP ranks, "
+             "median step of the slowest rank; tokens/s = EP x T / step; `x allgather` = all-gather's time / "
+             "this time; max rel err = the layer's output at EP against the EP = 1 layer (all experts on one "
+             "rank) on the same tokens"]
+    if note:
+        lines.append(f"- {note}")
+    lines += ["", "| shape | EP | dispatcher | dtype | fwd+bwd ms | tokens/s | x allgather | max rel err |",
+              "|---|---:|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        err = "-" if r.max_rel_err is None else f"{r.max_rel_err:.1e}"
+        ratio = "-" if r.vs_baseline is None else f"{r.vs_baseline:.2f}"
+        lines.append(f"| {r.shape} | {r.ranks} | {r.impl} | {r.dtype} | {r.ms:.2f} | {r.tokens_per_s:,.0f} | "
+                     f"{ratio} | {err} |")
+    return "\n".join(lines) + "\n"
 
 
 def render_markdown(info: dict, rows: list[Row], command: str, note: str = "") -> str:
@@ -275,7 +395,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         PARTS[part](rows, shapes, dtype, device, reps)
     bad = [r for r in rows if r.max_rel_err is not None and not r.max_rel_err <= TOLERANCE[dtype]]
     command = "python benchmarks/bench_moe.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    text = render_markdown(info, rows, command.strip(), args.note)
+    gemm_rows = [r for r in rows if r.part != "dispatcher"]
+    ep_rows = [r for r in rows if r.part == "dispatcher"]
+    texts = {}  # docs section -> markdown
+    if gemm_rows:
+        texts[SECTION] = render_markdown(info, gemm_rows, command.strip(), args.note)
+    if ep_rows:
+        texts[SECTIONS["dispatcher"]] = render_dispatcher_markdown(info, ep_rows, command.strip(), args.note)
+    text = "\n".join(texts.values())
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_moe.json"), "w") as f:
         json.dump({"info": info, "rows": [asdict(r) for r in rows]}, f, indent=1)
@@ -283,7 +410,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         f.write(text)
     print(text)
     if args.write_doc and not bad:
-        write_section(args.write_doc, SECTION, text)
+        for section, body in texts.items():
+            write_section(args.write_doc, section, body)
     for r in bad:
         print(f"FAIL {r.part} {r.shape} {r.impl}: max rel err {r.max_rel_err:.1e} > {TOLERANCE[dtype]:g}")
     return 1 if bad else 0

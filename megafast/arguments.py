@@ -107,7 +107,7 @@ def moe_layer_freq(text: str) -> int | tuple[int, ...]:
 
 
 def _add_moe(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("mixture of experts (megafast.model.moe; expert-parallel size 1)")
+    g = p.add_argument_group("mixture of experts (megafast.model.moe)")
     g.add_argument("--num-experts", type=int, default=None, help="experts per MoE layer; default: a dense model")
     g.add_argument("--moe-router-topk", type=int, default=2)
     g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="each expert's FFN size; default --ffn-hidden-size")
@@ -128,7 +128,11 @@ def _add_moe(p: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-layer-freq", type=moe_layer_freq, default=1,
                    help="int N: every Nth layer (0, N, ...) is MoE; or a list of 0/1 per layer, e.g. [1,0,1,0]")
     g.add_argument("--expert-model-parallel-size", type=int, default=1,
-                   help="only 1 for now: every rank holds every expert")
+                   help="split each MoE layer's experts over this many data-parallel ranks (must divide the "
+                        "data-parallel size and --num-experts); experts are replicated over TP")
+    g.add_argument("--moe-token-dispatcher-type", choices=["alltoall", "allgather"], default="alltoall",
+                   help="how tokens reach the experts of other expert-parallel ranks: all-to-all of the routed "
+                        "tokens, or all-gather of every token + reduce-scatter of the outputs")
 
 
 def _window_size(text: str) -> tuple[int, int]:
@@ -562,6 +566,7 @@ def moe_fields(args: argparse.Namespace) -> dict:
         moe_router_pre_softmax=args.moe_router_pre_softmax,
         moe_expert_capacity_factor=args.moe_expert_capacity_factor,
         moe_layer_freq=args.moe_layer_freq,
+        moe_token_dispatcher_type=getattr(args, "moe_token_dispatcher_type", "alltoall"),
     )
 
 
@@ -572,6 +577,7 @@ def parallel_config(args: argparse.Namespace) -> ParallelConfig:
         sequence_parallel=args.sequence_parallel,
         context_parallel_size=args.context_parallel_size,
         cp_comm_type=args.cp_comm_type,
+        expert_model_parallel_size=getattr(args, "expert_model_parallel_size", 1),
     )
 
 
@@ -736,9 +742,6 @@ def validate_args(args: argparse.Namespace, world_size: int, vocab_size: Optiona
             f"the tokenizer has {vocab_size} tokens but --vocab-size is {args.vocab_size}: "
             f"raise --vocab-size to at least {vocab_size} or drop it"
         )
-    if getattr(args, "expert_model_parallel_size", 1) != 1:
-        _fail(f"--expert-model-parallel-size {args.expert_model_parallel_size}: expert parallelism is not "
-              "implemented yet; use 1 (every rank holds every expert)")
     _check_data_files(args)
     _check_finetuning(args)
     _check_save_hf(args)

@@ -121,6 +121,8 @@ class GPTConfig:
     moe_router_pre_softmax: bool = False  # softmax over all experts before top-k (no renormalisation)
     moe_expert_capacity_factor: Optional[float] = None  # None: dropless
     moe_layer_freq: int | tuple[int, ...] = 1  # every Nth layer is MoE, or a 0/1 pattern per layer
+    # how tokens reach the experts of other expert-parallel ranks (megafast.model.moe; EP > 1 only)
+    moe_token_dispatcher_type: str = "alltoall"  # alltoall | allgather
     # Long context (megafast.model.rotary, megafast.model.sliding_window). RoPE scaling, Megatron's
     # --use-rope-scaling --rope-scaling-factor (llama3 by default) plus --rope-scaling-type:
     # llama3 (Llama 3.1+), linear (positions / factor), yarn (with its attention factor on cos/sin).
@@ -210,6 +212,7 @@ class GPTConfig:
             ("--moe-router-load-balancing-type", self.moe_router_load_balancing_type,
              ("aux_loss", "seq_aux_loss", "none")),
             ("--moe-router-score-function", self.moe_router_score_function, ("softmax", "sigmoid")),
+            ("--moe-token-dispatcher-type", self.moe_token_dispatcher_type, ("alltoall", "allgather")),
         ):
             if value not in choices:
                 raise ValueError(f"unknown {flag} {value!r}: choose one of {', '.join(choices)}")
@@ -324,8 +327,12 @@ class ParallelConfig:
     sequence_parallel: bool = False
     context_parallel_size: int = 1
     cp_comm_type: str = "p2p"
+    # expert-parallel ranks are drawn from the data-parallel ranks (megafast.parallel.state)
+    expert_model_parallel_size: int = 1
 
     def __post_init__(self) -> None:
+        if self.expert_model_parallel_size < 1:
+            raise ValueError(f"--expert-model-parallel-size must be >= 1, got {self.expert_model_parallel_size}")
         if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
             raise ValueError(
                 "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1, got "
@@ -377,6 +384,31 @@ def validate_layout(model: GPTConfig, parallel: ParallelConfig, world_size: Opti
             "use at most one stage per layer (--pipeline-model-parallel-size <= --num-layers)"
         )
     validate_context_parallel(model, parallel)
+    validate_expert_parallel(model, parallel, world_size)
+
+
+def validate_expert_parallel(model: GPTConfig, parallel: ParallelConfig, world_size: Optional[int] = None) -> None:
+    """Expert parallelism (one line each): only for MoE models, EP divides the expert count and
+    (given the world size) the data-parallel size, whose ranks it is drawn from."""
+    ep = parallel.expert_model_parallel_size
+    if ep == 1:
+        return
+    if model.num_experts is None:
+        raise ValueError(
+            f"--expert-model-parallel-size {ep} needs a mixture-of-experts model: pass --num-experts or use 1"
+        )
+    if model.num_experts % ep:
+        raise ValueError(
+            f"--expert-model-parallel-size {ep} does not divide --num-experts {model.num_experts}: "
+            "choose an expert-parallel size dividing the expert count"
+        )
+    if world_size is not None:
+        dp = parallel.data_parallel_size(world_size)
+        if dp % ep:
+            raise ValueError(
+                f"--expert-model-parallel-size {ep} does not divide the data-parallel size {dp} (expert-parallel "
+                "ranks are drawn from the data-parallel ranks): change --nproc-per-node or the parallel sizes"
+            )
 
 
 def validate_context_parallel(model: GPTConfig, parallel: ParallelConfig, seq_length: Optional[int] = None) -> None:

@@ -67,7 +67,7 @@ def test_moe_flag_errors_are_one_line():
     flags = [f for f in MOE if f not in ("--moe-layer-freq", "[1,1,0,1]")]
     for extra, message in (
         (["--moe-router-topk", "5"], "--moe-router-topk 5 must be between 1 and --num-experts 4"),
-        (["--expert-model-parallel-size", "2"], "expert parallelism is not implemented yet"),
+        (["--expert-model-parallel-size", "3"], "--expert-model-parallel-size 3 does not divide --num-experts 4"),
         (["--moe-layer-freq", "[1,0]"], "must list 0 (dense) or 1 (MoE) for each of the 4 layers"),
         (["--moe-router-score-function", "sigmoid", "--moe-router-pre-softmax"], "--moe-router-pre-softmax"),
     ):

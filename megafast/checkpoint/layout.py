@@ -143,6 +143,18 @@ def tp_partition(name: str, config: GPTConfig) -> Optional[tuple[int, int]]:
     return None
 
 
+def is_expert(name: str) -> bool:
+    """Whether ``name`` is a routed-expert stack [E, ...], split along dim 0 over the expert-parallel
+    ranks (rank e holds experts e E / EP ... (e+1) E / EP - 1); every other tensor is whole on each."""
+    return ".mlp.experts." in name
+
+
+def expert_slice(full: torch.Tensor, ep_rank: int, ep_size: int) -> torch.Tensor:
+    """EP rank ``ep_rank``'s experts of a full expert stack (dim 0)."""
+    local = full.shape[0] // ep_size
+    return full[ep_rank * local : (ep_rank + 1) * local]
+
+
 def check_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...], where: str) -> None:
     """ValueError naming the tensor when its shape is not the one the config implies."""
     if tuple(tensor.shape) != tuple(shape):

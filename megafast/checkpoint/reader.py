@@ -20,7 +20,14 @@ from torch import nn
 from megafast.checkpoint import layout
 from megafast.checkpoint.args import config_from_args
 from megafast.checkpoint.commit import committed
-from megafast.checkpoint.paths import MODEL_FILE, TRACKER_FILE, model_keys, mp_rank_dir, saved_layout
+from megafast.checkpoint.paths import (
+    MODEL_FILE,
+    TRACKER_FILE,
+    model_keys,
+    mp_rank_dir,
+    saved_expert_parallel_size,
+    saved_layout,
+)
 from megafast.checkpoint.state_dict import load_file
 from megafast.config import GPTConfig
 from megafast.parallel.state import ParallelState
@@ -44,18 +51,21 @@ class MegafastCheckpointReader:
         self.root = root
         self.iteration, self.release, self.directory = commit.iteration, commit.release, commit.directory
         self.tp, self.pp = saved_layout(self.directory)
-        self._files: dict[tuple[int, int], dict[str, Any]] = {}
+        self.ep = saved_expert_parallel_size(self.directory)  # expert stacks are split over EP files
+        self._files: dict[tuple[int, int, int], dict[str, Any]] = {}
         for p in range(self.pp):
             for t in range(self.tp):
-                directory = mp_rank_dir(root, self.iteration, t, p, self.pp, self.release)
-                path = os.path.join(directory, MODEL_FILE)
-                if not os.path.isfile(path):
-                    raise ValueError(
-                        f"checkpoint {self.directory} (tp={self.tp}, pp={self.pp}) is missing "
-                        f"{os.path.relpath(path, root)}: the checkpoint is incomplete"
-                    )
-                self._files[(t, p)] = load_file(path, mmap=True)
-        first = self._files[(0, 0)]
+                for e in range(self.ep):
+                    directory = mp_rank_dir(root, self.iteration, t, p, self.pp, self.release,
+                                            ep_rank=e if self.ep > 1 else None)
+                    path = os.path.join(directory, MODEL_FILE)
+                    if not os.path.isfile(path):
+                        raise ValueError(
+                            f"checkpoint {self.directory} (tp={self.tp}, pp={self.pp}, ep={self.ep}) is missing "
+                            f"{os.path.relpath(path, root)}: the checkpoint is incomplete"
+                        )
+                    self._files[(t, p, e)] = load_file(path, mmap=True)
+        first = self._files[(0, 0, 0)]
         self.args: dict[str, Any] = dict(first.get("args") or {})
         if "num_layers" not in self.args:
             raise ValueError(f"{self.directory}: the checkpoint holds no model args; it cannot be converted")
@@ -64,10 +74,20 @@ class MegafastCheckpointReader:
         self.consumed_samples: dict[str, int] = dict(consumed)
         self._where: dict[str, tuple[int, str]] = {}  # name -> (pp rank, model key)
         for p in range(self.pp):
-            ckpt = self._files[(0, p)]
+            ckpt = self._files[(0, p, 0)]
             for key in model_keys(ckpt):
                 for name in ckpt[key]:
                     self._where.setdefault(name, (p, key))
+        for (t, p, e), ckpt in self._files.items():  # every EP rank's file holds the same tensors
+            if e > 0:
+                first_names = {n for key in model_keys(self._files[(t, p, 0)]) for n in self._files[(t, p, 0)][key]}
+                names = {n for key in model_keys(ckpt) for n in ckpt[key]}
+                if names != first_names:
+                    odd = sorted(names ^ first_names)[0]
+                    raise ValueError(
+                        f"{self.directory}: mp_rank_{t:02d}_{p:03d}_{e:03d} and mp_rank_{t:02d}_{p:03d}_000 hold "
+                        f"different tensors ({odd}): the checkpoint is inconsistent"
+                    )
         known = {name for _, specs in layout.groups(self.config) for name in specs} | {layout.OUTPUT_LAYER}
         unknown = sorted(name for name in self._where if name not in known)
         if unknown:
@@ -84,13 +104,18 @@ class MegafastCheckpointReader:
                 "with it"
             )
         p, key = self._where[name]
-        shard = self._files[(tp_rank, p)][key]
-        if name not in shard:
-            raise ValueError(
-                f"{self.directory}: tensor {name} is missing from mp_rank_{tp_rank:02d}_{p:03d}, but the "
-                "checkpoint args describe a model with it: the checkpoint is incomplete"
-            )
-        return shard[name]
+        ranks = range(self.ep) if layout.is_expert(name) else range(1)  # expert stacks: every EP rank's part
+        parts = []
+        for e in ranks:
+            shard = self._files[(tp_rank, p, e)][key]
+            if name not in shard:
+                raise ValueError(
+                    f"{self.directory}: tensor {name} is missing from mp_rank_{tp_rank:02d}_{p:03d}"
+                    + (f"_{e:03d}" if self.ep > 1 else "")
+                    + ", but the checkpoint args describe a model with it: the checkpoint is incomplete"
+                )
+            parts.append(shard[name])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)  # [E, ...] from EP x [E / EP, ...]
 
     def full(self, name: str) -> torch.Tensor:
         """The full tensor ``name`` (vocabulary unpadded), checked against the config's shape."""

@@ -3,7 +3,7 @@
     loader hf        -> HFSource        (hf_io.HFCheckpoint + the family's key map)
     loader megafast  -> MegafastSource  (megafast.checkpoint.reader.MegafastCheckpointReader)
     loader megatron  -> MegatronSource  (Megatron-LM's legacy or torch_dist format: megafast.checkpoint.megatron_*)
-    saver megafast   -> MegafastSink    (megafast_checkpoint.MegafastCheckpointWriter at the target TP/PP)
+    saver megafast   -> MegafastSink    (megafast_checkpoint.MegafastCheckpointWriter at the target TP/PP/EP)
     saver hf         -> HFSink          (the family's key map + hf_io.SafetensorsShardWriter)
     saver megatron   -> MegatronSink    (Megatron-LM's legacy format at the target TP/PP, a release checkpoint)
 
@@ -66,6 +66,7 @@ class ConvertOptions:
     save_dir: str
     target_tensor_parallel_size: Optional[int] = None  # default: the source's (1 from HF)
     target_pipeline_parallel_size: Optional[int] = None
+    target_expert_parallel_size: Optional[int] = None  # default: the source's (1 from HF)
     target_params_dtype: Optional[str] = None  # fp32 / bf16 / fp16; default: the source's
     make_vocab_size_divisible_by: Optional[int] = None  # default: the source's (128 from HF)
     true_vocab_size: Optional[int] = None  # megafast source whose tokenizer is unavailable
@@ -212,6 +213,7 @@ class MegafastSink:
         tp: int,
         pp: int,
         dtype: torch.dtype,
+        ep: int = 1,
     ) -> None:
         if isinstance(source, MegafastSource):  # re-shard: keep the run's args, change model layout entries
             args = dict(source.reader.args)
@@ -240,6 +242,7 @@ class MegafastSink:
             params_dtype=dtype,
             iteration=iteration,
             consumed_samples=consumed,
+            ep=ep,
         )
         self.progress = opts.progress
 
@@ -394,28 +397,33 @@ def convert_checkpoint(opts: ConvertOptions) -> str:
     _check_target(opts)
     if opts.loader == "hf":
         source: Source = HFSource(opts.load_dir, opts.make_vocab_size_divisible_by)
-        default_tp = default_pp = 1
+        default_tp = default_pp = default_ep = 1
     elif opts.loader == "megatron":
         source = MegatronSource(opts.load_dir, opts.true_vocab_size)
-        default_tp, default_pp = source.reader.tp, source.reader.pp
+        default_tp, default_pp, default_ep = source.reader.tp, source.reader.pp, 1
     else:
         source = MegafastSource(opts.load_dir, opts.true_vocab_size)
-        default_tp, default_pp = source.reader.tp, source.reader.pp
+        default_tp, default_pp, default_ep = source.reader.tp, source.reader.pp, source.reader.ep
     config = source.config
     if opts.make_vocab_size_divisible_by is not None:
         config = dataclasses.replace(config, make_vocab_size_divisible_by=opts.make_vocab_size_divisible_by)
     dtype = DTYPE_NAMES[opts.target_params_dtype] if opts.target_params_dtype else source.dtype
     tp = opts.target_tensor_parallel_size or default_tp
     pp = opts.target_pipeline_parallel_size or default_pp
+    ep = opts.target_expert_parallel_size or (default_ep if config.num_experts is not None else 1)
+    if opts.saver == "megatron" and ep > 1:
+        raise ValueError("--target-expert-parallel-size applies to --saver megafast; --saver megatron writes dense models")
     if opts.saver in ("megafast", "megatron"):
-        validate_layout(config, ParallelConfig(tp, pp))
-    elif (opts.target_tensor_parallel_size or 1) > 1 or (opts.target_pipeline_parallel_size or 1) > 1:
+        validate_layout(config, ParallelConfig(tp, pp, expert_model_parallel_size=ep))
+    elif max(opts.target_tensor_parallel_size or 1, opts.target_pipeline_parallel_size or 1,
+             opts.target_expert_parallel_size or 1) > 1:
         raise ValueError(
-            "--target-tensor/pipeline-parallel-size apply to --saver megafast/megatron; HF checkpoints are unsharded"
+            "--target-tensor/pipeline/expert-parallel-size apply to --saver megafast (TP/PP also to --saver "
+            "megatron); HF checkpoints are unsharded"
         )
     _clear_target(opts.save_dir)
     if opts.saver == "megafast":
-        sink: MegafastSink | MegatronSink | HFSink = MegafastSink(opts, source, config, tp, pp, dtype)
+        sink: MegafastSink | MegatronSink | HFSink = MegafastSink(opts, source, config, tp, pp, dtype, ep)
     elif opts.saver == "megatron":
         sink = MegatronSink(opts, source, config, tp, pp, dtype)
     else:

@@ -1,4 +1,4 @@
-"""megafast -> megafast at another TP/PP on disk.
+"""megafast -> megafast at another TP/PP/EP on disk.
 
 :func:`reshard_checkpoint` streams every full tensor (the TP shards unsharded with
 ``megafast.parallel.layers.unshard``) from the source files into a writer that shards it again
@@ -22,6 +22,7 @@ def reshard_checkpoint(
     params_dtype: Optional[str] = None,
     overwrite: bool = False,
     progress: bool = True,
+    expert_parallel_size: Optional[int] = None,
 ) -> str:
     """Write ``load_dir``'s committed iteration to ``save_dir`` at the given layout; returns its directory."""
     return convert_checkpoint(
@@ -32,6 +33,7 @@ def reshard_checkpoint(
             save_dir=save_dir,
             target_tensor_parallel_size=tensor_parallel_size,
             target_pipeline_parallel_size=pipeline_parallel_size,
+            target_expert_parallel_size=expert_parallel_size,
             target_params_dtype=params_dtype,
             overwrite=overwrite,
             progress=progress,

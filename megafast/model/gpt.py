@@ -163,7 +163,8 @@ class GPTModel(nn.Module):
         state = state or ParallelState.single()
         validate_layout(
             config,
-            ParallelConfig(state.tp_size, state.pp_size, state.sequence_parallel, state.cp_size, state.cp_comm_type),
+            ParallelConfig(state.tp_size, state.pp_size, state.sequence_parallel, state.cp_size, state.cp_comm_type,
+                           state.ep_size),
         )
         self.config = config
         self.state = state

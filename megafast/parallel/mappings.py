@@ -9,9 +9,12 @@
 | scatter_to_sequence_parallel_region        | split first dim               | all-gather first dim      |
 | gather_from_sequence_parallel_region       | all-gather first dim          | reduce-scatter first dim  |
 | reduce_scatter_to_sequence_parallel_region | reduce-scatter first dim      | all-gather first dim      |
+| all_to_all (expert parallelism)            | all-to-all of rows, splits    | all-to-all, splits swapped|
 
 Activations are [s, b, h] (sequence first), so "first dim" is the sequence. Every function takes the
 tensor-parallel group explicitly; a ``None`` group means a group of one and makes it the identity.
+The first-dim gather and reduce-scatter pairs are also what the MoE all-gather token dispatcher
+runs over the expert-parallel group.
 """
 
 from __future__ import annotations
@@ -193,3 +196,30 @@ def gather_from_sequence_parallel_region(
 
 def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
     return _ReduceScatterToSP.apply(x, group) if group_size(group) > 1 else x
+
+
+def _all_to_all_rows(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group: Group) -> torch.Tensor:
+    """Rows ``input_splits[r]`` of ``x`` (in order) go to rank r; the result holds
+    ``output_splits[r]`` rows from each rank r, in rank order."""
+    x = x.contiguous()
+    out = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x, output_split_sizes=output_splits, input_split_sizes=input_splits, group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, output_splits, input_splits, group):
+        ctx.group, ctx.splits = group, (output_splits, input_splits)
+        return _all_to_all_rows(x, output_splits, input_splits, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        output_splits, input_splits = ctx.splits
+        return _all_to_all_rows(g, input_splits, output_splits, ctx.group), None, None, None
+
+
+def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group: Group) -> torch.Tensor:
+    """Differentiable all-to-all of rows (first dim) with per-rank split sizes; backward sends each
+    row's gradient back where the row came from."""
+    return _AllToAll.apply(x, list(output_splits), list(input_splits), group) if group_size(group) > 1 else x

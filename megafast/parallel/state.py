@@ -9,6 +9,15 @@ Context-parallel ranks hold different parts of the same sequences with the same 
 gradients are summed (and the distributed optimizer sharded) over the DP x CP group
 (``dp_cp_group``; :meth:`with_context_in_data` folds CP into DP for the data-parallel machinery).
 
+Expert parallelism (``ep_size`` E, Megatron's scheme with expert tensor parallelism 1): the E
+expert-parallel ranks of a group are E consecutive data-parallel ranks (same pipeline, TP and CP
+rank), ``dp_rank = expert_dp_index * E + ep_rank``, and each holds ``num_experts / E`` of every MoE
+layer's experts (the MoE layer's token dispatcher exchanges tokens over ``ep_group``). The ranks
+holding the same experts, the ``dp / E`` ranks of equal ``ep_rank`` times the CP ranks, form
+``expert_dp_group``, over which expert gradients are summed and the distributed optimizer shards
+expert parameters (dense parameters: ``dp_cp_group``). With E = 1 experts are dense parameters and
+no expert group is created.
+
 A group attribute is ``None`` only when that dimension has size 1 (every collective on it is then
 the identity); no code here or elsewhere treats ``None`` as "the global group".
 """
@@ -57,6 +66,12 @@ class ParallelState:
     # Every rank holding a different part of one model replica (tp x pp): for global grad norms.
     model_parallel_group: Group = None
     pp_ranks: list[int] = field(default_factory=lambda: [0])  # global ranks of this pipeline
+    ep_size: int = 1
+    ep_rank: int = 0
+    ep_group: Group = None  # ranks holding different experts of the same layers (E consecutive DP ranks)
+    expert_dp_size: int = 1  # dp / E x cp ranks holding the same experts (ep_size > 1 only)
+    expert_dp_rank: int = 0
+    expert_dp_group: Group = None
 
     @property
     def world_size(self) -> int:
@@ -130,6 +145,20 @@ class ParallelState:
         emb_groups = [[g[0], g[-1]] for g in pp_groups] if pp > 1 else [[r] for r in range(world)]
         pp_rank, dp_rank, cp_rank, tp_rank = coord(rank)
         dp_group = own_group(dp_groups)
+        ep = config.expert_model_parallel_size
+        if dp % ep:
+            raise ValueError(
+                f"--expert-model-parallel-size {ep} does not divide the data-parallel size {dp}: "
+                "change --nproc-per-node or the parallel sizes"
+            )
+        ep_group = expert_dp_group = None
+        if ep > 1:  # created only with EP, so that ep == 1 makes exactly the groups it made before
+            edp = dp // ep
+            ep_groups = [[rank_of(p, x * ep + e, t, c) for e in range(ep)]
+                         for p in range(pp) for x in range(edp) for c in cs for t in range(tp)]
+            edp_groups = [[rank_of(p, x * ep + e, t, c) for x in range(edp) for c in cs]
+                          for p in range(pp) for e in range(ep) for t in range(tp)]
+            ep_group, expert_dp_group = own_group(ep_groups), own_group(edp_groups)
         cp_group = dp_cp_group = None
         cp_ranks = [rank]
         if cp > 1:  # created only with CP, so that cp == 1 makes exactly the groups it made before
@@ -157,6 +186,12 @@ class ParallelState:
             cp_group=cp_group,
             cp_ranks=cp_ranks,
             dp_cp_group=dp_cp_group if cp > 1 else dp_group,
+            ep_size=ep,
+            ep_rank=dp_rank % ep,
+            ep_group=ep_group,
+            expert_dp_size=(dp // ep) * cp if ep > 1 else 1,
+            expert_dp_rank=(dp_rank // ep) * cp + cp_rank if ep > 1 else 0,
+            expert_dp_group=expert_dp_group,
         )
 
     @classmethod

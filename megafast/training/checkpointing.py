@@ -22,6 +22,14 @@ optimizer state survives a change of DP size; the RNG states, one per DP rank, d
 (``--no-load-rng``). With ZeRO-3 (``optim_grads_params``, pass ``ddp``) the model's parameters are
 all-gathered while its state dict is taken or loaded, so the files hold whole weights as usual.
 
+Expert parallelism (EP > 1): each (tp, pp) rank has one directory per EP rank,
+``mp_rank_{tp:02d}_{pp:03d}_{ep:03d}`` (Megatron's legacy naming), whose ``model_optim_rng.pt`` is
+written by the first rank holding that EP rank's experts (expert-DP rank 0) and holds the dense
+weights and that EP rank's experts; its ``rng_state`` lists every DP rank's states, and DP-sharded
+optimizer files go to the directory of the writing rank's EP rank. Resuming needs the same EP size
+(and, for the optimizer state, the same DP size and sharding); tools/checkpoint/convert.py
+re-cuts the model for another layout.
+
 Commit protocol: every file is written atomically; all ranks then agree (a small all-reduce over
 a dedicated gloo group held by :class:`Checkpointer`) that their writes succeeded, and only then
 rank 0 writes the commit file (megafast.checkpoint.commit). :func:`load_checkpoint` reads only
@@ -61,6 +69,7 @@ from megafast.checkpoint.paths import (
     iteration_dir,
     iterations,
     mp_rank_dir,
+    saved_expert_parallel_size,
     saved_layout,
 )
 from megafast.checkpoint.state_dict import (
@@ -238,10 +247,15 @@ class Checkpointer:
         return t.tolist()
 
     def _gather_rng(self, mine: dict[str, Any]) -> Optional[list[dict[str, Any]]]:
-        """Every DP rank's RNG states on DP rank 0 (None elsewhere), indexed by DP rank."""
+        """Every DP rank's RNG states on DP rank 0 (None elsewhere), indexed by DP rank; with
+        expert parallelism on every DP rank (each EP rank's file holds them all)."""
         if self._dp_group is None:
             return [mine]
         st = self.state
+        if st.ep_size > 1:
+            out = [None] * st.dp_size
+            dist.all_gather_object(out, mine, group=self._dp_group)
+            return out
         dst = st.pp_rank * st.dp_size * st.tp_size + st.tp_rank
         out: Optional[list[Any]] = [None] * st.dp_size if st.dp_rank == 0 else None
         dist.gather_object(mine, out, dst=dst, group=self._dp_group)
@@ -287,16 +301,21 @@ class Checkpointer:
         self._barrier()  # nobody writes into a directory that is being removed
         rng = self._gather_rng(_rng_state(chunks))
         clone = self.async_save
-        directory = mp_rank_dir(self.save_dir, iteration, st.tp_rank, st.pp_rank, st.pp_size)
+        ep_rank = st.ep_rank if st.ep_size > 1 else None  # EP: one directory per EP rank
+        directory = mp_rank_dir(self.save_dir, iteration, st.tp_rank, st.pp_rank, st.pp_size, ep_rank=ep_rank)
         layout = parallel_layout(st.tp_size, st.pp_size, st.dp_size, distributed_optimizer)
+        if st.ep_size > 1:
+            layout["expert_model_parallel_size"] = st.ep_size
+        # the model's writers: DP rank 0, or with EP the first rank holding each EP rank's experts
+        writer = st.expert_dp_rank == 0 if st.ep_size > 1 else st.dp_rank == 0
         if ddp is not None:
             layout["data_parallel_sharding_strategy"] = ddp.sharding_strategy
         files: list[tuple[Any, str]] = []
         gathered = ddp is not None and ddp.shard_params  # whole weights exist only inside the context
         with ddp.unsharded_params() if ddp is not None else contextlib.nullcontext():
-            model = model_state_dicts(chunks, adapters_only=lora is not None) if st.dp_rank == 0 else {}
+            model = model_state_dicts(chunks, adapters_only=lora is not None) if writer else {}
             model = _snapshot(model, clone or gathered)
-        if st.dp_rank == 0:
+        if writer:
             ckpt: dict[str, Any] = model
             if lora is not None:
                 ckpt["lora"] = dict(lora)
@@ -487,11 +506,19 @@ def load_checkpoint(
             f"checkpoint {directory} was saved with tp={saved_tp}, pp={saved_pp} but this run uses {here}: "
             "use the same --tensor/--pipeline-model-parallel-size or reshard with tools/checkpoint/convert.py"
         )
+    saved_ep = saved_expert_parallel_size(directory)
+    if saved_ep != state.ep_size:
+        raise ValueError(
+            f"checkpoint {directory} was saved with expert-parallel size {saved_ep} but this run uses "
+            f"{state.ep_size}: use the same --expert-model-parallel-size or reshard with "
+            "tools/checkpoint/convert.py --target-expert-parallel-size"
+        )
     model_only = finetune or release
     load_optim = not model_only and not no_load_optim
     load_rng = not model_only and not no_load_rng
     chunks = as_chunks(chunks)
-    mp_dir = mp_rank_dir(load_dir, iteration, state.tp_rank, state.pp_rank, state.pp_size, release)
+    mp_dir = mp_rank_dir(load_dir, iteration, state.tp_rank, state.pp_rank, state.pp_size, release,
+                         ep_rank=state.ep_rank if state.ep_size > 1 else None)
     path = os.path.join(mp_dir, MODEL_FILE)
     ckpt = load_file(path)
     layout = ckpt.get("parallel_layout", {})
@@ -507,6 +534,14 @@ def load_checkpoint(
         load_model_chunks(ckpt, chunks, path, strict)
 
     # Megatron loads the optimizer and the LR scheduler together unless --finetune/--no-load-optim.
+    if load_optim and optimizer is not None and state.ep_size > 1 and (
+        saved_dp != state.dp_size or layout.get("distributed_optimizer", False) != distributed_optimizer
+    ):
+        raise ValueError(
+            f"checkpoint {directory} was saved with dp={saved_dp} and expert parallelism: its optimizer state "
+            "loads only at the same data-parallel size and --use-distributed-optimizer setting; "
+            "resume that way or pass --no-load-optim"
+        )
     if load_optim and optimizer is not None:
         _load_optimizer(optimizer, ckpt, layout, mp_dir, path, saved_dp, state.dp_rank, distributed_optimizer)
     if load_optim and scheduler is not None:

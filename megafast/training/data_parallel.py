@@ -42,6 +42,12 @@ transformer layer, the final norm, the output head), whose full weights are all-
 before their forward and backward and freed after each (the next unit's gather is prefetched).
 Frozen parameters (a LoRA base) are not in the buffers and stay whole on every rank.
 
+Expert parallelism (``state.ep_size`` > 1): the routed experts' parameters (marked
+``expert_parallel``) get buffers of their own, reduced over the expert-data-parallel group (the
+ranks holding the same experts, ``state.expert_dp_group``) and sharded over it by the distributed
+optimizer; every other parameter over DP as above. Each :class:`GradBuffer` carries its group, size
+and rank; an expert group of one rank (EP = DP) needs no collective.
+
 Why not torch's FSDP2 (``torch.distributed.fsdp.fully_shard``, which does run on gloo/CPU): it
 turns parameters into DTensors with its own reduce-scatter and gradient dtype, while our
 optimizer, global-norm rules (``tensor_model_parallel``/``sequence_parallel``/``shared_embedding``
@@ -148,6 +154,11 @@ class GradBuffer:
     buckets: list[GradBucket] = field(default_factory=list)
     param_data: Optional[torch.Tensor] = None  # [numel] in param_dtype (ZeRO-1/2 only)
     param_shards: Optional[torch.Tensor] = None  # [numel / dp] in param_dtype (ZeRO-3 only)
+    # the ranks reducing (and sharding) this buffer: DP, or expert-DP for expert parameters
+    group: Optional[dist.ProcessGroup] = None
+    size: int = 1
+    rank: int = 0
+    expert: bool = False
 
 
 class DataParallel:
@@ -213,9 +224,13 @@ class DataParallel:
             for i, (_, ps) in enumerate(units):
                 for p in ps:
                     unit_of.setdefault(id(p), i)
-            for dtype in dict.fromkeys(p.dtype for p in params):
-                group = [p for p in reversed(params) if p.dtype == dtype]
-                self.buffers.append(self._build_buffer(c, dtype, group, shared, unit_of))
+            experts = state.ep_size > 1  # expert parameters in buffers of their own
+            for expert in (False, True) if experts else (False,):
+                for dtype in dict.fromkeys(p.dtype for p in params):
+                    group = [p for p in reversed(params)
+                             if p.dtype == dtype and bool(getattr(p, "expert_parallel", False)) == expert]
+                    if group:
+                        self.buffers.append(self._build_buffer(c, dtype, group, shared, unit_of, expert))
         self.buckets: list[GradBucket] = [b for buf in self.buffers for b in buf.buckets]
         self.params: list[nn.Parameter] = [p for buf in self.buffers for p in buf.params]
         for buf in self.buffers:
@@ -240,9 +255,15 @@ class DataParallel:
         params: list[nn.Parameter],
         shared: set[int],
         unit_of: dict[int, int],
+        expert: bool = False,
     ) -> GradBuffer:
         """Assign ``[start, end)`` ranges bucket by bucket; pad each bucket for DP sharding."""
-        pad_to = self.dp_size if self.use_distributed_optimizer else 1
+        if expert:
+            group, size = self.state.expert_dp_group, group_size(self.state.expert_dp_group)
+            rank = self.state.expert_dp_rank if size > 1 else 0
+        else:
+            group, size, rank = self.dp_group, self.dp_size, self.dp_rank
+        pad_to = size if self.use_distributed_optimizer else 1
         ranges: dict[int, tuple[int, int]] = {}
         bucket_spans: list[tuple[int, int, list[nn.Parameter]]] = []
         offset, bucket_start, members = 0, 0, []
@@ -266,20 +287,20 @@ class DataParallel:
         close()
 
         device = params[0].device
-        grad_numel = offset // self.dp_size if self.shard_grads else offset
+        grad_numel = offset // size if self.shard_grads else offset
         grad_data = torch.zeros(grad_numel, dtype=torch.float32, device=device)
-        buf = GradBuffer(chunk, dtype, grad_data, ranges, params)
+        buf = GradBuffer(chunk, dtype, grad_data, ranges, params, group=group, size=size, rank=rank, expert=expert)
         buf.buckets = [GradBucket(buf, s, e, m) for s, e, m in bucket_spans]
         if self.shard_params:  # each bucket: its own full storage (freed between uses) and this rank's shard
-            buf.param_shards = torch.zeros(offset // self.dp_size, dtype=dtype, device=device)
+            buf.param_shards = torch.zeros(offset // size, dtype=dtype, device=device)
             for bucket in buf.buckets:
                 full = torch.zeros(bucket.numel, dtype=dtype, device=device)
                 for p in bucket.params:
                     s, e = ranges[id(p)]
                     full[s - bucket.start : e - bucket.start].copy_(p.data.view(-1))
                     p.data = full[s - bucket.start : e - bucket.start].view(p.shape)
-                lo, hi = bucket.shard_range(self.dp_rank, self.dp_size)
-                d = self.dp_size
+                lo, hi = bucket.shard_range(rank, size)
+                d = size
                 bucket.param_shard = buf.param_shards[bucket.start // d : bucket.end // d]
                 bucket.param_shard.copy_(full[lo - bucket.start : hi - bucket.start])
                 bucket.param_full, bucket.gathered = full, True
@@ -298,15 +319,16 @@ class DataParallel:
         """The fp32 gradient of buffer elements ``[lo, hi)`` (inside this rank's shard when sharded)."""
         if not self.shard_grads:
             return bucket.buffer.grad_data[lo:hi]
-        first, _ = bucket.shard_range(self.dp_rank, self.dp_size)
-        base = bucket.start // self.dp_size
+        buf = bucket.buffer
+        first, _ = bucket.shard_range(buf.rank, buf.size)
+        base = bucket.start // buf.size
         return bucket.buffer.grad_data[base + lo - first : base + hi - first]
 
     def local_param(self, bucket: GradBucket, lo: int, hi: int) -> Optional[torch.Tensor]:
         """ZeRO-3: this rank's persistent copy of buffer elements ``[lo, hi)`` of its shard (else None)."""
         if not self.shard_params:
             return None
-        first, _ = bucket.shard_range(self.dp_rank, self.dp_size)
+        first, _ = bucket.shard_range(bucket.buffer.rank, bucket.buffer.size)
         return bucket.param_shard[lo - first : hi - first]
 
     # ------------------------------------------------------------------------------- backward
@@ -331,7 +353,7 @@ class DataParallel:
             with torch.no_grad():
                 param.main_grad.add_(param.grad)  # fp32 accumulation
             param.grad = None
-            if self.overlap_grad_reduce and self.dp_size > 1 and self._sync_on_backward[chunk]:
+            if self.overlap_grad_reduce and bucket.buffer.size > 1 and self._sync_on_backward[chunk]:
                 bucket.arrived.add(id(param))
                 if len(bucket.arrived) == len(bucket.params):
                     self._launch(bucket)
@@ -361,10 +383,15 @@ class DataParallel:
         if full is None:
             return
         self._drain(bucket)  # at most one reduction per bucket in flight
+        buf = bucket.buffer
+        if buf.size == 1:  # an expert group of one rank: the gradient is complete here
+            bucket.pending.append((None, full, full))
+            self._drain(bucket)
+            return
         if self.average_in_collective:
-            full.div_(self.dp_size)
-        out = torch.empty(bucket.numel // self.dp_size, dtype=torch.float32, device=full.device)
-        work = _reduce_scatter(out, full, self.dp_group, async_op=self.overlap_grad_reduce)
+            full.div_(buf.size)
+        out = torch.empty(bucket.numel // buf.size, dtype=torch.float32, device=full.device)
+        work = _reduce_scatter(out, full, buf.group, async_op=self.overlap_grad_reduce)
         bucket.pending.append((work, full, out))
         if not self.overlap_grad_reduce:
             self._drain(bucket)
@@ -393,16 +420,18 @@ class DataParallel:
             self._sync_on_backward[c] = flag
 
     def _launch(self, bucket: GradBucket) -> None:
-        grad = bucket.grad_data
-        if self.average_in_collective:
-            grad.div_(self.dp_size)
-        if self.use_distributed_optimizer and dist.get_backend(self.dp_group) == "nccl":
-            lo, hi = bucket.shard_range(self.dp_rank, self.dp_size)
-            shard = bucket.buffer.grad_data[lo:hi]  # in place: NCCL's output is a slice of its input
-            bucket.work = dist.reduce_scatter_tensor(shard, grad, group=self.dp_group, async_op=True)
-        else:
-            bucket.work = dist.all_reduce(grad, group=self.dp_group, async_op=True)
+        grad, buf = bucket.grad_data, bucket.buffer
         bucket.launched = True
+        if buf.size == 1:  # an expert group of one rank: nothing to reduce
+            return
+        if self.average_in_collective:
+            grad.div_(buf.size)
+        if self.use_distributed_optimizer and dist.get_backend(buf.group) == "nccl":
+            lo, hi = bucket.shard_range(buf.rank, buf.size)
+            shard = buf.grad_data[lo:hi]  # in place: NCCL's output is a slice of its input
+            bucket.work = dist.reduce_scatter_tensor(shard, grad, group=buf.group, async_op=True)
+        else:
+            bucket.work = dist.all_reduce(grad, group=buf.group, async_op=True)
 
     def finish_grad_sync(self) -> None:
         """Launch the buckets not yet reduced, wait for all. Idempotent until the next backward."""
@@ -420,7 +449,8 @@ class DataParallel:
                 if not bucket.launched:
                     self._launch(bucket)
             for bucket in self.buckets:
-                bucket.work.wait()
+                if bucket.work is not None:
+                    bucket.work.wait()
         self._reset_buckets()
         self._synced = True
 
@@ -456,14 +486,17 @@ class DataParallel:
         nccl = dist.get_backend(self.dp_group) == "nccl"
         works = []
         for bucket in self.buckets:
+            buf = bucket.buffer
+            if buf.size == 1:
+                continue
             full = bucket.param_data
-            lo, hi = bucket.shard_range(self.dp_rank, self.dp_size)
-            shard = bucket.buffer.param_data[lo:hi]
+            lo, hi = bucket.shard_range(buf.rank, buf.size)
+            shard = buf.param_data[lo:hi]
             if nccl:
-                works.append(dist.all_gather_into_tensor(full, shard, group=self.dp_group, async_op=True))
+                works.append(dist.all_gather_into_tensor(full, shard, group=buf.group, async_op=True))
             else:
-                parts = list(full.chunk(self.dp_size))
-                works.append(dist.all_gather(parts, shard.clone(), group=self.dp_group, async_op=True))
+                parts = list(full.chunk(buf.size))
+                works.append(dist.all_gather(parts, shard.clone(), group=buf.group, async_op=True))
         for w in works:
             w.wait()
 

@@ -15,7 +15,9 @@ tensors derived from the :class:`~megafast.training.data_parallel.DataParallel` 
 2. unscale (fp16): g <- g / S;
 3. global norm ``||g|| = sqrt(sum_p ||g_p||^2)`` over the whole model, each parameter once: TP
    shards summed over TP, TP-replicated parameters counted on TP rank 0 only, stages summed over
-   PP, the last stage's tied output-layer copy skipped, ZeRO-1 shards summed over DP;
+   PP, the last stage's tied output-layer copy skipped, ZeRO-1 shards summed over DP; with
+   expert parallelism the experts' squares are summed over the expert-DP group (ZeRO-1 shards)
+   and then over the EP group (each EP rank holds different experts), dense ones as before;
 4. if ``||g||`` is not finite on any rank: skip the step, lower the loss scale (fp16) and return
    ``success=False``; else clip: g <- g * min(1, clip / (||g|| + 1e-6)) (Megatron's factor);
 5. update the masters, copy them into the model parameters (all-gathering over DP for ZeRO-1)
@@ -348,7 +350,7 @@ class MixedPrecisionOptimizer:
         if not self.ddp.use_distributed_optimizer:
             return [make(p, 0, p.numel(), True) for p in self.ddp.params]
         for bucket in self.ddp.buckets:
-            lo, hi = bucket.shard_range(self.ddp.dp_rank, self.ddp.dp_size)
+            lo, hi = bucket.shard_range(bucket.buffer.rank, bucket.buffer.size)  # DP, or expert-DP
             for p in bucket.params:
                 start, end = bucket.buffer.ranges[id(p)]
                 a, b = max(lo, start), min(hi, end)
@@ -541,18 +543,36 @@ class MixedPrecisionOptimizer:
 
     def _global_grad_norm(self) -> float:
         """sqrt of the sum of squares of every gradient element of the model, each counted once."""
+        if self.state.ep_size > 1:
+            return self._global_grad_norm_experts()
         counted = [s.grad for s in self.shards if s.in_norm]
-        device = self.ddp.buffers[0].grad_data.device if self.ddp.buffers else torch.device("cpu")
-        if counted:
-            norms = torch.stack(torch._foreach_norm(counted)).to(torch.float64)
-            total = (norms * norms).sum()
-        else:
-            total = torch.zeros((), dtype=torch.float64, device=device)
+        total = self._sum_of_squares(counted)
         total = all_reduce(total, self.state.model_parallel_group)
         if self.ddp.use_distributed_optimizer:
             total = all_reduce(total, self.state.dp_group)
         value = total.item()
         return math.sqrt(value) if value >= 0 else float("nan")  # nan stays nan
+
+    def _sum_of_squares(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        if grads:
+            norms = torch.stack(torch._foreach_norm(grads)).to(torch.float64)
+            return (norms * norms).sum()
+        device = self.ddp.buffers[0].grad_data.device if self.ddp.buffers else torch.device("cpu")
+        return torch.zeros((), dtype=torch.float64, device=device)
+
+    def _global_grad_norm_experts(self) -> float:
+        """The global norm with expert parallelism: expert parameters' squares summed over their
+        expert-DP shards and the EP ranks, dense ones over their DP shards, then both over TP x PP."""
+        expert = [s for s in self.shards if s.in_norm and getattr(s.param, "expert_parallel", False)]
+        ids = {id(s) for s in expert}
+        dense = self._sum_of_squares([s.grad for s in self.shards if s.in_norm and id(s) not in ids])
+        experts = self._sum_of_squares([s.grad for s in expert])
+        if self.ddp.use_distributed_optimizer:
+            dense = all_reduce(dense, self.state.dp_group)
+            experts = all_reduce(experts, self.state.expert_dp_group)
+        total = all_reduce(dense + all_reduce(experts, self.state.ep_group), self.state.model_parallel_group)
+        value = total.item()
+        return math.sqrt(value) if value >= 0 else float("nan")
 
     # -------------------------------------------------------------------------- checkpoints
 

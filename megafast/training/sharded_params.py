@@ -76,10 +76,7 @@ class ParamGatherer:
     def __init__(
         self, ddp: "DataParallel", units: Sequence[Sequence[tuple[nn.Module, list["GradBucket"]]]]
     ) -> None:
-        self.group = ddp.dp_group
-        self.size = ddp.dp_size
-        self.rank = ddp.dp_rank
-        self.nccl = dist.get_backend(self.group) == "nccl"
+        self.nccl = dist.get_backend(ddp.dp_group) == "nccl"
         self.buckets = list(dict.fromkeys(b for chunk_units in units for _, bs in chunk_units for b in bs))
         for chunk_units in units:
             order = [bs for _, bs in chunk_units]
@@ -93,12 +90,15 @@ class ParamGatherer:
     def gather(self, bucket: "GradBucket", wait: bool = True) -> None:
         """Make the bucket's full weights valid (``wait=False``: start the all-gather and return)."""
         if not bucket.gathered:
-            full = bucket.param_full
+            full, buf = bucket.param_full, bucket.buffer  # reduced and sharded over buf.group (DP or expert-DP)
             full.untyped_storage().resize_(full.numel() * full.element_size())
-            if self.nccl:
-                work = dist.all_gather_into_tensor(full, bucket.param_shard, group=self.group, async_op=True)
+            if buf.size == 1:
+                full.copy_(bucket.param_shard)
+                work = None
+            elif self.nccl:
+                work = dist.all_gather_into_tensor(full, bucket.param_shard, group=buf.group, async_op=True)
             else:
-                work = dist.all_gather(list(full.chunk(self.size)), bucket.param_shard, group=self.group,
+                work = dist.all_gather(list(full.chunk(buf.size)), bucket.param_shard, group=buf.group,
                                        async_op=True)
             bucket.gathered, bucket.gather_work = True, work
         if wait and bucket.gather_work is not None:
@@ -131,8 +131,9 @@ class ParamGatherer:
             if write_back:
                 with torch.no_grad():
                     for bucket in self.buckets:
-                        n = bucket.numel // self.size
-                        bucket.param_shard.copy_(bucket.param_full[self.rank * n : (self.rank + 1) * n])
+                        size, rank = bucket.buffer.size, bucket.buffer.rank
+                        n = bucket.numel // size
+                        bucket.param_shard.copy_(bucket.param_full[rank * n : (rank + 1) * n])
         finally:
             self.release_all()
 

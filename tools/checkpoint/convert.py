@@ -10,6 +10,9 @@
         --load-dir LORA_CKPT --save-dir HF_OUT        # a LoRA run: adapters merged into its base first
     python tools/checkpoint/convert.py --model-type GPT --loader megafast --saver hf --lora-format peft \
         --load-dir LORA_CKPT --save-dir ADAPTER      # PEFT adapter files + the unmerged base in ADAPTER/base
+    python tools/checkpoint/convert.py --model-type GPT --loader hf --saver megafast \
+        --load-dir MIXTRAL_HF --save-dir CKPT_EP2 --target-tensor-parallel-size 2 \
+        --target-pipeline-parallel-size 2 --target-expert-parallel-size 2   # MoE: each EP rank's experts apart
 
     python tools/checkpoint/convert.py --model-type GPT --loader megatron --saver hf \
         --load-dir MEGATRON_CKPT --save-dir HF_OUT     # Megatron-LM's legacy torch or torch_dist format
@@ -56,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="megafast/megatron saver: TP size (default: the source's, 1 from HF)")
     p.add_argument("--target-pipeline-parallel-size", type=int, default=None,
                    help="megafast/megatron saver: PP size (default: the source's, 1 from HF)")
+    p.add_argument("--target-expert-parallel-size", type=int, default=None,
+                   help="megafast saver (MoE): EP size, each EP rank's experts in its own mp_rank_TT_PPP_EEE "
+                        "directory (default: the source's, 1 from HF)")
     p.add_argument("--target-params-dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="dtype of the written weights (default: the source's)")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
@@ -122,6 +128,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         loader=a.loader, saver=a.saver, load_dir=a.load_dir, save_dir=a.save_dir,
         target_tensor_parallel_size=a.target_tensor_parallel_size,
         target_pipeline_parallel_size=a.target_pipeline_parallel_size, target_params_dtype=a.target_params_dtype,
+        target_expert_parallel_size=a.target_expert_parallel_size,
         make_vocab_size_divisible_by=a.make_vocab_size_divisible_by, true_vocab_size=a.true_vocab_size,
         max_shard_size=a.max_shard_size, tokenizer_type=a.tokenizer_type, tokenizer_model=a.tokenizer_model,
         vocab_file=a.vocab_file, merge_file=a.merge_file, overwrite=a.overwrite, progress=not a.no_progress,

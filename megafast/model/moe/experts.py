@@ -20,6 +20,7 @@ computes them on the full hidden state (see megafast.model.moe.moe_layer). No bi
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,23 +37,32 @@ class StackedWeight(nn.Module):
     from the seed of its global name (``init.normal``)."""
 
     def __init__(
-        self, shape: tuple[int, ...], seed: int, name: str, std: float, params_dtype, device
+        self, shape: tuple[int, ...], seed: int, name: str, std: float, params_dtype, device,
+        rows: Optional[tuple[int, int]] = None,
     ) -> None:
         super().__init__()
         full = torch.empty(shape)
         init.normal(seed, name, std)(full)
+        if rows is not None:  # this expert-parallel rank's experts [lo, hi) of the full stack
+            full = full[rows[0] : rows[1]]
         self.weight = nn.Parameter(full.to(dtype=params_dtype, device=device))
 
 
 class Experts(nn.Module):
-    """forward(x [N, h] sorted by expert, tokens_per_expert [E] int64) -> [N, h]; rows past
-    sum(tokens_per_expert) (slots of dropped choices) give 0."""
+    """forward(x [N, h] sorted by local expert, tokens_per_expert [E_l] int64) -> [N, h]; rows past
+    sum(tokens_per_expert) (slots of dropped choices) give 0.
+
+    Expert parallelism (``ep_size`` EP): this rank holds experts ``ep_rank E_l ... (ep_rank+1) E_l - 1``
+    (E_l = E / EP), drawn from the full stack's seed (so every layout starts from the same experts);
+    its weights are marked ``expert_parallel`` (reduced over the expert-data-parallel group)."""
 
     def __init__(
-        self, config: GPTConfig, layer_number: int, seed: int, params_dtype=torch.float32, device=None
+        self, config: GPTConfig, layer_number: int, seed: int, params_dtype=torch.float32, device=None,
+        ep_rank: int = 0, ep_size: int = 1,
     ) -> None:
         super().__init__()
-        self.num_experts = config.num_experts
+        self.num_experts = config.num_experts // ep_size  # local experts
+        rows = (ep_rank * self.num_experts, (ep_rank + 1) * self.num_experts) if ep_size > 1 else None
         self.activation = config.activation
         self.grouped_gemm = config.moe_grouped_gemm
         self.kernel_config = config.kernel_config
@@ -60,13 +70,17 @@ class Experts(nn.Module):
         fc1_rows = 2 * f if config.activation == "swiglu" else f
         prefix = f"decoder.layers.{layer_number}.mlp.experts"
         std = config.init_method_std
+        num = config.num_experts  # drawn in full, then this rank's rows kept
         self.linear_fc1 = StackedWeight(
-            (self.num_experts, fc1_rows, h), seed, f"{prefix}.linear_fc1.weight", std, params_dtype, device
+            (num, fc1_rows, h), seed, f"{prefix}.linear_fc1.weight", std, params_dtype, device, rows
         )
         self.linear_fc2 = StackedWeight(  # output projection: Megatron's scaled init
-            (self.num_experts, h, f), seed, f"{prefix}.linear_fc2.weight",
-            std / math.sqrt(2.0 * config.num_layers), params_dtype, device,
+            (num, h, f), seed, f"{prefix}.linear_fc2.weight",
+            std / math.sqrt(2.0 * config.num_layers), params_dtype, device, rows,
         )
+        if ep_size > 1:
+            for p in self.parameters():
+                p.expert_parallel = True
 
     def _act(self, h: torch.Tensor) -> torch.Tensor:
         backend = self.kernel_config.kernels
