@@ -130,9 +130,10 @@ def _add_moe(p: argparse.ArgumentParser) -> None:
     g.add_argument("--expert-model-parallel-size", type=int, default=1,
                    help="split each MoE layer's experts over this many data-parallel ranks (must divide the "
                         "data-parallel size and --num-experts); experts are replicated over TP")
-    g.add_argument("--moe-token-dispatcher-type", choices=["alltoall", "allgather"], default="alltoall",
+    g.add_argument("--moe-token-dispatcher-type", choices=["alltoall", "allgather", "flex"], default="alltoall",
                    help="how tokens reach the experts of other expert-parallel ranks: all-to-all of the routed "
-                        "tokens, or all-gather of every token + reduce-scatter of the outputs")
+                        "tokens, or all-gather of every token + reduce-scatter of the outputs (flex: rejected, "
+                        "it needs DeepEP)")
 
 
 def _window_size(text: str) -> tuple[int, int]:

@@ -42,8 +42,6 @@ MAPPED = {
                                                 "(causal masking happens in the attention kernel)",
     "--no-masked-softmax-fusion": "megafast has no fused scale-mask-softmax kernel: attention is SDPA / "
                                   "flash / Triton flash attention",
-    "--moe-token-dispatcher-type": "allgather and alltoall accepted: with expert-parallel size 1 every rank "
-                                   "holds every expert and tokens are permuted locally (same result)",
     "--tiktoken-pattern": "accepted as in Megatron, where it only affects TikTokenizer (which megafast does "
                           "not have: any other --tokenizer-type ignores it there too)",
     "--num-workers": "0: micro-batches are read in the training loop's thread; N >= 1: in one background "
@@ -113,8 +111,6 @@ def add_megatron_flags(p: argparse.ArgumentParser) -> None:
                    action="store_false", help=MAPPED["--no-create-attention-mask-in-dataloader"])
     g.add_argument("--no-masked-softmax-fusion", dest="masked_softmax_fusion", action="store_false",
                    help=MAPPED["--no-masked-softmax-fusion"])
-    g.add_argument("--moe-token-dispatcher-type", choices=["allgather", "alltoall", "flex"], default="allgather",
-                   help=MAPPED["--moe-token-dispatcher-type"])
     g.add_argument("--tiktoken-pattern", choices=["v1", "v2"], default=None, help=MAPPED["--tiktoken-pattern"])
     g.add_argument("--null-tokenizer-eod-id", type=int, default=None,
                    help="NullTokenizer's end-of-document id (megatron-core 0.19; default --vocab-size - 1)")

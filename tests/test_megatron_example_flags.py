@@ -229,7 +229,7 @@ REJECTED_VALUES = [
      "needs overlapped gradient reduction"),
     (["--cross-entropy-loss-fusion", "--kernels", "torch"], "drop one of them"),
     (["--use-flash-attn", "--attention-backend", "fused"], "give one of them"),
-    ([*MOE, "--expert-model-parallel-size", "8"], "expert parallelism is not implemented"),
+    ([*MOE, "--expert-model-parallel-size", "8"], "does not divide --num-experts 4"),
     (["--num-workers", "-1"], "--num-workers must be >= 0"),
     (["--lr-warmup-samples", "3", "--lr-warmup-iters", "1"], "exclude each other"),
     (["--lr-decay-samples", "30", "--lr-decay-iters", "3"], "exclude each other"),
@@ -516,7 +516,7 @@ def scheduler_of(args):
     return _scheduler(args)
 
 
-def test_mixtral_example_stops_at_expert_parallelism():
+def test_mixtral_example_runs_at_its_expert_parallel_layout():
     argv = ["--use-mcore-models", "--disable-bias-linear", "--seq-length", "16", "--max-position-embeddings", "64",
             "--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "64", "--num-attention-heads", "4",
             "--init-method-std", "0.01", "--attention-dropout", "0.0", "--hidden-dropout", "0.0",
@@ -536,9 +536,10 @@ def test_mixtral_example_stops_at_expert_parallelism():
             "--save", "ck", "--load", "ck", "--tensorboard-dir", "ck/tensorboard", "--no-load-optim", "--no-load-rng"]
     args = parse_args(argv)
     assert args.tokenizer_type == "SentencePieceTokenizer" and args.position_embedding_type == "rope"
-    with pytest.raises(SystemExit, match="--expert-model-parallel-size 8: expert parallelism is not implemented"):
+    # the example's 64 GPUs would be PP 4 x DP 16; 32 ranks give DP 8, which EP 8 divides
+    validate_args(args, 32, 128)
+    config = model_config(args, 128)
+    assert config.num_experts == 8 and args.data_parallel_size == 8 and args.expert_model_parallel_size == 8
+    assert args.moe_token_dispatcher_type == "alltoall"
+    with pytest.raises(SystemExit, match="--expert-model-parallel-size 8 does not divide the data-parallel size 2"):
         validate_args(args, 8, 128)
-    i = argv.index("--expert-model-parallel-size")
-    args = parse_args(argv[:i] + ["--expert-model-parallel-size", "1"] + argv[i + 2:])
-    validate_args(args, 8, 128)  # the rest of the mixtral example is megafast's
-    assert model_config(args, 128).num_experts == 8 and args.data_parallel_size == 2
