@@ -417,7 +417,7 @@ _SPILLING = {
 }
 # ... and the further ones that spill with the sliding-window mask (one more live comparison)
 _SPILLING_WINDOW = {
-    ("dkdv", 64, "sm_80"): {(64, 64, 8, 3)},
+    ("dkdv", 64, "sm_80"): {(64, 64, 8, 3), (32, 64, 4, 3)},
     ("dkdv", 128, "sm_90a"): {(32, 64, 4, 3)},
     ("dq", 64, "sm_80"): {(128, 32, 4, 3)},
     ("dq", 128, "sm_80"): {(64, 64, 4, 3)},
