@@ -105,7 +105,8 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         """Causal attention of this CP rank's tokens over the whole sequence: q [b, H/p, s/C, d],
         k/v [b, G/p, s/C, d] -> [b, H/p, s/C, d]. 'p2p': ring attention (per-block kernel: the
-        Triton flash attention where --attention-backend resolves to triton or flash, else torch);
+        Triton flash attention where --attention-backend resolves to triton, flash-attn where it
+        resolves to flash, else torch; packed or window-cut blocks use torch);
         'a2a': all-to-all over heads around the ordinary attention of the whole sequence. A sliding
         window applies to the global positions either way."""
         st = self.state
@@ -115,7 +116,8 @@ class SelfAttention(nn.Module):
             return ulysses_attention(q, k, v, st.cp_group, st.cp_size,
                                      lambda q_, k_, v_: self._attend(q_, k_, v_, full))
         chosen = kernels.resolve_attention(self.config.attention_backend, q)
-        spec = RingSpec(st.cp_group, tuple(st.cp_ranks), st.cp_rank, "triton" if chosen in ("triton", "flash") else "torch")
+        block_backend = chosen if chosen in ("triton", "flash") else "torch"  # flash: flash-attn 2.x per block
+        spec = RingSpec(st.cp_group, tuple(st.cp_ranks), st.cp_rank, block_backend)
         window = self.config.window_size[0] if self.config.window_size is not None else None
         return ring_attention(q, k, v, spec, segments, window=window)
 

@@ -35,12 +35,16 @@ leaves whole keep the unmasked (or plain causal) kernel. Blocks are computed in 
 dtype; fp32 accumulation, in query tiles; on CPU without packing, torch's CPU flash-attention
 kernel, which returns the LSE and takes the final O and LSE in backward) or by the Triton
 flash-attention kernels (their forward returns the
-base-2 LSE, their backward takes the final O and LSE), which need no mask: packed blocks use torch.
+base-2 LSE, their backward takes the final O and LSE), or by flash-attn 2.x (``flash_attn`` on CUDA
+fp16/bf16: ``flash_attn_func(..., return_attn_probs=True)`` returns the natural-log LSE [b, H, s]
+fp32, ``flash_attn_interface._flash_attn_backward`` takes the final O and LSE); the kernel blocks
+need no mask: packed or window-cut blocks use torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -51,7 +55,7 @@ import torch.distributed as dist
 from megafast.parallel.context_parallel import local_token_index
 
 LN2 = math.log(2.0)
-BLOCK_BACKENDS = ("torch", "triton")
+BLOCK_BACKENDS = ("torch", "triton", "flash")
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ class RingSpec:
     group: Optional[dist.ProcessGroup]
     ranks: tuple[int, ...]
     cp_rank: int
-    backend: str = "torch"  # per-block kernel: 'torch' or 'triton'
+    backend: str = "torch"  # per-block kernel: 'torch', 'triton' or 'flash' (flash-attn 2.x)
 
     @property
     def size(self) -> int:
@@ -195,6 +199,41 @@ def _triton_equal_backward(do, q, k, v, o, lse, scale, causal):
     return dq.float(), dk.float(), dv.float()
 
 
+def _flash_forward(q, k, v, scale, causal):
+    """flash-attn 2.x on one block: q [b, H, sq, d], k/v [b, G, sk, d] (GQA native) -> out [b, H, sq, d]
+    fp32, natural-log lse [b, H, sq] fp32. Called without autograd (inside the ring's forward)."""
+    from flash_attn import flash_attn_func
+
+    out, lse, _ = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=0.0,
+                                  softmax_scale=scale, causal=causal, return_attn_probs=True)  # [b, sq, H, d]
+    return out.transpose(1, 2).float(), lse[:, :, : q.shape[2]].float()
+
+
+def _flash_backward_kwargs(fn) -> dict:
+    """The arguments of flash-attn's ``_flash_attn_backward`` beyond the ones every 2.x release has,
+    by its signature: a full window (``window_size`` up to 2.5, ``window_size_left/right`` from
+    2.6), no softcap, no ALiBi, the deterministic flag off, no RNG state (no dropout)."""
+    fn = getattr(fn, "_init_fn", fn)  # 2.6+ wraps it in torch.library.custom_op
+    names = inspect.signature(fn).parameters
+    extra = {"window_size": (-1, -1), "window_size_left": -1, "window_size_right": -1, "softcap": 0.0,
+             "alibi_slopes": None, "deterministic": False, "rng_state": None}
+    return {key: value for key, value in extra.items() if key in names}
+
+
+def _flash_backward(do, q, k, v, o, lse, scale, causal):
+    """Gradients of one block by flash-attn 2.x given the final ``o`` and ``lse`` (natural log) of its
+    queries: fp32 dq [b, H, sq, d], dk, dv [b, G, sk, d]."""
+    from flash_attn.flash_attn_interface import _flash_attn_backward
+
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [b, s, heads, d]
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (qt, kt, vt))
+    _flash_attn_backward(
+        dout=do.to(q.dtype).transpose(1, 2), q=qt, k=kt, v=vt, out=o.to(q.dtype).transpose(1, 2),
+        softmax_lse=lse.float().contiguous(), dq=dq, dk=dk, dv=dv, dropout_p=0.0, softmax_scale=scale,
+        causal=causal, **_flash_backward_kwargs(_flash_attn_backward))
+    return dq.transpose(1, 2).float(), dk.transpose(1, 2).float(), dv.transpose(1, 2).float()
+
+
 def _merge_(out, lse, blk_out, blk_lse, rows: slice) -> None:
     """Merge a block's (out, lse) for query rows ``rows`` into the running (out, lse), in place."""
     o, l = out[:, :, rows], lse[:, :, rows]
@@ -237,6 +276,7 @@ class _Block:
             sk = segments.index_select(1, local_token_index(segments.shape[1], spec.size, src, segments.device))
             self.mask = dataclasses.replace(self.mask, q_seg=sq[:, self.q_rows], k_seg=sk[:, self.kv_cols])
         self.use_triton = spec.backend == "triton" and segments is None and not windowed
+        self.use_flash = spec.backend == "flash" and segments is None and not windowed
 
     def _apply_window(self, spec: RingSpec, src: int, c: int, window: int) -> bool:
         """Narrow ``q_rows``/``kv_cols`` to the chunks that see anything in the window (``skip``
@@ -263,6 +303,8 @@ class _Block:
 
     def forward(self, q, k, v, scale):
         q, k, v = q[:, :, self.q_rows], k[:, :, self.kv_cols], v[:, :, self.kv_cols]
+        if self.use_flash:  # any block shape: the diagonal is square and causal, the others unmasked
+            return _flash_forward(q, k, v, scale, self.diagonal)
         if not self.use_triton and self.cpu_flash(q):
             return _cpu_flash_forward(q, k, v, scale, self.diagonal)
         if not self.use_triton:
@@ -283,6 +325,8 @@ class _Block:
         r, cols = self.q_rows, self.kv_cols
         do, q, o, lse = do[:, :, r], q[:, :, r], o[:, :, r], lse[:, :, r]
         k, v = k[:, :, cols], v[:, :, cols]
+        if self.use_flash:
+            return _flash_backward(do, q, k, v, o, lse, scale, self.diagonal)
         if not self.use_triton and self.cpu_flash(q):
             return _cpu_flash_backward(do, q, k, v, o, lse, scale, self.diagonal)
         if not self.use_triton:
