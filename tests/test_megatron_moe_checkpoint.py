@@ -13,10 +13,21 @@ or Megatron-LM's sources.
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from dist import run_distributed
-from test_megatron_checkpoint import FORMATS, _megafast_worker, _run_worker, _wait, assert_close, convert, pytestmark
+from test_megatron_checkpoint import (
+    FORMATS,
+    _megafast_worker,
+    _one_line_error,
+    _run_worker,
+    _wait,
+    assert_close,
+    convert,
+    pytestmark,
+)
 
 from megafast.checkpoint.megatron_format import megatron_format, open_megatron_checkpoint
 
@@ -92,3 +103,27 @@ def test_megatron_moe_saver_is_read_by_megatron_lm(megatron_moe, tmp_path):
                                                        len(ref["greedy"]))])[0]["m"]
     assert_close(loaded["logits"], megafast[1], 1e-5, "Megatron-LM's load of --saver megatron vs megafast")
     assert loaded["greedy"] == megafast[0] == ref["greedy"]
+
+
+def test_unsupported_megatron_moe_args_are_one_line_errors(megatron_moe, tmp_path):
+    """A Megatron MoE feature megafast does not implement is refused with one line naming it."""
+    out, _ = megatron_moe
+    legacy = tmp_path / "legacy"
+    shutil.copytree(out / "torch", legacy)
+    (path,) = legacy.glob("iter_*/mp_rank_00/model_optim_rng.pt")
+    original = torch.load(path, weights_only=False)  # megatron-core is installed here: real classes
+    cases = [
+        ("moe_router_topk_scaling_factor", 2.5, "moe_router_topk_scaling_factor=2.5"),
+        ("moe_router_enable_expert_bias", True, "moe_router_enable_expert_bias=True"),
+        ("expert_model_parallel_size", 2, "expert_model_parallel_size=2"),
+    ]
+    for name, value, expected in cases:
+        ckpt = torch.load(path, weights_only=False)
+        setattr(ckpt["args"], name, value)
+        torch.save(ckpt, path)
+        target = tmp_path / f"out_{name}"
+        line = _one_line_error(["--loader", "megatron", "--saver", "megafast", "--load-dir", str(legacy),
+                                "--save-dir", str(target)])
+        assert expected in line, f"{name}: {line}"
+        assert not (target / "latest_checkpointed_iteration.txt").exists()
+        torch.save(original, path)
