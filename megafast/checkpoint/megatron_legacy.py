@@ -13,6 +13,11 @@ query group, as megafast's), ``rng_state``, and from a training run ``optimizer`
 ``opt_param_scheduler``. The TP splits are megafast's (megafast.checkpoint.layout), the
 vocabulary is padded to ``make_vocab_size_divisible_by * tp`` (``padded_vocab_size``). With tied
 embeddings and pipelining, the last stage keeps its own ``output_layer.weight`` (a copy).
+MoE layers (megatron-core's SequentialMLP) hold one module per expert,
+``mlp.experts.local_experts.{e}.linear_fc{1,2}.weight``, split over TP like the dense MLP when
+``expert_tensor_parallel_size`` is the TP size (Megatron's default) and whole when it is 1;
+megafast stacks them as ``mlp.experts.linear_fc{1,2}.weight`` [E, ...]. Expert-parallel files
+(``mp_rank_TT[_PPP]_EEE``) and GroupedMLP's ``weight1``/``weight2`` are refused with one line.
 
 :class:`MegatronLegacyReader` yields megafast-named full tensors; :class:`MegatronLegacyWriter`
 writes the files Megatron-LM's own ``load_checkpoint`` reads into a GPTModel built with
