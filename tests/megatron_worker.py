@@ -34,6 +34,12 @@ VARIANTS = {  # Megatron flags of each model variant
               "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--group-query-attention",
               "--num-query-groups", "2", "--rotary-base", "5000", "--norm-epsilon", "1e-6"],
     "gpt": ["--position-embedding-type", "learned_absolute", "--normalization", "LayerNorm"],
+    "mixtral": ["--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu",
+                "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--group-query-attention",
+                "--num-query-groups", "2", "--rotary-base", "5000", "--norm-epsilon", "1e-6",
+                "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "96",
+                "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", "0.01",
+                "--moe-token-dispatcher-type", "allgather"],
 }
 
 
@@ -90,7 +96,7 @@ def _worker(rank: int, world: int, opts: argparse.Namespace) -> None:
     torch.manual_seed(1234)  # the CPU initialisation draws every full weight from this stream
     config = core_transformer_config_from_args(args)
     model = GPTModel(
-        config, get_gpt_layer_local_spec(normalization=args.normalization), vocab_size=args.padded_vocab_size,
+        config, get_gpt_layer_local_spec(args.num_experts, args.moe_grouped_gemm, normalization=args.normalization), vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings, pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(), parallel_output=False,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,

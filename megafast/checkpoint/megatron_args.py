@@ -105,7 +105,6 @@ def is_megatron_args(args: Any) -> bool:
 
 # (arg, the value that means "off") for every Megatron feature megafast does not implement.
 UNSUPPORTED_IF_SET: tuple[tuple[str, Any], ...] = (
-    ("num_experts", None),  # MoE: not read from Megatron checkpoints yet
     ("multi_latent_attention", False),
     ("apply_residual_connection_post_layernorm", False),
     ("rotary_interleaved", False),
@@ -129,6 +128,55 @@ UNSUPPORTED_IF_SET: tuple[tuple[str, Any], ...] = (
     ("mrope_section", None),
 )
 NONZERO_UNSUPPORTED = ("glu_linear_offset",)
+# MoE args (read only when num_experts is set) that change the model and megafast does not implement.
+MOE_UNSUPPORTED_IF_SET: tuple[tuple[str, Any], ...] = (
+    ("moe_router_topk_scaling_factor", None),
+    ("moe_router_num_groups", None),
+    ("moe_router_group_topk", None),
+    ("moe_router_enable_expert_bias", False),
+    ("moe_input_jitter_eps", None),
+    ("moe_latent_size", None),
+    ("moe_apply_probs_on_input", False),
+    ("moe_pad_expert_input_to_capacity", False),
+    ("moe_mlp_glu_interleave_size", None),
+    ("moe_shared_expert_glu_interleave_size", None),
+    ("moe_use_upcycling", False),
+    ("moe_router_force_load_balancing", False),
+)
+
+
+def moe_fields(args: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """GPTConfig's MoE fields from Megatron's MoE args ({} for a dense model); unknown -> ValueError."""
+    if args.get("num_experts") is None:
+        return {}
+    for name, off in MOE_UNSUPPORTED_IF_SET:
+        value = args.get(name, off)
+        if value != off and not (off is False and value is None) and not (off is None and value is False):
+            raise ValueError(
+                f"{where}: Megatron MoE arg {name}={value!r} is not supported by megafast's Megatron loader: "
+                "it would change the model; convert a checkpoint without it"
+            )
+    if args.get("moe_token_drop_policy", "probs") != "probs" and args.get("moe_expert_capacity_factor") is not None:
+        raise ValueError(f"{where}: Megatron MoE arg moe_token_drop_policy={args['moe_token_drop_policy']!r} "
+                         "is not supported (megafast drops by probability)")
+    freq = args.get("moe_layer_freq", 1)
+    if isinstance(freq, str):
+        raise ValueError(f"{where}: Megatron arg moe_layer_freq={freq!r} (a pattern string) is not supported")
+    return dict(
+        num_experts=int(args["num_experts"]),
+        moe_router_topk=int(args.get("moe_router_topk", 2)),
+        moe_ffn_hidden_size=args.get("moe_ffn_hidden_size"),
+        moe_router_load_balancing_type=args.get("moe_router_load_balancing_type", "aux_loss"),
+        moe_aux_loss_coeff=float(args.get("moe_aux_loss_coeff", 0.0) or 0.0),
+        moe_z_loss_coeff=args.get("moe_z_loss_coeff"),
+        moe_grouped_gemm=bool(args.get("moe_grouped_gemm", False)),
+        moe_shared_expert_intermediate_size=args.get("moe_shared_expert_intermediate_size"),
+        moe_shared_expert_gate=bool(args.get("moe_shared_expert_gate", False)),
+        moe_router_score_function=args.get("moe_router_score_function", "softmax"),
+        moe_router_pre_softmax=bool(args.get("moe_router_pre_softmax", False)),
+        moe_expert_capacity_factor=args.get("moe_expert_capacity_factor"),
+        moe_layer_freq=tuple(freq) if isinstance(freq, (list, tuple)) else int(freq),
+    )  # moe_token_dispatcher_type is how tokens travel at EP > 1, not the model: the run's own flag
 
 
 def _unsupported(args: Mapping[str, Any], where: str) -> None:
@@ -225,6 +273,7 @@ def config_from_megatron_args(
             init_method_std=float(args.get("init_method_std", 0.02)),
             make_vocab_size_divisible_by=int(args.get("make_vocab_size_divisible_by", 128)),
             qk_layernorm=bool(args.get("qk_layernorm", False)),
+            **moe_fields(args, where),
         )
     except (TypeError, ValueError) as exc:
         reason = " ".join(str(exc).split())
@@ -307,7 +356,8 @@ def megatron_args_from_config(
         virtual_pipeline_model_parallel_size=None,
         num_layers_per_virtual_pipeline_stage=None,
         expert_model_parallel_size=1,
-        num_experts=None,
+        expert_tensor_parallel_size=tp,  # Megatron's default: its experts split like the dense MLP
+        **megatron_moe_args(config),
         apply_residual_connection_post_layernorm=False,
         transformer_impl="local",
         ckpt_format="torch",
@@ -324,3 +374,28 @@ def megatron_args_from_config(
         merge_file=tokenizer.pop("merge_file", None),
     )
     return ns
+
+
+def megatron_moe_args(config: GPTConfig) -> dict[str, Any]:
+    """Megatron's MoE args of ``config`` (``num_experts=None`` for a dense model)."""
+    if not config.is_moe:
+        return {"num_experts": None}
+    freq = config.moe_layer_freq
+    return dict(
+        num_experts=config.num_experts,
+        moe_router_topk=config.moe_router_topk,
+        moe_ffn_hidden_size=config.moe_ffn_hidden_size,
+        moe_router_load_balancing_type=config.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=config.moe_aux_loss_coeff,
+        moe_z_loss_coeff=config.moe_z_loss_coeff,
+        moe_grouped_gemm=False,  # written as SequentialMLP's local_experts (megafast.checkpoint.megatron_legacy)
+        moe_shared_expert_intermediate_size=config.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=config.moe_shared_expert_gate,
+        moe_router_score_function=config.moe_router_score_function,
+        moe_router_pre_softmax=config.moe_router_pre_softmax,
+        moe_expert_capacity_factor=config.moe_expert_capacity_factor,
+        moe_layer_freq=list(freq) if isinstance(freq, tuple) else freq,
+        moe_token_dispatcher_type=config.moe_token_dispatcher_type,
+        moe_router_topk_scaling_factor=None,
+        moe_router_dtype=None,
+    )

@@ -11,7 +11,9 @@ Every tensor entry has its global (unsharded) shape whatever TP/PP saved it; the
 are stacked along a leading layer dimension (``decoder.layers.self_attention.linear_qkv.weight`` is
 [L, (H + 2G) d, h]) and the norms carry Transformer Engine's names
 (``decoder.layers.self_attention.linear_qkv.layer_norm_weight`` [L, h] is every layer's
-``input_layernorm.weight``). Byte entries hold pickles: ``common_state/shard_0_1`` is a one-item
+``input_layernorm.weight``); MoE experts are stacked twice
+(``decoder.layers.mlp.experts.experts.linear_fc1.weight`` [L, E, 2F, h] is every layer's
+``mlp.experts.linear_fc1.weight``). Byte entries hold pickles: ``common_state/shard_0_1`` is a one-item
 list of {``args``, ``iteration``, ``checkpoint_version``, ...} (megatron-core 0.19; older versions
 wrote ``common.pt`` next to the data), ``*._extra_state/shard_*`` are TE's FP8 metadata (skipped)
 and ``rng_state/*`` the RNG states. The word embedding and output layer keep the padded vocabulary

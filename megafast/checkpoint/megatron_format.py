@@ -42,9 +42,13 @@ TE_NORMS = {  # Transformer Engine's fused norm + linear names -> megafast's nor
     "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
 }
 
+DIST_EXPERTS = "mlp.experts.experts."  # torch_dist's stacked experts [L, E, ...] (SequentialMLP and GroupedMLP)
+
 
 def megafast_suffix(suffix: str) -> str:
     """A layer-relative Megatron name (``self_attention.linear_qkv.layer_norm_weight``) in megafast's names."""
+    if suffix.startswith(DIST_EXPERTS):
+        return "mlp.experts." + suffix[len(DIST_EXPERTS):]
     return TE_NORMS.get(suffix, suffix)
 
 

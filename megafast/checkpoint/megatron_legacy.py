@@ -13,6 +13,11 @@ query group, as megafast's), ``rng_state``, and from a training run ``optimizer`
 ``opt_param_scheduler``. The TP splits are megafast's (megafast.checkpoint.layout), the
 vocabulary is padded to ``make_vocab_size_divisible_by * tp`` (``padded_vocab_size``). With tied
 embeddings and pipelining, the last stage keeps its own ``output_layer.weight`` (a copy).
+MoE layers (megatron-core's SequentialMLP) hold one module per expert,
+``mlp.experts.local_experts.{e}.linear_fc{1,2}.weight``, split over TP like the dense MLP when
+``expert_tensor_parallel_size`` is the TP size (Megatron's default) and whole when it is 1;
+megafast stacks them as ``mlp.experts.linear_fc{1,2}.weight`` [E, ...]. Expert-parallel files
+(``mp_rank_TT[_PPP]_EEE``) and GroupedMLP's ``weight1``/``weight2`` are refused with one line.
 
 :class:`MegatronLegacyReader` yields megafast-named full tensors; :class:`MegatronLegacyWriter`
 writes the files Megatron-LM's own ``load_checkpoint`` reads into a GPTModel built with
@@ -46,6 +51,28 @@ from megafast.config import GPTConfig, ParallelConfig, validate_layout
 CHECKPOINT_VERSION = 3.0
 # Modules of megatron-core's local-implementation GPT layer whose state dict has an _extra_state entry.
 LOCAL_EXTRA_STATE = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+
+
+LOCAL_EXPERTS = ".mlp.experts.local_experts."  # megatron-core's SequentialMLP: one module per expert
+
+
+def split_expert(name: str) -> Optional[tuple[str, int]]:
+    """``decoder.layers.i.mlp.experts.local_experts.{e}.X`` -> (``decoder.layers.i.mlp.experts.X``, e)."""
+    if LOCAL_EXPERTS not in name:
+        return None
+    head, tail = name.split(LOCAL_EXPERTS, 1)
+    expert, rest = tail.split(".", 1)
+    return f"{head}.mlp.experts.{rest}", int(expert)
+
+
+def expert_partition(name: str, config: GPTConfig) -> Optional[tuple[int, int]]:
+    """(dim, stride) of a stacked expert tensor [E, ...] split over expert-TP ranks as Megatron
+    splits each expert's linear (fc1 by rows, [gate; up] strided for SwiGLU; fc2 by columns)."""
+    if name.endswith("experts.linear_fc1.weight"):
+        return 1, 2 if config.activation == "swiglu" else 1
+    if name.endswith("experts.linear_fc2.weight"):
+        return 2, 1
+    return None
 
 
 def layer_offsets(counts: list[int]) -> list[int]:
@@ -108,12 +135,18 @@ class MegatronLegacyReader(MegatronReader):
         counts = megatron_layer_counts(self.args, self.pp, self.directory)
         offsets = layer_offsets(counts)
         self._where: dict[str, tuple[int, str]] = {}  # megafast name -> (pp rank, Megatron key)
+        self._experts: dict[str, dict[int, str]] = {}  # megafast stacked-expert name -> {expert: Megatron key}
         for p in range(self.pp):
             model = self._model(0, p)
             for key in model:
                 if key.endswith(EXTRA_STATE):
                     continue
-                self._where.setdefault(to_global(key, offsets[p]), (p, key))
+                name = to_global(key, offsets[p])
+                expert = split_expert(name)
+                if expert is not None:
+                    self._experts.setdefault(expert[0], {})[expert[1]] = key
+                    name = expert[0]
+                self._where.setdefault(name, (p, key))
         if layout.WORD_EMBEDDINGS not in self._where:
             raise ValueError(
                 f"{self.directory}: tensor {layout.WORD_EMBEDDINGS} is missing: the checkpoint is incomplete"
@@ -122,7 +155,29 @@ class MegatronLegacyReader(MegatronReader):
         vocab = megatron_vocab_size(self.args, padded, true_vocab_size, self.directory)
         self.config: GPTConfig = config_from_megatron_args(self.args, vocab, self.directory)
         self.check_names(self._where)
+        self.expert_tp = self._expert_tp()
         self.dtype = self._part(layout.WORD_EMBEDDINGS, 0).dtype
+
+    def _expert_tp(self) -> int:
+        """How many TP ranks split each expert (Megatron's expert_tensor_parallel_size: 1 or tp)."""
+        if not self._experts:
+            return 1
+        if self.args.get("expert_model_parallel_size", 1) != 1:
+            raise ValueError(
+                f"{self.directory}: expert_model_parallel_size={self.args['expert_model_parallel_size']} "
+                "(mp_rank_TT_PPP_EEE files) is not read yet: save it from Megatron with "
+                "--expert-model-parallel-size 1, or as torch_dist"
+            )
+        etp = int(self.args.get("expert_tensor_parallel_size") or self.tp)
+        if etp not in (1, self.tp):
+            raise ValueError(f"{self.directory}: expert_tensor_parallel_size={etp} with tp={self.tp} is not supported")
+        for name, experts in self._experts.items():
+            if sorted(experts) != list(range(self.config.num_experts)):
+                raise ValueError(
+                    f"{self.directory}: {name} has experts {sorted(experts)} but the args say "
+                    f"num_experts={self.config.num_experts}: the checkpoint is incomplete"
+                )
+        return etp
 
     def _load(self, path: str) -> dict[str, Any]:
         if not os.path.isfile(path):
@@ -152,7 +207,25 @@ class MegatronLegacyReader(MegatronReader):
             raise ValueError(f"{self.directory}: tensor {key} is missing from tp rank {t}, pp rank {p}: incomplete")
         return model[key]
 
+    def _expert_part(self, name: str, t: int) -> torch.Tensor:
+        """TP rank t's experts of ``name`` stacked: [E, ...]."""
+        p, _ = self._where[name]
+        model = self._model(t, p)
+        parts = []
+        for e, key in sorted(self._experts[name].items()):
+            if not isinstance(model.get(key), torch.Tensor):
+                raise ValueError(f"{self.directory}: tensor {key} is missing from tp rank {t}, pp rank {p}: incomplete")
+            parts.append(model[key])
+        return torch.stack(parts)
+
     def _raw(self, name: str) -> torch.Tensor:
+        if name in self._experts:
+            split = expert_partition(name, self.config)
+            if self.expert_tp == 1 or split is None:
+                return self._expert_part(name, 0)
+            from megafast.parallel.layers import unshard
+
+            return unshard([self._expert_part(name, t) for t in range(self.tp)], split[0], split[1])
         parts = [self._part(name, t) for t in range(self.tp)]
         split = layout.tp_partition(name, self.config)
         if split is None or self.tp == 1:
@@ -206,7 +279,13 @@ class MegatronLegacyWriter:
         full = full.to(self.params_dtype)
         stage = layout.stage_of(name, self.ranges)
         for t in range(self.tp):
-            part = layout.shard_full(name, full, self.config, t, self.tp).clone()
+            split = expert_partition(name, self.config) if layout.is_expert(name) else None
+            if split is not None and self.tp > 1:  # Megatron's default: experts split over all TP ranks
+                from megafast.parallel.layers import shard
+
+                part = shard(full, split[0], t, self.tp, split[1]).clone()
+            else:
+                part = layout.shard_full(name, full, self.config, t, self.tp).clone()
             self._tensors[(t, stage)][self._local(name, stage)] = part
             if name == layout.WORD_EMBEDDINGS and self.config.tie_embeddings and self.pp > 1:
                 self._tensors[(t, self.pp - 1)][layout.OUTPUT_LAYER] = part  # the last stage's copy
@@ -221,6 +300,13 @@ class MegatronLegacyWriter:
             local = self._local(name, p)
             if local not in tensors:
                 raise ValueError(f"the source provided no tensor {name}")
+            if layout.is_expert(name):  # SequentialMLP: mlp.experts.local_experts.{e}.linear_fc1.weight
+                head, rest = local.split(".mlp.experts.", 1)
+                for e, weight in enumerate(tensors[local]):
+                    key = f"{head}{LOCAL_EXPERTS}{e}.{rest}"
+                    model[key] = weight.clone()
+                    model[key[: -len("weight")] + EXTRA_STATE] = None
+                continue
             model[local] = tensors[local]
             for module in LOCAL_EXTRA_STATE:
                 if local.endswith(f"{module}.weight"):
