@@ -357,7 +357,7 @@ def test_qlora_runs_lower_the_loss_agree_across_layouts_and_export(tmp_path):
            # packed SFT samples under QLoRA
            MODEL + TRAIN + QLORA + ["--data-path", sft, "--split", "98,2,0", "--data-cache-path",
                                     str(tmp_path / "cache"), "--tokenizer-type", "NullTokenizer", "--vocab-size",
-                                    str(VOCAB - 1), "--dataset-type", "sft", "--packing", "--train-iters", "8",
+                                    str(VOCAB), "--dataset-type", "sft", "--packing", "--train-iters", "8",
                                     "--pretrained-checkpoint", str(base), "--log-jsonl", str(log["sft"])]]
     held = corpus_sequences(seed)
     # the base is saved by the first run; the runs after it only read it

@@ -69,7 +69,8 @@ def qlora_memory(
     for chunk in rank_parameters(config, layout, pp_rank):
         for spec in chunk:
             parts = spec.name.rsplit(".", 2)
-            if len(parts) == 3 and parts[1] in lora.target_modules and parts[2] == "weight":
+            # LoRA/QLoRA wrap the 2-D linears; stacked MoE expert weights [E, out, in] stay as they are
+            if len(parts) == 3 and parts[1] in lora.target_modules and parts[2] == "weight" and len(spec.shape) == 2:
                 out_rows, in_cols = spec.shape
                 base += nf4_bytes(spec.numel, qlora)
                 base_elements += spec.numel
