@@ -31,7 +31,7 @@ d rows). SwiGLU's fc1 is [gate; up] in full; rank r holds [gate_r; up_r] (stride
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -162,6 +162,19 @@ def check_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...], where: 
             f"{where}: tensor {name} has shape {list(tensor.shape)} but the model config implies "
             f"{list(shape)}: the weights do not match config.json/args (wrong or edited file?)"
         )
+
+
+def full_groups(
+    config: GPTConfig, full: Callable[[str], torch.Tensor], where: str
+) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """(label, {name: full tensor}) of every group of ``config`` in order, each tensor from
+    ``full(name)`` and checked against the shape the config implies (what every reader yields)."""
+    for label, specs in groups(config):
+        tensors = {}
+        for name, shape in specs.items():
+            tensors[name] = full(name)
+            check_shape(name, tensors[name], shape, where)
+        yield label, tensors
 
 
 def pad_vocab(full: torch.Tensor, padded_rows: int) -> torch.Tensor:

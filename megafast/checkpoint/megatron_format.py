@@ -22,6 +22,7 @@ FP8 metadata, None for the local implementation) hold no weights and are skipped
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 from typing import Any, Iterator, Optional
@@ -105,7 +106,7 @@ def open_megatron_checkpoint(root: str, true_vocab_size: Optional[int] = None) -
     return MegatronLegacyReader(root, true_vocab_size)
 
 
-class MegatronReader:
+class MegatronReader(abc.ABC):
     """What both Megatron readers share: megafast-named full tensors from ``_raw(name)``."""
 
     config: GPTConfig
@@ -113,8 +114,9 @@ class MegatronReader:
     tp: int
     pp: int
 
-    def _raw(self, name: str) -> torch.Tensor:  # the full tensor, vocabulary still padded
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _raw(self, name: str) -> torch.Tensor:
+        """The full tensor ``name`` (megafast's name), vocabulary rows still padded."""
 
     def full(self, name: str) -> torch.Tensor:
         """The full tensor ``name`` (megafast's name, vocabulary unpadded)."""
@@ -123,12 +125,7 @@ class MegatronReader:
 
     def groups(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
         """(label, {name: full tensor}) of every group, in order (see megafast.checkpoint.layout)."""
-        for label, specs in layout.groups(self.config):
-            tensors = {}
-            for name, shape in specs.items():
-                tensors[name] = self.full(name)
-                layout.check_shape(name, tensors[name], shape, self.directory)
-            yield label, tensors
+        return layout.full_groups(self.config, self.full, self.directory)
 
     def check_names(self, names: Any) -> None:
         """Every megafast name the files hold must belong to the model the args describe."""

@@ -124,12 +124,7 @@ class MegafastCheckpointReader:
 
     def groups(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
         """(label, {name: full tensor}) of every group, in order (see megafast.checkpoint.layout)."""
-        for label, specs in layout.groups(self.config):
-            tensors = {}
-            for name, shape in specs.items():
-                tensors[name] = self.full(name)
-                layout.check_shape(name, tensors[name], shape, self.directory)
-            yield label, tensors
+        return layout.full_groups(self.config, self.full, self.directory)
 
 
 @torch.no_grad()
