@@ -25,7 +25,8 @@ import torch
 from dist import run_distributed
 
 from megafast.checkpoint.megatron_format import megatron_format, open_megatron_checkpoint
-from megafast.convert.converter import ConvertOptions, convert_checkpoint, finetune_flags
+from megafast.convert.converter import ConvertOptions, HFSource, convert_checkpoint, finetune_flags
+from megafast.planner.parameters import total_parameter_count
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "megatron_worker.py"
@@ -220,11 +221,22 @@ def test_converter_aliases(megatron, tmp_path):
     """Megatron-LM's and Fast-LLM's --loader/--saver spellings, and tools/checkpoint/util.py."""
     main = _convert_main()
     out, ref = megatron["gpt"]
+    assert "was saved with --transformer-impl local" in _one_line_error(
+        ["--loader", "mcore", "--loader-transformer-impl", "transformer_engine", "--saver", "hf", "--load-dir",
+         str(out / "torch_dist"), "--save-dir", str(tmp_path / "hf")])
     main(["--model-type", "GPT", "--loader", "mcore", "--saver", "hf", "--load-dir", str(out / "torch_dist"),
-          "--save-dir", str(tmp_path / "hf"), "--no-progress"])
+          "--save-dir", str(tmp_path / "hf"), "--no-progress", "--loader-transformer-impl", "local"])
+    # Megatron's --model-size is checked against the HF model's parameter count, --megatron-path for megatron/
+    hf_to = ["--loader", "llama_mistral", "--load-dir", str(tmp_path / "hf"), "--saver", "mcore", "--save-dir",
+             str(tmp_path / "bad")]
+    assert "names a 7B model but" in _one_line_error([*hf_to, "--model-size", "llama2-7B"])
+    assert "holds no megatron/ package" in _one_line_error([*hf_to, "--megatron-path", str(tmp_path)])
+    assert not (tmp_path / "bad").exists()
+    billions = total_parameter_count(HFSource(str(tmp_path / "hf"), None).config, padded=False) / 1e9
     main(["--model-type", "GPT", "--loader", "llama_mistral", "--checkpoint-type", "hf", "--saver", "mcore",
           "--load-dir", str(tmp_path / "hf"), "--save-dir", str(tmp_path / "mcore"), "--no-progress",
-          "--megatron-path", MEGATRON_LM])
+          "--model-size", f"tiny-{billions:.9f}B"]
+         + (["--megatron-path", MEGATRON_LM] if os.path.isdir(os.path.join(MEGATRON_LM, "megatron")) else []))
     main(["--model-type", "GPT", "--loader", "legacy", "--saver", "legacy", "--load-dir", str(tmp_path / "mcore"),
           "--save-dir", str(tmp_path / "legacy"), "--target-tensor-parallel-size", "2", "--no-progress"])
     proc = subprocess.run([sys.executable, "tools/checkpoint/util.py", "--model-type", "GPT", "--loader", "llama2_hf",

@@ -77,6 +77,7 @@ class ConvertOptions:
     merge_file: Optional[str] = None
     overwrite: bool = False
     progress: bool = True
+    source_transformer_impl: Optional[str] = None  # megatron loader: must be what the checkpoint was saved with
 
 
 def architectures() -> list[str]:
@@ -162,10 +163,16 @@ class MegafastSource:
 class MegatronSource:
     """A Megatron-LM checkpoint (legacy ``torch`` or ``torch_dist``) as groups of full tensors."""
 
-    def __init__(self, directory: str, true_vocab_size: Optional[int]) -> None:
+    def __init__(
+        self, directory: str, true_vocab_size: Optional[int], transformer_impl: Optional[str] = None
+    ) -> None:
         from megafast.checkpoint.megatron_format import open_megatron_checkpoint
 
         self.reader = open_megatron_checkpoint(directory, true_vocab_size)
+        saved = self.reader.args.get("transformer_impl")
+        if transformer_impl is not None and saved is not None and saved != transformer_impl:
+            raise ValueError(f"{directory} was saved with --transformer-impl {saved}, not "
+                             f"--loader-transformer-impl {transformer_impl}: pass {saved} (or drop the flag)")
         self.config = self.reader.config
         self.metadata: dict[str, Any] = {}
         self.dtype = self.reader.dtype
@@ -399,7 +406,7 @@ def convert_checkpoint(opts: ConvertOptions) -> str:
         source: Source = HFSource(opts.load_dir, opts.make_vocab_size_divisible_by)
         default_tp = default_pp = default_ep = 1
     elif opts.loader == "megatron":
-        source = MegatronSource(opts.load_dir, opts.true_vocab_size)
+        source = MegatronSource(opts.load_dir, opts.true_vocab_size, opts.source_transformer_impl)
         default_tp, default_pp, default_ep = source.reader.tp, source.reader.pp, 1
     else:
         source = MegafastSource(opts.load_dir, opts.true_vocab_size)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Optional, Sequence
 
@@ -89,15 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "and the unmerged base model in SAVE_DIR/base (megafast.convert.peft_export)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     # Megatron-LM's converter flags, so its command lines run unchanged
-    p.add_argument("--megatron-path", default=None, help="accepted for Megatron-LM's command lines; not needed")
+    p.add_argument("--megatron-path", default=None,
+                   help="Megatron-LM's checkout, as its converter takes it: checked to hold megatron/ (megafast "
+                        "reads and writes Megatron checkpoints without importing it)")
     p.add_argument("--model-size", default=None,
-                   help="accepted for Megatron-LM's llama_mistral loader; the size is read from config.json")
+                   help="Megatron's llama_mistral size name (llama2-7B, llama3-8B, mistral-7B, ...): the HF "
+                        "model's parameter count must round to it (within 25%%)")
     p.add_argument("--checkpoint-type", choices=["hf", "meta"], default=None,
                    help="llama_mistral loader: hf (Meta's original consolidated.*.pth files are not read)")
     p.add_argument("--bf16", action="store_true", help="same as --target-params-dtype bf16")
     p.add_argument("--fp16", action="store_true", help="same as --target-params-dtype fp16")
     p.add_argument("--loader-transformer-impl", choices=["local", "transformer_engine"], default=None,
-                   help="accepted: the megatron loader reads either implementation's names")
+                   help="megatron loader: the implementation the checkpoint was saved with (checked against its args)")
     p.add_argument("--saver-transformer-impl", choices=["local", "transformer_engine"], default=None,
                    help="megatron saver: local (the only one written)")
     return p
@@ -113,10 +117,33 @@ def _megatron_flags(a: argparse.Namespace) -> None:
                          "writes --transformer-impl local names (Megatron's TE models load torch_dist, convert from it)")
     if a.bf16 and a.fp16:
         raise SystemExit("error: --bf16 and --fp16 both given: choose one")
+    if a.megatron_path is not None and not os.path.isdir(os.path.join(a.megatron_path, "megatron")):
+        raise SystemExit(f"error: --megatron-path {a.megatron_path} holds no megatron/ package: give Megatron-LM's "
+                         "checkout, or drop the flag (megafast does not need it)")
     dtype = "bf16" if a.bf16 else ("fp16" if a.fp16 else None)
     if dtype and a.target_params_dtype not in (None, dtype):
         raise SystemExit(f"error: --{dtype} contradicts --target-params-dtype {a.target_params_dtype}")
     a.target_params_dtype = a.target_params_dtype or dtype
+
+
+def _check_model_size(model_size: str, loader: str, load_dir: str, divisible_by: Optional[int]) -> None:
+    """Megatron's ``--model-size`` (e.g. ``llama3-8B``) against the HF model's parameter count."""
+    match = re.search(r"(\d+(?:\.\d+)?)B", model_size)
+    if loader != "hf" or match is None:
+        raise SystemExit(f"error: --model-size {model_size} names an HF model's size (like llama3-8B) and applies "
+                         "to --loader hf/llama_mistral only")
+    from megafast.convert.converter import HFSource
+    from megafast.planner.parameters import total_parameter_count
+
+    try:
+        config = HFSource(load_dir, divisible_by).config
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    billions = total_parameter_count(config, padded=False) / 1e9
+    named = float(match.group(1))
+    if not 0.75 * named <= billions <= 1.25 * named:
+        raise SystemExit(f"error: --model-size {model_size} names a {named:g}B model but {load_dir} holds "
+                         f"{billions:.2f}B parameters: give the size of this model, or drop the flag")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -124,6 +151,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     a.loader = LOADER_ALIASES.get(a.loader, a.loader)
     a.saver = SAVER_ALIASES.get(a.saver, a.saver)
     _megatron_flags(a)
+    if a.model_size is not None:
+        _check_model_size(a.model_size, a.loader, a.load_dir, a.make_vocab_size_divisible_by)
     opts = ConvertOptions(
         loader=a.loader, saver=a.saver, load_dir=a.load_dir, save_dir=a.save_dir,
         target_tensor_parallel_size=a.target_tensor_parallel_size,
@@ -132,6 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         make_vocab_size_divisible_by=a.make_vocab_size_divisible_by, true_vocab_size=a.true_vocab_size,
         max_shard_size=a.max_shard_size, tokenizer_type=a.tokenizer_type, tokenizer_model=a.tokenizer_model,
         vocab_file=a.vocab_file, merge_file=a.merge_file, overwrite=a.overwrite, progress=not a.no_progress,
+        source_transformer_impl=a.loader_transformer_impl,
     )
     if a.lora_format is not None and (a.loader, a.saver) != ("megafast", "hf"):
         raise SystemExit("error: --lora-format applies to --loader megafast --saver hf (a LoRA run's checkpoint)")
