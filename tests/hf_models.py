@@ -66,9 +66,15 @@ NAMES = ("llama_gqa", "llama_tied", "mistral", "qwen2", "gpt2")
 
 def build(name: str, seed: int = 0):
     """The HF model ``name`` in eval mode with random fp32 weights."""
+    return randomized(_config(name), seed)
+
+
+def randomized(config, seed: int, **from_config):
+    """An HF model of ``config`` in eval mode with random fp32 weights, larger than HF's init so that
+    every tensor matters: norm weights 1 + 0.1 N(0, 1), everything else 0.15 N(0, 1)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_config(_config(name)).eval()
+    model = AutoModelForCausalLM.from_config(config, **from_config).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for pname, p in model.named_parameters():

@@ -49,3 +49,30 @@ def train_records(path: Path) -> dict[int, dict]:
 def data_args(prefix: str, tmp: Path) -> list[str]:
     return ["--data-path", prefix, "--split", "98,2,0", "--data-cache-path", str(tmp / "cache"),
             "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB)]
+
+
+def pretrain_in_process(argv: list[str]) -> None:
+    """``pretrain_gpt.py argv`` in this process as a world of one (the environment restored after)."""
+    import socket
+
+    import pytest
+
+    from megafast.training import trainer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+            mp.setenv(k, v)
+        trainer.pretrain(argv)
+
+
+def convert_tool(argv: list[str]) -> None:
+    """``tools/checkpoint/convert.py --model-type GPT --no-progress argv`` in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert_tool", ROOT / "tools/checkpoint/convert.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tool.main(["--model-type", "GPT", "--no-progress", *argv])

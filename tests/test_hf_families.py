@@ -58,15 +58,7 @@ NAMES = ("llama31", "deepseek_coder", "llama_yarn", "qwen3", "mistral_window", "
 
 
 def build(name: str, seed: int):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_config(_config(name), attn_implementation="sdpa").eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():  # larger than HF's init, so every tensor matters
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1.0 + 0.1 * noise if p.dim() == 1 and "norm" in pname else 0.15 * noise)
-    return model
+    return hf_models.randomized(_config(name), seed, attn_implementation="sdpa")
 
 
 def _convert(loader: str, saver: str, src: str, out: str, **kw) -> str:

@@ -12,16 +12,14 @@ same batch. Bad inputs: one-line errors before any model is built.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import socket
 from pathlib import Path
 
 import hf_models
 import pytest
 import torch
-from pretrain_run import ROOT, torchrun
+from pretrain_run import convert_tool, pretrain_in_process, torchrun
 
 from megafast.convert.converter import ConvertOptions, convert_checkpoint
 from megafast.training import trainer
@@ -57,21 +55,6 @@ def hf_dir(tmp_path_factory) -> Path:
     return out
 
 
-def _in_process(argv: list[str]) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
-            mp.setenv(k, v)
-        trainer.pretrain(argv)
-
-
-def _convert_tool(argv: list[str]) -> None:
-    spec = importlib.util.spec_from_file_location("convert_tool", ROOT / "tools/checkpoint/convert.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    tool.main(["--model-type", "GPT", "--no-progress", *argv])
 
 
 def _records(path: Path) -> list[tuple[float, float]]:
@@ -89,12 +72,12 @@ def _same_files(a: Path, b: Path) -> None:
 def test_hf_start_and_save_hf_equal_the_offline_converter(hf_dir, tmp_path):
     tok = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(hf_dir)]
     run = tmp_path / "run"
-    _in_process(HF_FLAGS + TRAIN + tok + ["--pretrained-checkpoint", str(hf_dir), "--save", str(run),
+    pretrain_in_process(HF_FLAGS + TRAIN + tok + ["--pretrained-checkpoint", str(hf_dir), "--save", str(run),
                                           "--save-interval", "2", "--save-hf", "--log-jsonl", str(tmp_path / "a.jsonl")])
     converted = tmp_path / "converted"
     convert_checkpoint(ConvertOptions("hf", "megafast", str(hf_dir), str(converted), make_vocab_size_divisible_by=1,
                                       progress=False))
-    _in_process(HF_FLAGS + TRAIN + tok + ["--pretrained-checkpoint", str(converted),
+    pretrain_in_process(HF_FLAGS + TRAIN + tok + ["--pretrained-checkpoint", str(converted),
                                           "--log-jsonl", str(tmp_path / "b.jsonl")])
     a, b = _records(tmp_path / "a.jsonl"), _records(tmp_path / "b.jsonl")
     assert len(a) == 3 and a == b
@@ -102,7 +85,7 @@ def test_hf_start_and_save_hf_equal_the_offline_converter(hf_dir, tmp_path):
     hf = run / "hf"
     assert sorted(p.name for p in hf.iterdir()) == ["iter_0000002", "iter_0000003", "latest"]
     assert os.readlink(hf / "latest") == "iter_0000003"
-    _convert_tool(["--loader", "megafast", "--saver", "hf", "--load-dir", str(run), "--save-dir", str(tmp_path / "off")])
+    convert_tool(["--loader", "megafast", "--saver", "hf", "--load-dir", str(run), "--save-dir", str(tmp_path / "off")])
     _same_files(tmp_path / "off", hf / "iter_0000003")
     config = json.loads((hf / "latest" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["bos_token_id"] == 1  # from the HF start
@@ -118,7 +101,7 @@ def test_first_loss_equals_transformers(hf_dir, tmp_path):
 
     log = tmp_path / "log.jsonl"
     train = [x if x != "1e-2" else "0" for x in TRAIN]
-    _in_process(HF_FLAGS + train + ["--pretrained-checkpoint", str(hf_dir), "--vocab-size", str(hf_models.VOCAB),
+    pretrain_in_process(HF_FLAGS + train + ["--pretrained-checkpoint", str(hf_dir), "--vocab-size", str(hf_models.VOCAB),
                                     "--train-iters", "1", "--log-jsonl", str(log)])
     ds = MockGPTDataset(1 * 4, 16, hf_models.VOCAB, 7)  # what the trainer builds for 1 iteration of 4 samples
     samples = [ds[i] for i in range(4)]
@@ -146,7 +129,7 @@ def test_lora_tp2_hf_start_and_merged_save_hf_equal_the_offline_converter(hf_dir
                                            "--log-jsonl", str(tmp_path / "b.jsonl")])
     a, b = _records(tmp_path / "a.jsonl"), _records(tmp_path / "b.jsonl")
     assert len(a) == 3 and a == b
-    _convert_tool(["--loader", "megafast", "--saver", "hf", "--load-dir", str(run), "--save-dir", str(tmp_path / "off")])
+    convert_tool(["--loader", "megafast", "--saver", "hf", "--load-dir", str(run), "--save-dir", str(tmp_path / "off")])
     _same_files(tmp_path / "off", tmp_path / "hf" / "iter_0000003")
     base = json.loads((tmp_path / "off" / "model.safetensors.index.json").read_text())
     assert "model.layers.0.self_attn.q_proj.weight" in base["weight_map"]

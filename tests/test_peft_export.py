@@ -11,17 +11,14 @@ here from the TP = 1 one by the documented layout exports the same adapter, bit 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import socket
 from pathlib import Path
 
 import hf_models
 import pytest
 import torch
-from pretrain_run import ROOT
+from pretrain_run import convert_tool, pretrain_in_process
 
-from megafast.training import trainer
 
 TRAIN = ["--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "2e-2",
          "--train-iters", "3", "--log-interval", "1", "--eval-iters", "0", "--mock-data", "--device", "cpu",
@@ -35,21 +32,6 @@ def _flags(hf_dir: Path) -> list[str]:
     return model_flags(HFSource(str(hf_dir), 1).config)
 
 
-def _in_process(argv: list[str]) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
-            mp.setenv(k, v)
-        trainer.pretrain(argv)
-
-
-def _convert(argv: list[str]) -> None:
-    spec = importlib.util.spec_from_file_location("convert_tool", ROOT / "tools/checkpoint/convert.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    tool.main(["--model-type", "GPT", "--no-progress", *argv])
 
 
 CASES = {  # name -> (HF family of hf_models, extra run flags)
@@ -69,16 +51,16 @@ def runs(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
         if not hf_dir.exists():
             hf_models.save(hf_models.build(family, seed=5), family, str(hf_dir))
         ckpt = root / f"{name}_lora"
-        _in_process(_flags(hf_dir) + TRAIN + extra + ["--pretrained-checkpoint", str(hf_dir), "--save", str(ckpt)])
+        pretrain_in_process(_flags(hf_dir) + TRAIN + extra + ["--pretrained-checkpoint", str(hf_dir), "--save", str(ckpt)])
         out[name] = hf_dir, ckpt
     return out
 
 
 def _exports(ckpt: Path, tmp: Path) -> tuple[Path, Path]:
     peft_dir, merged = tmp / "peft", tmp / "merged"
-    _convert(["--loader", "megafast", "--saver", "hf", "--lora-format", "peft", "--load-dir", str(ckpt),
+    convert_tool(["--loader", "megafast", "--saver", "hf", "--lora-format", "peft", "--load-dir", str(ckpt),
               "--save-dir", str(peft_dir)])
-    _convert(["--loader", "megafast", "--saver", "hf", "--load-dir", str(ckpt), "--save-dir", str(merged)])
+    convert_tool(["--loader", "megafast", "--saver", "hf", "--load-dir", str(ckpt), "--save-dir", str(merged)])
     return peft_dir, merged
 
 
@@ -198,13 +180,13 @@ def test_tp2_checkpoint_exports_the_same_adapter_and_base(runs, tmp_path):
 def test_errors_are_one_line(runs, tmp_path):
     hf_dir, ckpt = runs["llama"]
     with pytest.raises(SystemExit, match=r"^error: --lora-format applies to --loader megafast --saver hf"):
-        _convert(["--loader", "hf", "--saver", "megafast", "--lora-format", "peft", "--load-dir", str(hf_dir),
+        convert_tool(["--loader", "hf", "--saver", "megafast", "--lora-format", "peft", "--load-dir", str(hf_dir),
                   "--save-dir", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match=r"contradict each other"):
-        _convert(["--loader", "megafast", "--saver", "hf", "--merge-lora", "--lora-format", "peft", "--load-dir",
+        convert_tool(["--loader", "megafast", "--saver", "hf", "--merge-lora", "--lora-format", "peft", "--load-dir",
                   str(ckpt), "--save-dir", str(tmp_path / "y")])
     full = tmp_path / "full"
-    _convert(["--loader", "hf", "--saver", "megafast", "--load-dir", str(hf_dir), "--save-dir", str(full)])
+    convert_tool(["--loader", "hf", "--saver", "megafast", "--load-dir", str(hf_dir), "--save-dir", str(full)])
     with pytest.raises(SystemExit, match=r"--lora-format peft: .* holds no LoRA adapters \(a full model\): drop the flag"):
-        _convert(["--loader", "megafast", "--saver", "hf", "--lora-format", "peft", "--load-dir", str(full),
+        convert_tool(["--loader", "megafast", "--saver", "hf", "--lora-format", "peft", "--load-dir", str(full),
                   "--save-dir", str(tmp_path / "z")])

@@ -45,15 +45,7 @@ MOE_LAYERS = {"normed": [True, False, True, True], "pre_softmax": [False, True, 
 
 
 def build(name: str, seed: int):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_config(_hf_config(name), attn_implementation="sdpa").eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():  # larger than HF's init, so every tensor matters
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1.0 + 0.1 * noise if p.dim() == 1 and "norm" in pname else 0.15 * noise)
-    return model
+    return hf_models.randomized(_hf_config(name), seed, attn_implementation="sdpa")
 
 
 def _convert(loader: str, saver: str, src: str, out: str, **kw) -> str:
